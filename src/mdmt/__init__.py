@@ -1,0 +1,3 @@
+"""mdmt: multi-dataset multi-task learning for chest X-rays."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,238 @@
+"""The ``mdmt`` command. Every option maps onto a config key (see ``mdmt.config``)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from mdmt.config import Config, load_config, parse_override
+from mdmt.errors import ConfigError, DataError
+
+console = Console()
+CONFIGS_DIR = Path(__file__).resolve().parents[2] / "configs"
+
+
+@dataclass(frozen=True)
+class Option:
+    """A command-line option and the config key it sets."""
+
+    flags: tuple[str, ...]
+    key: str
+    type: Callable[[str], Any] | None = str
+    help: str = ""
+    action: str | None = None
+
+
+def _opt(*flags: str, key: str, type: Callable[[str], Any] | None = str, help: str = "", action: str | None = None) -> Option:
+    return Option(tuple(flags), key, type, help, action)
+
+
+DATA_OPTIONS = (
+    _opt("--aiforcovid-root", key="data.aiforcovid_root", help="AIforCOVID root (imgs*/ + AIforCOVID*.xlsx)"),
+    _opt("--brixia-root", key="data.brixia_root", help="BrixIA root (dicom_clean/ + metadata_global_v2.csv)"),
+    _opt("--cache-dir", key="data.cache_dir", help="where preprocessed image caches live"),
+    _opt("--image-size", key="data.image_size", type=int, help="side of the cached square images (px)"),
+    _opt("--crop", key="data.crop", help="lungs | none | masks | boxes"),
+    _opt("--prepare-workers", key="data.workers", type=int, help="processes decoding images (0 = in-process)"),
+)
+RUN_OPTIONS = (
+    _opt("--strategy", key="run.strategy", help="stl_prognosis | stl_severity | ft | mdmt"),
+    _opt("--backbone", key="model.backbone", help="backbone name (mdmt info lists them)"),
+    _opt("--weights", key="model.weights", help="none | imagenet | path to a local state_dict"),
+    _opt("--protocol", key="run.protocol", help="cv5 | loco | official-cv5 | official-loco"),
+    _opt("--fold", key="run.fold", type=int, help="fold index"),
+    _opt("--seed", key="seed", type=int, help="random seed"),
+    _opt("--epochs", key="train.max_epochs", type=int, help="maximum epochs"),
+    _opt("--batch-size", key="train.batch_size", type=int, help="batch size"),
+    _opt("--device", key="train.device", help="auto | cpu | cuda"),
+    _opt("--results-dir", key="results_dir", help="where run directories are written"),
+)
+GRID_OPTIONS = (
+    _opt("--workers", key="grid.workers", type=int, help="runs in parallel (local processes)"),
+    _opt("--backend", key="grid.backend", help="local | ray"),
+    _opt("--results-dir", key="results_dir", help="where run directories are written"),
+)
+SYNTH_OPTIONS = (
+    _opt("--preset", key="synth.preset", help="tiny | small | medium"),
+    _opt("--seed", key="synth.seed", type=int, help="generator seed"),
+    _opt("--decoupled", key="synth.decoupled", type=None, action="store_true",
+         help="prognosis independent of severity (negative control)"),
+    _opt("--opacity", key="synth.opacity", type=float, help="opacity strength (default: the preset's)"),
+    _opt("--fault", key="synth.faults", type=None, action="append", help="inject a fault (repeatable)"),
+)
+
+
+def _add_options(parser: argparse.ArgumentParser, options: Sequence[Option]) -> None:
+    for option in options:
+        kwargs: dict[str, Any] = {"dest": option.key, "default": None, "help": f"{option.help} [{option.key}]"}
+        if option.action:
+            kwargs["action"] = option.action
+        else:
+            kwargs["type"] = option.type
+            kwargs["metavar"] = option.flags[0].lstrip("-").replace("-", "_").upper()
+        parser.add_argument(*option.flags, **kwargs)
+
+
+def _add_config(parser: argparse.ArgumentParser, default: Path | None = None) -> None:
+    parser.add_argument("--config", type=Path, default=default, help="YAML config file")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override any config key, e.g. --set train.lr=0.01 (repeatable)")
+
+
+def resolve_config(args: argparse.Namespace, options: Sequence[Option]) -> Config:
+    """Defaults < config file < --set overrides < explicit options."""
+    overrides = [parse_override(text) for text in args.overrides]
+    for option in options:
+        value = getattr(args, option.key, None)
+        if value is not None and value is not False:
+            overrides.append(_nested(option.key, value))
+    return load_config(args.config, overrides)
+
+
+def _nested(key: str, value: Any) -> dict[str, Any]:
+    out: Any = value
+    for part in reversed(key.split(".")):
+        out = {part: out}
+    return out
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from mdmt.data.synthetic import generate
+
+    config = resolve_config(args, SYNTH_OPTIONS)
+    out = args.out or config.synth.out
+    s = config.synth
+    summary = generate(out, preset=s.preset, seed=s.seed, decoupled=s.decoupled, faults=s.faults, opacity=s.opacity)
+    console.print(summary.table() if hasattr(summary, "table") else summary)
+    console.print(f"[green]synthetic data written to {Path(out).resolve()}")
+    return 0
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from mdmt.data.cache import prepare
+
+    config = resolve_config(args, DATA_OPTIONS)
+    caches = prepare(config)
+    for name, cache in caches.items():
+        console.print(f"{name}: {len(cache.records)} images cached, {len(cache.failed)} failed → {cache.path}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from mdmt.train.run import RunSpec, train_run
+
+    config = resolve_config(args, DATA_OPTIONS + RUN_OPTIONS)
+    spec = RunSpec(config.run.strategy, config.model.backbone, config.run.protocol, config.run.fold, config.seed)
+    run_dir = train_run(config, spec)
+    console.print(f"[green]run finished: {run_dir}")
+    return 0
+
+
+def cmd_grid(args: argparse.Namespace) -> int:
+    from mdmt.experiments.grid import run_grid
+
+    config = resolve_config(args, DATA_OPTIONS + GRID_OPTIONS)
+    summary = run_grid(config, workers=config.grid.workers, backend=config.grid.backend)
+    console.print(summary)
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from mdmt.evaluate.report import build_report, headline_table_text
+
+    path = build_report(args.results, args.out)
+    console.print(headline_table_text(args.results))
+    console.print(f"[green]report: {path}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from mdmt.demo import run_demo
+
+    config = resolve_config(args, SYNTH_OPTIONS + GRID_OPTIONS)
+    run_demo(config, out=Path(args.out))
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    import torch
+
+    from mdmt import __version__
+    from mdmt.models.backbones import PAPER_BACKBONES, list_backbones
+    from mdmt.tasks import TASK_NAMES
+    from mdmt.train.strategies import STRATEGIES
+
+    console.print(f"mdmt {__version__}, torch {torch.__version__}, CUDA available: {torch.cuda.is_available()}")
+    console.print(f"paper backbones ({len(PAPER_BACKBONES)}): {', '.join(PAPER_BACKBONES)}")
+    console.print(f"other backbones: {', '.join(b for b in list_backbones() if b not in PAPER_BACKBONES)}")
+    console.print(f"tasks: {', '.join(TASK_NAMES)}")
+    console.print(f"strategies: {', '.join(STRATEGIES)}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with every sub-command."""
+    parser = argparse.ArgumentParser(prog="mdmt", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo", help="synthetic data → caches → STL/FT/MDMT grid → statistics → report")
+    _add_config(p, CONFIGS_DIR / "demo.yaml")
+    _add_options(p, SYNTH_OPTIONS + GRID_OPTIONS)
+    p.add_argument("--out", default="demo-output", help="output folder (data, cache, results, report)")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("synth", help="write the synthetic AIforCOVID + BrixIA twin in the real formats")
+    _add_config(p)
+    p.add_argument("out", nargs="?", default=None, help="output folder [synth.out]")
+    _add_options(p, SYNTH_OPTIONS)
+    p.set_defaults(func=cmd_synth)
+
+    p = sub.add_parser("prepare", help="preprocess each dataset once into the image cache")
+    _add_config(p)
+    _add_options(p, DATA_OPTIONS)
+    p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("train", help="one run: strategy × backbone × protocol × fold × seed")
+    _add_config(p)
+    _add_options(p, DATA_OPTIONS + RUN_OPTIONS)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("grid", help="run every missing run of the configured study")
+    _add_config(p)
+    _add_options(p, DATA_OPTIONS + GRID_OPTIONS)
+    p.set_defaults(func=cmd_grid)
+
+    p = sub.add_parser("report", help="tables, statistics and figures rebuilt from a results folder")
+    p.add_argument("results", type=Path, help="results folder (holds runs/)")
+    p.add_argument("--out", type=Path, default=None, help="report folder (default RESULTS/report)")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("info", help="versions, device, backbones, tasks and strategies")
+    p.set_defaults(func=cmd_info)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``mdmt`` console script."""
+    # No hub downloads unless the user opts in with HF_HUB_OFFLINE=0 (timm retries for ~46 s offline).
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (ConfigError, DataError, FileNotFoundError) as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        return 2
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted: finished runs are kept; the same command resumes")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,308 @@
+"""Typed configuration: YAML mapped onto dataclasses. The one place defaults live."""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from mdmt.errors import ConfigError
+
+
+@dataclass
+class ManifestConfig:
+    """A user dataset described by a CSV/XLSX table."""
+
+    name: str = ""
+    path: str = ""
+    image_column: str = "path"
+    id_column: str | None = None
+    patient_column: str | None = None
+    center_column: str | None = None
+    label_columns: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class DataConfig:
+    """Where the datasets are and how images are preprocessed into the cache."""
+
+    aiforcovid_root: str | None = None
+    brixia_root: str | None = None
+    manifests: list[ManifestConfig] = field(default_factory=list)
+    cache_dir: str = ".mdmt-cache"
+    image_size: int = 256
+    clip_percentiles: tuple[float, float] = (2.0, 98.0)
+    crop: Literal["lungs", "none", "masks", "boxes"] = "lungs"
+    crop_margin: float = 0.05
+    masks_dir: str | None = None
+    boxes_file: str | None = None
+    skip_unreadable: bool = True
+    workers: int = 0
+
+
+@dataclass
+class AugmentConfig:
+    """Training-time augmentation (method.md §3.3); each operation fires with probability ``p``."""
+
+    enabled: bool = True
+    p: float = 50 / 101
+    shift: float = 0.10
+    zoom: float = 0.10
+    rotation: float = 10.0
+    flip: bool = True
+    elastic: bool = True
+    elastic_alpha: tuple[float, float] = (20.0, 40.0)
+    elastic_sigma: float = 7.0
+
+
+@dataclass
+class TaskConfig:
+    """A further task read from a manifest column."""
+
+    name: str = ""
+    column: str = ""
+    kind: Literal["classification", "regression"] = "classification"
+    classes: list[str] = field(default_factory=list)
+    dataset: str = ""
+
+
+@dataclass
+class ModelConfig:
+    """Backbone, weights and heads."""
+
+    backbone: str = "resnet18"
+    weights: str = "none"
+    input_size: int = 256
+    prognosis_head: Literal["mlp", "linear"] = "mlp"
+    severity_head: Literal["mlp", "linear"] = "linear"
+    severity_task: str = "severity_global4"
+    dropout: float = 0.5
+    extra_tasks: list[TaskConfig] = field(default_factory=list)
+
+
+@dataclass
+class LossConfig:
+    """Task losses and their weighting."""
+
+    variant: Literal["paper", "clean"] = "clean"
+    task_weights: dict[str, float] = field(default_factory=dict)
+    weighting: Literal["fixed", "uncertainty", "dwa", "gradnorm", "pcgrad"] = "fixed"
+    dwa_temperature: float = 2.0
+    gradnorm_alpha: float = 1.5
+
+
+@dataclass
+class TrainConfig:
+    """Optimiser, schedule, selection and the engine's switches."""
+
+    lr: float = 1e-3
+    weight_decay: float = 1e-5
+    batch_size: int = 128
+    max_epochs: int = 300
+    warmup_epochs: int = 40
+    early_stopping: int = 65
+    scheduler_patience: int = 15
+    scheduler_factor: float = 0.65
+    min_lr: float = 1e-8
+    select_on: str = "val_prognosis_loss"
+    mix: Literal["natural", "ratio"] = "natural"
+    mix_ratio: float = 0.5
+    num_workers: int = 0
+    threads: int = 0
+    device: str = "auto"
+    amp: bool = True
+    channels_last: bool = True
+    compile: bool = False
+    ft_epochs: int | None = None
+    mdmt_init: str = "imagenet"
+    stl_beta: float = 0.5
+    curriculum: bool = False
+    permute_severity_labels: bool = False
+
+
+@dataclass
+class ProtocolConfig:
+    """How AIforCOVID and BrixIA are split into folds."""
+
+    cv_folds: int = 5
+    loco_val_fraction: float = 0.1
+    loco_centers: list[str] = field(default_factory=lambda: ["A", "D", "E", "F", "B", "C"])
+    severity_loco_fold: int = 0
+    official_splits_dir: str | None = None
+
+
+@dataclass
+class GridConfig:
+    """The study: backbones × strategies × protocols × folds × seeds."""
+
+    backbones: list[str] = field(default_factory=lambda: ["resnet18"])
+    strategies: list[str] = field(default_factory=lambda: ["stl_prognosis", "stl_severity", "ft", "mdmt"])
+    protocols: list[str] = field(default_factory=lambda: ["cv5", "loco"])
+    folds: list[int] | None = None
+    seeds: list[int] = field(default_factory=lambda: [0])
+    workers: int = 1
+    backend: Literal["local", "ray"] = "local"
+
+
+@dataclass
+class SynthConfig:
+    """The built-in synthetic twin (``mdmt synth`` and the demo)."""
+
+    out: str = "synthetic-data"
+    preset: Literal["tiny", "small", "medium"] = "small"
+    seed: int = 0
+    decoupled: bool = False
+    opacity: float | None = None
+    faults: list[str] = field(default_factory=list)
+
+
+@dataclass
+class RunConfig:
+    """Which single run ``mdmt train`` performs (the backbone is ``model.backbone``)."""
+
+    strategy: str = "mdmt"
+    protocol: str = "cv5"
+    fold: int = 0
+
+
+@dataclass
+class Config:
+    """Everything a run or a study needs."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
+    grid: GridConfig = field(default_factory=GridConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    synth: SynthConfig = field(default_factory=SynthConfig)
+    results_dir: str = "results"
+    seed: int = 0
+
+
+def _convert(value: Any, tp: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return from_dict(tp, value, where)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(value, arg, where)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if errors else f"{where}: bad value {value!r}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{where}: {value!r} is not one of {', '.join(map(repr, args))}")
+        return value
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise ConfigError(f"{where}: expected {len(args)} values, got {value!r}")
+            return tuple(_convert(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+        item = args[0] if args else Any
+        out = [_convert(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+        return tuple(out) if origin is tuple else out
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return {str(k): _convert(v, args[1], f"{where}.{k}") for k, v in value.items()}
+    if tp is Any:
+        return value
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if tp is bool and isinstance(value, bool):
+        return value
+    if tp is str and isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        return str(value)
+    raise ConfigError(f"{where}: expected {getattr(tp, '__name__', tp)}, got {value!r}")
+
+
+def from_dict(cls: type, values: dict[str, Any], where: str = "config") -> Any:
+    """Build dataclass ``cls`` from a mapping; unknown keys are an error naming the key."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(sorted(names))}")
+    kwargs = {k: _convert(v, hints[k], f"{where}.{k}") for k, v in values.items()}
+    return cls(**kwargs)
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """Plain-data view of a config (tuples become lists) for YAML."""
+
+    def plain(v: Any) -> Any:
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+
+    return plain(dataclasses.asdict(config))
+
+
+def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """Deep-merge ``override`` into a copy of ``base``."""
+    out = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def parse_override(text: str) -> dict[str, Any]:
+    """``train.lr=0.01`` → ``{"train": {"lr": 0.01}}`` (the value is parsed as YAML)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like section.key=value")
+    dotted, raw = text.split("=", 1)
+    value: Any = yaml.safe_load(raw) if raw else ""
+    for part in reversed(dotted.strip().split(".")):
+        value = {part: value}
+    return value
+
+
+def load_config(path: str | Path | None = None, overrides: list[dict[str, Any]] | None = None) -> Config:
+    """Defaults, then the YAML file, then each override mapping in order."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        loaded = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping")
+        values = loaded
+    for override in overrides or []:
+        values = merge(values, override)
+    return from_dict(Config, values)
+
+
+def save_config(config: Any, path: str | Path) -> None:
+    """Write the resolved config as YAML (atomically)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+    tmp.replace(path)
