@@ -66,3 +66,12 @@ def test_manifest_task_maps_class_names_and_rejects_unknown_values():
 def test_unknown_task_lists_the_choices():
     with pytest.raises(ConfigError, match="severity_global4"):
         get_task("severity")
+
+
+def test_tasks_pickle_for_worker_processes():
+    import pickle
+
+    for task in (get_task("prognosis"), get_task("severity_lung4"), make_task("x", "col", classes=["a", "b"])):
+        again = pickle.loads(pickle.dumps(task))
+        df = pd.DataFrame({"image_id": ["1"], "prognosis": [1.0], "col": ["b"], **{c: [1] for c in REGION_COLUMNS}})
+        assert [a.tolist() for a in again.encode(df)] == [a.tolist() for a in task.encode(df)]

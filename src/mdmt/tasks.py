@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Literal
 
 import numpy as np
@@ -79,8 +80,12 @@ class Task:
         return np.where(present[:, None], raw, 0.0).astype(np.float32), present
 
 
+def _numeric(records: pd.DataFrame, name: str) -> np.ndarray:
+    return pd.to_numeric(records[name], errors="coerce").to_numpy(np.float64)
+
+
 def _column(name: str) -> Encoder:
-    return lambda records: pd.to_numeric(records[name], errors="coerce").to_numpy(np.float64)
+    return partial(_numeric, name=name)
 
 
 def _regions(records: pd.DataFrame) -> np.ndarray:
@@ -97,23 +102,18 @@ def _lung4(records: pd.DataFrame) -> np.ndarray:
     return bin_scores(lungs, LUNG_BIN_EDGES)
 
 
-_BUILTIN: dict[str, Callable[[], Task]] = {
-    "prognosis": lambda: Task(
-        "prognosis", "classification", ("prognosis",), 1, 2, _column("prognosis"), None, ("MILD", "SEVERE")
-    ),
-    "severity_global4": lambda: Task(
-        "severity_global4", "classification", ("brixia_global",), 1, 4, _global4, None,
-        ("0-4", "5-9", "10-14", "15-18"),
-    ),
-    "severity_lung4": lambda: Task(
-        "severity_lung4", "classification", REGION_COLUMNS, 2, 4, _lung4, (1, 0), ("0-1", "2-4", "5-7", "8-9")
-    ),
-    "severity_regions": lambda: Task(
-        "severity_regions", "regression", REGION_COLUMNS, 6, 0, _regions, REGION_FLIP, REGIONS
-    ),
-    "severity_ordinal": lambda: Task(
-        "severity_ordinal", "ordinal", REGION_COLUMNS, 6, 4, _regions, REGION_FLIP, ("0", "1", "2", "3")
-    ),
+_BUILTIN: dict[str, Task] = {
+    task.name: task
+    for task in (
+        Task("prognosis", "classification", ("prognosis",), 1, 2, _column("prognosis"), None, ("MILD", "SEVERE")),
+        Task(
+            "severity_global4", "classification", ("brixia_global",), 1, 4, _global4, None,
+            ("0-4", "5-9", "10-14", "15-18"),
+        ),
+        Task("severity_lung4", "classification", REGION_COLUMNS, 2, 4, _lung4, (1, 0), ("0-1", "2-4", "5-7", "8-9")),
+        Task("severity_regions", "regression", REGION_COLUMNS, 6, 0, _regions, REGION_FLIP, REGIONS),
+        Task("severity_ordinal", "ordinal", REGION_COLUMNS, 6, 4, _regions, REGION_FLIP, ("0", "1", "2", "3")),
+    )
 }
 
 TASK_NAMES: tuple[str, ...] = tuple(_BUILTIN)
@@ -122,9 +122,22 @@ TASK_NAMES: tuple[str, ...] = tuple(_BUILTIN)
 def get_task(name: str) -> Task:
     """A built-in task by name."""
     try:
-        return _BUILTIN[name]()
+        return _BUILTIN[name]
     except KeyError:
         raise ConfigError(f"unknown task {name!r}; choose one of {', '.join(TASK_NAMES)}") from None
+
+
+def _class_indices(records: pd.DataFrame, task: str, column: str, classes: tuple[str, ...]) -> np.ndarray:
+    lookup = {c.strip().upper(): i for i, c in enumerate(classes)}
+    out = np.full(len(records), np.nan)
+    for i, value in enumerate(records[column]):
+        if pd.isna(value) or str(value).strip() == "":
+            continue
+        key = str(value).strip().upper()
+        if key not in lookup:
+            raise DataError(f"task {task!r}: column {column!r} has value {value!r}; expected one of {list(classes)}")
+        out[i] = lookup[key]
+    return out
 
 
 def make_task(name: str, column: str, kind: TaskKind = "classification", classes: Sequence[str] = ()) -> Task:
@@ -132,20 +145,7 @@ def make_task(name: str, column: str, kind: TaskKind = "classification", classes
     if kind == "classification":
         if len(classes) < 2:
             raise ConfigError(f"task {name!r}: a classification task needs at least 2 classes")
-        lookup = {str(c).strip().upper(): i for i, c in enumerate(classes)}
-
-        def encode(records: pd.DataFrame) -> np.ndarray:
-            values = records[column]
-            out = np.full(len(values), np.nan)
-            for i, v in enumerate(values):
-                if pd.isna(v) or str(v).strip() == "":
-                    continue
-                key = str(v).strip().upper()
-                if key not in lookup:
-                    raise DataError(f"task {name!r}: column {column!r} has value {v!r}; expected one of {list(classes)}")
-                out[i] = lookup[key]
-            return out
-
+        encode = partial(_class_indices, task=name, column=column, classes=tuple(map(str, classes)))
         return Task(name, kind, (column,), 1, len(classes), encode, None, tuple(map(str, classes)))
     if kind == "regression":
         return Task(name, kind, (column,), 1, 0, _column(column))
