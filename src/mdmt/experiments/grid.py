@@ -1,0 +1,284 @@
+"""The grid runner: expand a study into runs, run what is missing in dependency order, record every run.
+
+``expand_grid`` turns ``config.grid`` (backbones × strategies × protocols × folds × seeds) into RunSpecs, adds the
+runs each one starts from (``mdmt.train.strategies.dependencies``) and orders them so that a dependency always
+comes first. ``run_grid`` skips runs whose ``DONE`` exists, runs the rest on a backend (in this process, a pool
+of spawned processes, or Ray tasks) with at most ``workers`` at once, starts a run only when its dependencies are
+done, and records each start, success and failure in the :class:`~mdmt.experiments.store.ResultsStore`. A failed
+run does not stop the others; the runs that depend on it are skipped and reported. After a crash the same call
+skips what finished and the engine resumes the interrupted run from its ``last.pt``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import multiprocessing
+import os
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+from rich.table import Table
+
+from mdmt.config import Config
+from mdmt.errors import ConfigError
+from mdmt.experiments.store import ResultsStore
+from mdmt.progress import make_progress
+from mdmt.train.run import DONE_FILE, RunSpec, folds_for, train_run
+from mdmt.train.strategies import AIFORCOVID, dependencies, get_strategy, severity_pairing
+
+RunFn = Callable[[Config, RunSpec, bool], Path]
+Submit = Callable[[RunSpec], Future]
+BACKENDS = ("local", "ray")
+
+
+# --------------------------------------------------------------------------------------------- expansion
+def grid_folds(protocol: str, config: Config) -> list[int]:
+    """The folds of ``protocol`` the grid runs: ``config.grid.folds`` (checked) or all of them.
+
+    Computed from the config alone: LOCO has one fold per center of ``config.protocol.loco_centers``.
+    """
+    available = folds_for(protocol, config, pd.DataFrame({"center": config.protocol.loco_centers}))
+    if config.grid.folds is None:
+        return available
+    unknown = [f for f in config.grid.folds if f not in available]
+    if unknown:
+        raise ConfigError(f"grid.folds: fold(s) {unknown} do not exist in protocol {protocol!r} "
+                          f"(folds {available[0]}..{available[-1]})")
+    return list(config.grid.folds)
+
+
+def _requested(config: Config) -> Iterator[RunSpec]:
+    """The runs the grid names; a BrixIA-only strategy runs on the BrixIA fold each (protocol, fold) pairs with."""
+    grid = config.grid
+    names = itertools.product(grid.backbones, grid.strategies, grid.protocols, grid.seeds)
+    for backbone, name, protocol, seed in names:
+        brixia_only = AIFORCOVID not in get_strategy(name).sources
+        for fold in grid_folds(protocol, config):
+            run_protocol, run_fold = severity_pairing(protocol, fold, config) if brixia_only else (protocol, fold)
+            yield RunSpec(name, backbone, run_protocol, run_fold, seed)
+
+
+def expand_grid(config: Config) -> list[RunSpec]:
+    """Every run of the study plus the runs they depend on, de-duplicated, dependencies first.
+
+    Runs are ordered by depth in the dependency graph (runs without dependencies first), then by the order the
+    grid names them (backbone, strategy, protocol, seed, fold).
+    """
+    depth: dict[RunSpec, int] = {}
+    order: list[RunSpec] = []
+
+    def visit(spec: RunSpec, path: tuple[RunSpec, ...]) -> int:
+        if spec in path:
+            raise ConfigError(f"dependency cycle: {' → '.join(s.key for s in (*path, spec))}")
+        if spec not in depth:
+            needed = dependencies(spec, config)
+            depth[spec] = 1 + max((visit(d, (*path, spec)) for d in needed), default=-1)
+            order.append(spec)
+        return depth[spec]
+
+    for spec in _requested(config):
+        visit(spec, ())
+    return sorted(order, key=depth.__getitem__)
+
+
+# --------------------------------------------------------------------------------------------- summary
+@dataclass
+class GridSummary:
+    """What one ``run_grid`` call did (run keys)."""
+
+    total: int
+    already_done: list[str] = field(default_factory=list)
+    completed: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+    """key → the error's last line (the full traceback is in the store and the run's FAILED file)."""
+    skipped: dict[str, list[str]] = field(default_factory=dict)
+    """key → the failed or skipped dependencies it could not start without."""
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        """True when every run of the grid is done."""
+        return not self.failed and not self.skipped
+
+    def __rich__(self) -> Table:
+        table = Table(title=f"grid: {self.total} runs in {self.seconds:.0f} s", show_header=True)
+        table.add_column("status")
+        table.add_column("runs", justify="right")
+        table.add_column("which")
+        table.add_row("already done", str(len(self.already_done)), "")
+        table.add_row("completed now", str(len(self.completed)), "")
+        table.add_row("[red]failed", str(len(self.failed)), "\n".join(f"{k}: {e}" for k, e in self.failed.items()))
+        table.add_row("[yellow]skipped", str(len(self.skipped)),
+                      "\n".join(f"{k} (needs {', '.join(d)})" for k, d in self.skipped.items()))
+        return table
+
+
+# --------------------------------------------------------------------------------------------- backends
+def cpu_count() -> int:
+    """Cores this process may use."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def run_with_threads(run_fn: RunFn, config: Config, spec: RunSpec, threads: int) -> Path:
+    """Worker entry point: limit torch to ``threads`` threads, then run ``spec`` quietly."""
+    import torch
+
+    torch.set_num_threads(threads)
+    return run_fn(config, spec, False)
+
+
+def _inline(run_fn: RunFn, config: Config, progress: bool) -> Submit:
+    """Runs each spec in this process at submission; the Future comes back finished."""
+
+    def submit(spec: RunSpec) -> Future:
+        future: Future = Future()
+        try:
+            future.set_result(run_fn(config, spec, progress))
+        except Exception as exc:  # noqa: BLE001 - recorded as the run's failure
+            future.set_exception(exc)
+        return future
+
+    return submit
+
+
+@contextmanager
+def _process_pool(run_fn: RunFn, config: Config, workers: int) -> Iterator[Submit]:
+    """A pool of ``workers`` spawned processes, each run limited to cores // workers torch threads."""
+    threads = max(1, cpu_count() // workers)
+    context = multiprocessing.get_context("spawn")
+    pools = [ProcessPoolExecutor(max_workers=workers, mp_context=context)]
+
+    def submit(spec: RunSpec) -> Future:
+        try:
+            return pools[-1].submit(run_with_threads, run_fn, config, spec, threads)
+        except BrokenProcessPool:  # a worker died (its runs are recorded as failed): start a fresh pool
+            pools.append(ProcessPoolExecutor(max_workers=workers, mp_context=context))
+            return pools[-1].submit(run_with_threads, run_fn, config, spec, threads)
+
+    try:
+        yield submit
+    finally:
+        for pool in pools:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+
+@contextmanager
+def _ray_tasks(run_fn: RunFn, config: Config, workers: int) -> Iterator[Submit]:
+    """Each run a Ray task with cores // workers CPUs (a running cluster via RAY_ADDRESS, else a local one)."""
+    try:
+        import ray
+    except ImportError:
+        raise ConfigError("grid.backend 'ray' needs Ray: install mdmt[ray] (pip install 'mdmt[ray]')") from None
+    started_here = not ray.is_initialized()
+    if started_here:
+        ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
+    cpus = max(1, int(ray.cluster_resources().get("CPU", cpu_count())) // workers)
+    task = ray.remote(run_with_threads).options(num_cpus=cpus, max_retries=0)
+    try:
+        yield lambda spec: task.remote(run_fn, config, spec, cpus).future()
+    finally:
+        if started_here:
+            ray.shutdown()
+
+
+@contextmanager
+def _backend(backend: str, workers: int, run_fn: RunFn, config: Config, progress: bool) -> Iterator[Submit]:
+    if backend == "ray":
+        with _ray_tasks(run_fn, config, workers) as submit:
+            yield submit
+    elif workers > 1:
+        with _process_pool(run_fn, config, workers) as submit:
+            yield submit
+    else:
+        yield _inline(run_fn, config, progress)
+
+
+# --------------------------------------------------------------------------------------------- the runner
+def _error_text(error: BaseException) -> str:
+    return "".join(traceback.format_exception(error))
+
+
+def _error_line(error: BaseException) -> str:
+    last = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {last[-1] if last else ''}"
+
+
+def run_grid(
+    config: Config,
+    workers: int = 1,
+    backend: str = "local",
+    run_fn: RunFn = train_run,
+    progress: bool = True,
+) -> GridSummary:
+    """Run every run of ``expand_grid(config)`` that has no ``DONE`` yet; returns what happened.
+
+    ``workers`` runs at most that many at once (local: spawned processes, one in this process when 1;
+    ``backend="ray"``: Ray tasks). ``run_fn(config, spec, progress) -> run_dir`` does one run (the engine's
+    ``train_run``; tests inject fakes).
+    """
+    if backend not in BACKENDS:
+        raise ConfigError(f"grid.backend {backend!r} is not one of {', '.join(BACKENDS)}")
+    workers = max(1, int(workers))
+    start = time.perf_counter()
+    specs = expand_grid(config)
+    results_dir = Path(config.results_dir)
+    store = ResultsStore(results_dir)
+    store.rescan()
+    needs = {spec: dependencies(spec, config) for spec in specs}
+    done = {spec for spec in specs if (spec.run_dir(results_dir) / DONE_FILE).is_file()}
+    pending = [spec for spec in specs if spec not in done]
+    summary = GridSummary(total=len(specs), already_done=[s.key for s in specs if s in done])
+    if pending and run_fn is train_run and (workers > 1 or backend == "ray"):
+        from mdmt.data.cache import prepare
+
+        prepare(config, progress=progress)  # build the caches once, before the workers open them
+
+    with ExitStack() as stack:
+        submit = stack.enter_context(_backend(backend, workers, run_fn, config, progress))
+        bar = stack.enter_context(make_progress()) if progress else None
+        bar_task = bar.add_task("grid", total=len(specs), completed=len(done), status="") if bar else None
+        running: dict[Future, tuple[RunSpec, float]] = {}
+
+        def show(advance: int = 0, starting: RunSpec | None = None) -> None:
+            if bar is not None:
+                keys = [s.key for s, _ in running.values()] + ([starting.key] if starting else [])
+                bar.update(bar_task, advance=advance, status=", ".join(keys))
+
+        while pending or running:
+            for spec in list(pending):  # pending is in dependency order, so skipping propagates in one pass
+                blocked = [d.key for d in needs[spec] if d.key in summary.failed or d.key in summary.skipped]
+                if blocked:
+                    pending.remove(spec)
+                    summary.skipped[spec.key] = blocked
+                    show(advance=1)
+            ready = [spec for spec in pending if all(d in done for d in needs[spec])]
+            for spec in ready[: max(0, workers - len(running))]:
+                pending.remove(spec)
+                store.record_start(spec)
+                began = time.perf_counter()
+                show(starting=spec)
+                running[submit(spec)] = (spec, began)
+            if not running:
+                break
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in finished:
+                spec, began = running.pop(future)
+                seconds = time.perf_counter() - began
+                error = future.exception()
+                if error is None:
+                    done.add(spec)
+                    summary.completed.append(spec.key)
+                    store.record_done(spec, seconds)
+                else:
+                    summary.failed[spec.key] = _error_line(error)
+                    store.record_failure(spec, _error_text(error), seconds)
+                show(advance=1)
+    summary.seconds = time.perf_counter() - start
+    return summary
