@@ -1,0 +1,263 @@
+"""Backbone registry: a name → a feature extractor ``(B, 3, H, W) → (B, F)`` and its feature width ``F``.
+
+Names resolve in this order: ``tiny_cnn`` (a small CNN for tests and the demo), the five timm models of the
+paper, any torchvision classification model, any timm model (``timm/<name>`` forces timm where torchvision
+has the same name). The ImageNet classifier is removed: the module ends with the pooled features.
+
+Weights (``weights``): ``none`` (random init), ``imagenet`` (torchvision's DEFAULT weights / timm's
+pretrained ones; an offline machine gets a ConfigError telling how to supply them), or the path of a local
+``.pt`` / ``.pth`` / ``.safetensors`` state dict (``module.`` / ``backbone.`` prefixes stripped, classifier
+keys ignored, every other key must match).
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.error import URLError
+
+import torch
+import torchvision
+from torch import nn
+
+from mdmt.errors import ConfigError
+
+TORCHVISION_PAPER_BACKBONES: tuple[str, ...] = (
+    "densenet121", "densenet161", "densenet169", "densenet201",
+    "googlenet",
+    "mobilenet_v2",
+    "resnet18", "resnet34", "resnet50", "resnet101", "wide_resnet50_2",
+    "shufflenet_v2_x0_5", "shufflenet_v2_x1_0",
+)  # fmt: skip
+TIMM_PAPER_BACKBONES: tuple[str, ...] = (
+    "efficientnet_b0", "efficientnet_b1_pruned", "efficientnet_es", "efficientnet_es_pruned", "efficientnet_lite0",
+)  # fmt: skip
+PAPER_BACKBONES: tuple[str, ...] = TORCHVISION_PAPER_BACKBONES + TIMM_PAPER_BACKBONES
+"""The 18 backbones compared in the paper (method.md §4.1)."""
+
+TIMM_PREFIX = "timm/"
+WEIGHT_SUFFIXES: tuple[str, ...] = (".pt", ".pth", ".safetensors")
+STRIPPED_KEY_PREFIXES: tuple[str, ...] = ("module.", "backbone.")
+CHECKPOINT_CONTAINER_KEYS: tuple[str, ...] = ("state_dict", "model")
+MDMT_HEADS_PREFIX = "heads."  # task heads of an mdmt checkpoint (best.pt), never part of a backbone
+
+
+@dataclass
+class Backbone:
+    """A feature extractor without classifier: ``module(x)`` gives ``(B, feature_dim)`` pooled features."""
+
+    module: nn.Module
+    feature_dim: int
+    name: str
+
+
+class TinyCNN(nn.Module):
+    """Four conv3x3-BN-ReLU-maxpool blocks (16-32-64-64 channels × ``width``) and global average pooling."""
+
+    BASE_CHANNELS: tuple[int, ...] = (16, 32, 64, 64)
+
+    def __init__(self, width: float = 1.0):
+        super().__init__()
+        channels = [max(1, round(c * width)) for c in self.BASE_CHANNELS]
+        blocks: list[nn.Module] = []
+        previous = 3
+        for out in channels:
+            blocks += [nn.Conv2d(previous, out, 3, padding=1, bias=False), nn.BatchNorm2d(out), nn.ReLU(inplace=True),
+                       nn.MaxPool2d(2)]
+            previous = out
+        self.features = nn.Sequential(*blocks)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.feature_dim = previous
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Pooled features ``(B, feature_dim)``."""
+        return torch.flatten(self.pool(self.features(x)), 1)
+
+
+# ----------------------------------------------------------------------------------------- weights files
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Tensors of a local ``.pt`` / ``.pth`` / ``.safetensors`` file, unwrapped from ``{"state_dict"|"model": ...}``."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"weights file not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    try:
+        state: Any = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several types for a corrupt or foreign file
+        raise ConfigError(f"{path}: not a readable torch state dict ({exc})") from exc
+    while isinstance(state, Mapping) and not any(isinstance(v, torch.Tensor) for v in state.values()):
+        inner = next((state[k] for k in CHECKPOINT_CONTAINER_KEYS if k in state), None)
+        if inner is None:
+            raise ConfigError(f"{path}: holds no tensors (keys: {sorted(state)[:10]})")
+        state = inner
+    if not isinstance(state, Mapping):
+        raise ConfigError(f"{path}: expected a state dict, found {type(state).__name__}")
+    return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+
+
+def _strip_prefixes(key: str) -> str:
+    while key.startswith(STRIPPED_KEY_PREFIXES):
+        key = key.split(".", 1)[1]
+    return key
+
+
+def load_weights_file(module: nn.Module, path: str | Path, ignored_prefixes: tuple[str, ...]) -> None:
+    """Load a local state dict into ``module``: prefixes stripped, classifier keys (``ignored_prefixes``) and
+    mdmt task heads ignored, every other key strict."""
+    ignored = (*ignored_prefixes, MDMT_HEADS_PREFIX)
+    state = {_strip_prefixes(k): v for k, v in read_state_dict(path).items()}
+    state = {k: v for k, v in state.items() if not k.startswith(ignored)}
+    try:
+        result = module.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shape mismatches
+        raise ConfigError(f"{path}: does not fit the backbone: {exc}") from exc
+    problems = []
+    if result.missing_keys:
+        problems.append(f"missing keys {result.missing_keys[:10]} ({len(result.missing_keys)} in all)")
+    if result.unexpected_keys:
+        problems.append(f"unexpected keys {result.unexpected_keys[:10]} ({len(result.unexpected_keys)} in all)")
+    if problems:
+        raise ConfigError(f"{path}: does not match the backbone: {'; '.join(problems)}")
+
+
+def _is_weights_path(weights: str) -> bool:
+    return weights.endswith(WEIGHT_SUFFIXES) or "/" in weights or "\\" in weights
+
+
+# ----------------------------------------------------------------------------------------- classifier removal
+def _remove_head(model: nn.Module) -> tuple[int, str]:
+    """Replace the classifier (the last Linear or Conv2d layer) and the Dropout layers right before it in the same
+    parent by Identity, so the module ends with the pooled features. Returns (feature width, classifier name)."""
+    names = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    if not names:
+        raise ConfigError(f"{type(model).__name__}: no Linear or Conv2d classifier layer to remove")
+    name = names[-1]
+    head = model.get_submodule(name)
+    width = head.in_features if isinstance(head, nn.Linear) else head.in_channels
+    parent_name, _, attr = name.rpartition(".")
+    parent = model.get_submodule(parent_name)
+    siblings = list(parent.named_children())
+    position = [n for n, _ in siblings].index(attr)
+    setattr(parent, attr, nn.Identity())
+    for sibling, module in reversed(siblings[:position]):
+        if not isinstance(module, nn.Dropout):
+            break
+        setattr(parent, sibling, nn.Identity())
+    return width, name
+
+
+# ----------------------------------------------------------------------------------------- builders
+def _torchvision_names() -> list[str]:
+    return sorted(torchvision.models.list_models(module=torchvision.models))
+
+
+def _download_failed(name: str, exc: Exception, cache_hint: str) -> ConfigError:
+    return ConfigError(
+        f"backbone {name!r}: the ImageNet weights could not be downloaded ({type(exc).__name__}: {exc}); this "
+        f"machine has no network. Either pre-populate the cache ({cache_hint}) or pass a local state dict "
+        f"(model.weights: /path/to/file.pth)"
+    )
+
+
+def _build_torchvision(name: str, weights: str, options: dict[str, Any]) -> Backbone:
+    enum = torchvision.models.get_model_weights(name).DEFAULT if weights == "imagenet" else None
+    if name in ("googlenet", "inception_v3"):  # train mode then returns a tensor, not a namedtuple
+        options = {"aux_logits": False, **({} if enum else {"init_weights": True}), **options}
+    try:
+        model = torchvision.models.get_model(name, weights=enum, **options)
+    except (URLError, OSError) as exc:
+        hub = Path(torch.hub.get_dir()) / "checkpoints"
+        file = enum.url.rsplit("/", 1)[-1] if enum else "the weights file"
+        raise _download_failed(name, exc, f"copy {file} into {hub}, i.e. $TORCH_HOME/hub/checkpoints") from exc
+    width, head = _remove_head(model)
+    if weights not in ("none", "imagenet"):
+        load_weights_file(model, weights, (head + ".", "aux1.", "aux2.", "AuxLogits."))
+    return Backbone(model, width, name)
+
+
+def _timm() -> Any:
+    try:
+        import timm
+    except ImportError:
+        raise ConfigError("timm backbones need the timm package: install mdmt[timm] "
+                          "(pip install 'mdmt[timm]')") from None
+    return timm
+
+
+def _build_timm(name: str, weights: str, options: dict[str, Any]) -> Backbone:
+    timm = _timm()
+    model_name = name.removeprefix(TIMM_PREFIX)
+    if not timm.is_model(model_name):
+        raise _unknown(name, timm.list_models())
+    try:
+        model = timm.create_model(model_name, pretrained=weights == "imagenet", num_classes=0, **options)
+    except (URLError, OSError) as exc:
+        raise _download_failed(name, exc, "run once with network access, copy the Hugging Face cache "
+                                          "$HF_HOME/hub (default ~/.cache/huggingface/hub) here and set "
+                                          "HF_HUB_OFFLINE=1, which also skips the retries") from exc
+    if weights not in ("none", "imagenet"):
+        classifier = model.pretrained_cfg.get("classifier", "classifier")
+        classifiers = classifier if isinstance(classifier, (list, tuple)) else (classifier,)
+        load_weights_file(model, weights, tuple(f"{c}." for c in classifiers))
+    return Backbone(model, int(model.num_features), name)
+
+
+def _build_tiny_cnn(name: str, weights: str, options: dict[str, Any]) -> Backbone:
+    if weights == "imagenet":
+        raise ConfigError("backbone 'tiny_cnn' has no ImageNet weights; use weights: none or a local file")
+    model = TinyCNN(**options)
+    if weights != "none":
+        load_weights_file(model, weights, ())
+    return Backbone(model, model.feature_dim, name)
+
+
+Builder = Callable[[str, str, dict[str, Any]], Backbone]
+
+
+def _timm_names() -> list[str]:
+    try:
+        return list(_timm().list_models())
+    except ConfigError:
+        return []
+
+
+def _resolve(name: str) -> Builder:
+    if name == "tiny_cnn":
+        return _build_tiny_cnn
+    if name in TIMM_PAPER_BACKBONES or name.startswith(TIMM_PREFIX):
+        return _build_timm
+    if name in _torchvision_names():
+        return _build_torchvision
+    if name in _timm_names():
+        return _build_timm
+    raise _unknown(name, list_backbones(include_timm=True))
+
+
+def _unknown(name: str, candidates: list[str]) -> ConfigError:
+    close = difflib.get_close_matches(name.removeprefix(TIMM_PREFIX), candidates, n=5, cutoff=0.6)
+    hint = f"; did you mean {', '.join(close)}?" if close else "; `mdmt info` lists them"
+    return ConfigError(f"unknown backbone {name!r}{hint}")
+
+
+def list_backbones(include_timm: bool = False) -> list[str]:
+    """Buildable names: the paper's 18, ``tiny_cnn``, torchvision's classification models (and timm's if asked)."""
+    names = list(PAPER_BACKBONES) + ["tiny_cnn"]
+    names += [n for n in _torchvision_names() if n not in names]
+    if include_timm:
+        names += [n for n in _timm_names() if n not in names]
+    return names
+
+
+def build_backbone(name: str, weights: str = "none", **options: Any) -> Backbone:
+    """The feature extractor ``name`` with ``weights`` (none | imagenet | path); ``options`` go to the model
+    constructor (``width`` for ``tiny_cnn``)."""
+    if weights not in ("none", "imagenet") and not _is_weights_path(weights):
+        raise ConfigError(f"model.weights must be none, imagenet or a path to a {'/'.join(WEIGHT_SUFFIXES)} file; "
+                          f"got {weights!r}")
+    return _resolve(name)(name, weights, options)

@@ -1,0 +1,107 @@
+"""One shared backbone feeding named task heads, and the backbone-state helpers of the strategies.
+
+The backbone runs once per forward pass and every head reads the same features (the official code ran it
+once per head, method.md §4.2 / §12.14). State-dict keys are ``backbone.<...>`` and ``heads.<task>.<...>``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import nn
+
+from mdmt.config import ModelConfig
+from mdmt.errors import ConfigError
+from mdmt.models.backbones import Backbone, build_backbone
+from mdmt.models.heads import build_head
+from mdmt.tasks import Task
+
+BACKBONE_PREFIX = "backbone."
+PROGNOSIS_TASK = "prognosis"
+SEVERITY_TASK_PREFIX = "severity_"
+
+
+class MultiTaskModel(nn.Module):
+    """``forward(x) -> {task: raw outputs (B, n_outputs)}`` with one backbone pass."""
+
+    def __init__(self, backbone: Backbone, heads: Mapping[str, nn.Module]):
+        super().__init__()
+        if not heads:
+            raise ConfigError("a model needs at least one task head")
+        self.backbone = backbone.module
+        self.heads = nn.ModuleDict(dict(heads))
+        self.feature_dim = backbone.feature_dim
+        self.backbone_name = backbone.name
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Pooled backbone features ``(B, feature_dim)``."""
+        return self.backbone(x)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Every head's outputs from one shared feature pass."""
+        features = self.backbone(x)
+        return {name: head(features) for name, head in self.heads.items()}
+
+
+def head_style(model_cfg: ModelConfig, task: Task) -> str:
+    """``prognosis_head`` for prognosis, ``severity_head`` for ``severity_*`` tasks, ``linear`` otherwise."""
+    if task.name == PROGNOSIS_TASK:
+        return model_cfg.prognosis_head
+    if task.name.startswith(SEVERITY_TASK_PREFIX):
+        return model_cfg.severity_head
+    return "linear"
+
+
+def build_model(model_cfg: ModelConfig, tasks: Sequence[Task]) -> MultiTaskModel:
+    """The backbone ``model_cfg.backbone`` with ``model_cfg.weights`` and one head per task."""
+    backbone = build_backbone(model_cfg.backbone, model_cfg.weights)
+    heads = {t.name: build_head(t, head_style(model_cfg, t), backbone.feature_dim, model_cfg.dropout) for t in tasks}
+    return MultiTaskModel(backbone, heads)
+
+
+# ----------------------------------------------------------------------------------------- backbone states
+def backbone_part(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The backbone entries of a whole-model state dict, prefix removed (a backbone-only dict is returned as is)."""
+    if any(k.startswith(BACKBONE_PREFIX) for k in state):
+        return {k.removeprefix(BACKBONE_PREFIX): v for k, v in state.items() if k.startswith(BACKBONE_PREFIX)}
+    return dict(state)
+
+
+def backbone_state_dict(model: MultiTaskModel) -> dict[str, torch.Tensor]:
+    """The backbone's state dict (keys without the ``backbone.`` prefix)."""
+    return model.backbone.state_dict()
+
+
+def load_backbone_state(model: MultiTaskModel, state: Mapping[str, torch.Tensor]) -> None:
+    """Load a backbone state (whole-model or backbone-only keys) strictly; heads are left as they are."""
+    try:
+        model.backbone.load_state_dict(backbone_part(state), strict=True)
+    except RuntimeError as exc:
+        raise ConfigError(f"backbone state does not fit {model.backbone_name!r}: {exc}") from exc
+
+
+def average_backbones(
+    state_a: Mapping[str, torch.Tensor], state_b: Mapping[str, torch.Tensor], beta: float
+) -> dict[str, torch.Tensor]:
+    """``beta·a + (1−beta)·b`` for every floating-point backbone entry, paired by name (method.md §4.3, §12.5).
+
+    Whole-model dicts are reduced to their backbone part first, so the two STL models' different heads do not
+    matter; the backbone key sets must be identical. Float buffers (BatchNorm running mean and variance) are
+    averaged like the weights — a deliberate change from the official code, which left them at the ImageNet
+    values: averaged statistics sit between the two networks' feature statistics, and training re-estimates
+    them within the first epochs. Integer buffers (``num_batches_tracked``) are taken from ``a``.
+    """
+    if not 0.0 <= beta <= 1.0:
+        raise ConfigError(f"the averaging weight beta must be in [0, 1], got {beta}")
+    a, b = backbone_part(state_a), backbone_part(state_b)
+    only_a, only_b = sorted(set(a) - set(b)), sorted(set(b) - set(a))
+    if only_a or only_b:
+        raise ConfigError(f"backbone states differ: only in the first {only_a[:10]}, only in the second {only_b[:10]}")
+    averaged: dict[str, torch.Tensor] = {}
+    for name, value in a.items():
+        other = b[name]
+        if value.shape != other.shape:
+            raise ConfigError(f"backbone entry {name!r}: shapes {tuple(value.shape)} and {tuple(other.shape)} differ")
+        averaged[name] = beta * value + (1.0 - beta) * other if value.is_floating_point() else value.clone()
+    return averaged

@@ -1,0 +1,202 @@
+"""Backbone registry: the 18 paper backbones and their feature widths, weights handling, errors."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import sys  # noqa: E402
+import time  # noqa: E402
+from urllib.error import URLError  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from mdmt.errors import ConfigError  # noqa: E402
+from mdmt.models.backbones import PAPER_BACKBONES, TinyCNN, build_backbone, list_backbones  # noqa: E402
+
+# method.md §4.1: feature dimension F after the classifier is removed.
+PAPER_WIDTHS = {
+    "densenet121": 1024, "densenet161": 2208, "densenet169": 1664, "densenet201": 1920,
+    "googlenet": 1024, "mobilenet_v2": 1280,
+    "resnet18": 512, "resnet34": 512, "resnet50": 2048, "resnet101": 2048, "wide_resnet50_2": 2048,
+    "shufflenet_v2_x0_5": 1024, "shufflenet_v2_x1_0": 1024,
+    "efficientnet_b0": 1280, "efficientnet_b1_pruned": 1280, "efficientnet_es": 1280,
+    "efficientnet_es_pruned": 1280, "efficientnet_lite0": 1280,
+}  # fmt: skip
+HEAVY = {"densenet161", "densenet169", "densenet201", "resnet101", "wide_resnet50_2"}
+TIMM_NAMES = [n for n in PAPER_WIDTHS if n.startswith("efficientnet")]
+TORCHVISION_NAMES = [n for n in PAPER_WIDTHS if n not in TIMM_NAMES]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One torch thread: the machine's cores are shared, and oversubscribed threads make these steps crawl."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _params(names: list[str]) -> list:
+    return [pytest.param(n, marks=pytest.mark.slow) if n in HEAVY else n for n in names]
+
+
+def _train_step(name: str, size: int = 32) -> None:
+    """Build with random weights, check the width, one SGD step at ``size`` px with batch 2."""
+    torch.manual_seed(0)
+    backbone = build_backbone(name, "none")
+    assert backbone.feature_dim == PAPER_WIDTHS[name] and backbone.name == name
+    module = backbone.module.train()
+    before = [p.detach().clone() for p in module.parameters()]
+    features = module(torch.randn(2, 3, size, size))
+    assert isinstance(features, torch.Tensor) and features.shape == (2, PAPER_WIDTHS[name])
+    features.pow(2).mean().backward()
+    torch.optim.SGD(module.parameters(), lr=0.1).step()
+    changed = sum(not torch.equal(a, p) for a, p in zip(before, module.parameters()))
+    assert changed > len(before) // 2
+    with torch.no_grad():
+        assert module.eval()(torch.randn(1, 3, size, size)).shape == (1, PAPER_WIDTHS[name])
+
+
+def test_paper_list_is_the_18_of_the_method():
+    assert len(PAPER_BACKBONES) == 18 and set(PAPER_BACKBONES) == set(PAPER_WIDTHS)
+    names = list_backbones()
+    assert len(names) == len(set(names))
+    assert set(PAPER_BACKBONES) | {"tiny_cnn", "vgg11", "convnext_tiny"} <= set(names)
+
+
+@pytest.mark.parametrize("name", _params(TORCHVISION_NAMES))
+def test_torchvision_paper_backbone_trains_with_declared_width(name):
+    _train_step(name)
+
+
+@pytest.mark.parametrize("name", ["mobilenet_v2", "googlenet", "resnet18", "densenet121", "shufflenet_v2_x0_5"])
+def test_classifier_and_its_dropout_are_gone(name):
+    module = build_backbone(name).module
+    assert not any(isinstance(m, (nn.Linear, nn.Dropout)) for m in module.modules())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", TIMM_NAMES)
+def test_timm_paper_backbone_trains_with_declared_width(name):
+    pytest.importorskip("timm")
+    _train_step(name)
+
+
+@pytest.mark.parametrize("name", ["squeezenet1_0", "mobilenet_v3_small", "mnasnet0_5"])
+def test_other_torchvision_models_report_their_true_width(name):
+    backbone = build_backbone(name)
+    with torch.no_grad():
+        out = backbone.module.eval()(torch.randn(1, 3, 64, 64))
+    assert out.shape == (1, backbone.feature_dim)
+
+
+def test_timm_prefix_builds_timm_model():
+    pytest.importorskip("timm")
+    backbone = build_backbone("timm/resnet18")
+    assert type(backbone.module).__module__.startswith("timm") and backbone.feature_dim == 512
+    with pytest.raises(ConfigError, match="efficientnet_b0"):
+        build_backbone("timm/efficientnet_b00")
+
+
+def test_tiny_cnn_widths():
+    assert build_backbone("tiny_cnn").feature_dim == 64
+    wide = build_backbone("tiny_cnn", width=2.0)
+    assert wide.feature_dim == 128
+    assert wide.module(torch.randn(2, 3, 32, 32)).shape == (2, 128)
+    convs = [m.out_channels for m in build_backbone("tiny_cnn").module.modules() if isinstance(m, nn.Conv2d)]
+    assert convs == [16, 32, 64, 64]
+
+
+# ----------------------------------------------------------------------------------------- errors
+def test_unknown_name_suggests_close_matches():
+    with pytest.raises(ConfigError, match="resnet18"):
+        build_backbone("resnet181")
+    with pytest.raises(ConfigError, match="densenet121"):
+        build_backbone("densenet12")
+
+
+def test_missing_timm_asks_for_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "timm", None)  # `import timm` now raises ImportError
+    with pytest.raises(ConfigError, match=r"mdmt\[timm\]"):
+        build_backbone("efficientnet_b0")
+
+
+def test_bad_weights_value():
+    with pytest.raises(ConfigError, match="none, imagenet or a path"):
+        build_backbone("resnet18", "imagenet1k")
+    with pytest.raises(ConfigError, match="not found"):
+        build_backbone("tiny_cnn", "/nonexistent/weights.pth")
+    with pytest.raises(ConfigError, match="no ImageNet weights"):
+        build_backbone("tiny_cnn", "imagenet")
+
+
+def test_offline_torchvision_imagenet_is_a_clear_config_error(monkeypatch, tmp_path):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # an empty hub cache
+
+    def no_network(url, *args, **kwargs):
+        raise URLError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
+    started = time.perf_counter()
+    with pytest.raises(ConfigError) as info:
+        build_backbone("resnet18", "imagenet")
+    message = str(info.value)
+    assert "no network" in message and "model.weights: /path/to/file.pth" in message
+    assert str(tmp_path / "hub" / "checkpoints") in message and "resnet18-" in message
+    assert time.perf_counter() - started < 20
+
+
+def test_offline_timm_imagenet_is_a_clear_config_error(monkeypatch, tmp_path):
+    pytest.importorskip("timm")
+    constants = pytest.importorskip("huggingface_hub.constants")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # never touches the network
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))  # an empty cache
+    with pytest.raises(ConfigError) as info:
+        build_backbone("efficientnet_b0", "imagenet")
+    assert "HF_HUB_OFFLINE=1" in str(info.value) and "no network" in str(info.value)
+
+
+# ----------------------------------------------------------------------------------------- local weights
+def test_local_weights_roundtrip_strips_prefixes_and_ignores_the_classifier(tmp_path):
+    torch.manual_seed(0)
+    source = build_backbone("resnet18").module.state_dict()
+    state = {f"module.{k}": v for k, v in source.items()}
+    state["module.fc.weight"], state["module.fc.bias"] = torch.randn(1000, 512), torch.randn(1000)
+    path = tmp_path / "resnet18.pth"
+    torch.save({"state_dict": state}, path)
+    torch.manual_seed(1)
+    loaded = build_backbone("resnet18", str(path)).module.state_dict()
+    assert loaded.keys() == source.keys()
+    assert all(torch.equal(loaded[k], source[k]) for k in source)
+
+
+def test_local_weights_from_an_mdmt_checkpoint_and_safetensors(tmp_path):
+    safetensors = pytest.importorskip("safetensors.torch")
+    torch.manual_seed(0)
+    source = TinyCNN().state_dict()
+    model_state = {**{f"backbone.{k}": v for k, v in source.items()}, "heads.prognosis.2.weight": torch.ones(2, 64)}
+    checkpoint = {"model": model_state}
+    torch.save(checkpoint, tmp_path / "best.pt")
+    safetensors.save_file(source, str(tmp_path / "tiny.safetensors"))
+    for file in ("best.pt", "tiny.safetensors"):
+        torch.manual_seed(1)
+        loaded = build_backbone("tiny_cnn", str(tmp_path / file)).module.state_dict()
+        assert all(torch.equal(loaded[k], source[k]) for k in source), file
+
+
+def test_local_weights_mismatch_names_the_keys(tmp_path):
+    state = TinyCNN().state_dict()
+    state.pop("features.1.running_var")
+    state["extra.weight"] = torch.zeros(3)
+    torch.save(state, tmp_path / "bad.pth")
+    with pytest.raises(ConfigError, match=r"features\.1\.running_var") as info:
+        build_backbone("tiny_cnn", str(tmp_path / "bad.pth"))
+    assert "extra.weight" in str(info.value) and "bad.pth" in str(info.value)
+    wrong_shape = {k: v[:1] if k == "features.0.weight" else v for k, v in TinyCNN().state_dict().items()}
+    torch.save(wrong_shape, tmp_path / "shape.pth")
+    with pytest.raises(ConfigError, match="features.0.weight"):
+        build_backbone("tiny_cnn", str(tmp_path / "shape.pth"))
