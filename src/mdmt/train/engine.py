@@ -1,0 +1,523 @@
+"""One training loop for every strategy: epochs, AMP, plateau schedule, selection, checkpoint and exact resume.
+
+The loop knows nothing about strategies: it gets a model, its tasks, two loaders, a task weighting and the
+task whose validation loss selects the model. Every epoch ends with ``last.pt`` (everything needed to go on,
+RNG states included) written atomically, so a run killed at any point and started again with the same inputs
+finishes with the same weights and history as one that was never interrupted.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from mdmt.config import TrainConfig
+from mdmt.data.augment import to_network_input
+from mdmt.errors import ConfigError, DataError
+from mdmt.losses import Weighting, task_losses
+from mdmt.progress import make_progress
+from mdmt.tasks import Task
+from mdmt.train.distributed import SINGLE, DistContext, all_reduce_sum, average_gradients, loss_scale, wrap_model
+
+LAST_CHECKPOINT = "last.pt"
+BEST_CHECKPOINT = "best.pt"
+HISTORY_FILE = "history.csv"
+STATUS_EVERY = 20
+"""Steps between running-loss updates of the progress bar on a GPU (each costs a device sync)."""
+
+EpochCallback = Callable[[int, dict[str, float]], None]
+"""Called after each epoch's checkpoint is on disk with (epoch index, history row)."""
+
+
+@dataclass
+class FitResult:
+    """What a finished ``fit`` reports."""
+
+    best_epoch: int
+    best_score: float
+    epochs_run: int
+    stopped_early: bool
+    history: pd.DataFrame
+    best_path: Path
+
+
+def is_eligible(epoch: int, cfg: TrainConfig) -> bool:
+    """Whether epoch ``epoch`` (0-based) may be selected and counts for early stopping.
+
+    As the official code: only when ``epoch > warmup_epochs``. The last epoch is always eligible, so a run
+    whose ``max_epochs`` does not exceed the warm-up still ends with a best checkpoint.
+    """
+    return epoch > min(cfg.warmup_epochs, cfg.max_epochs - 2)
+
+
+@dataclass
+class LoopState:
+    """The mutable bookkeeping of the loop that a checkpoint must restore."""
+
+    epoch: int = 0
+    best_score: float = math.inf
+    best_epoch: int = -1
+    bad_epochs: int = 0
+    finished: bool = False
+    stopped_early: bool = False
+
+    def observe(self, epoch: int, score: float, cfg: TrainConfig) -> bool:
+        """Record epoch ``epoch``'s selection score; returns whether it is the new best.
+
+        Only eligible epochs (after the warm-up) are selected and count towards early stopping, which ends
+        the run after ``cfg.early_stopping`` eligible epochs in a row without a lower score.
+        """
+        eligible = is_eligible(epoch, cfg)
+        selected = eligible and score < self.best_score
+        if selected:
+            self.best_score, self.best_epoch, self.bad_epochs = score, epoch, 0
+        elif eligible:
+            self.bad_epochs += 1
+        self.epoch = epoch + 1
+        self.stopped_early = eligible and self.bad_epochs >= cfg.early_stopping
+        self.finished = self.stopped_early or self.epoch >= cfg.max_epochs
+        return selected
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` → CUDA when available, else CPU; anything else is passed to ``torch.device``."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def derived_seed(*parts: int) -> int:
+    """A 63-bit seed mixed from integers (e.g. run seed and epoch) via numpy's SeedSequence."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, np.uint64)[0] >> np.uint64(1))
+
+
+def rng_states() -> dict[str, Any]:
+    """The global RNG states (python, numpy, torch CPU and CUDA)."""
+    states: dict[str, Any] = {
+        "python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states: Mapping[str, Any]) -> None:
+    """Restore what ``rng_states`` captured."""
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    """``torch.save`` to a temporary file, then rename over ``path``."""
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def atomic_write_text(text: str, path: Path) -> None:
+    """Write a text file through a temporary file and a rename."""
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """Read a checkpoint written by this module (CPU tensors)."""
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def load_model_state(run_dir: Path, name: str = BEST_CHECKPOINT) -> dict[str, torch.Tensor]:
+    """The model ``state_dict`` stored in ``run_dir/name``."""
+    return load_checkpoint(Path(run_dir) / name)["model"]
+
+
+def _set_sampler_epoch(loader: Iterable[Any], epoch: int) -> None:
+    for holder in (getattr(loader, "batch_sampler", None), getattr(loader, "sampler", None)):
+        if hasattr(holder, "set_epoch"):
+            holder.set_epoch(epoch)
+            return
+
+
+class Batches:
+    """Moves collated batches to the device and turns images into network input."""
+
+    def __init__(self, device: torch.device, input_size: int | None, channels_last: bool):
+        self.device = device
+        self.input_size = input_size
+        self.channels_last = channels_last
+
+    def __call__(
+        self,
+        batch: Mapping[str, Any],
+        augmenter: Callable[..., Any] | None = None,
+        generator: torch.Generator | None = None,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """(network input, targets, present) on the device; the augmenter runs when given."""
+        images = batch["image"].to(self.device, non_blocking=True)
+        targets = {t: v.to(self.device, non_blocking=True) for t, v in batch["targets"].items()}
+        present = {t: v.to(self.device, non_blocking=True) for t, v in batch["present"].items()}
+        if augmenter is not None:
+            images, targets = augmenter(images.float().div_(255.0), targets, generator)
+        x = to_network_input(images, self.input_size)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x, targets, present
+
+
+class LossMeter:
+    """Sums of each task's loss over an epoch; per-task means per labelled sample and the total per sample."""
+
+    def __init__(self, tasks: Iterable[str], device: torch.device):
+        self.tasks = list(tasks)
+        self.sums = {t: torch.zeros((), dtype=torch.float64, device=device) for t in self.tasks}
+        self.labelled = {t: torch.zeros((), dtype=torch.float64, device=device) for t in self.tasks}
+        self.samples = 0
+
+    def add(self, losses: Mapping[str, torch.Tensor], present: Mapping[str, torch.Tensor], batch_size: int) -> None:
+        """Add one batch: each loss is a sum over labelled samples divided by the batch size."""
+        for t in self.tasks:
+            self.sums[t] += losses[t].detach().double() * batch_size
+            self.labelled[t] += present[t].sum()
+        self.samples += batch_size
+
+    def all_reduce(self, ctx: DistContext) -> None:
+        """Sum the epoch's sums over the ranks (each rank saw its own shard)."""
+        if not ctx.enabled:
+            return
+        for t in self.tasks:
+            all_reduce_sum(self.sums[t], ctx)
+            all_reduce_sum(self.labelled[t], ctx)
+        samples = torch.tensor(float(self.samples), dtype=torch.float64, device=self.sums[self.tasks[0]].device)
+        self.samples = int(all_reduce_sum(samples, ctx).item())
+
+    def task_means(self) -> dict[str, float]:
+        """Mean loss per labelled sample of each task (NaN for a task without labels)."""
+        return {t: float(self.sums[t] / self.labelled[t]) if self.labelled[t] > 0 else math.nan for t in self.tasks}
+
+    def total(self) -> float:
+        """Sum of all task losses per sample (the paper's L = Σ_i Σ_τ I·L^τ over the epoch, / N)."""
+        return float(sum(self.sums.values()) / max(1, self.samples))
+
+
+def _forward_losses(
+    forward: Callable[[torch.Tensor], dict[str, torch.Tensor]],
+    x: torch.Tensor,
+    targets: Mapping[str, torch.Tensor],
+    present: Mapping[str, torch.Tensor],
+    tasks: list[Task],
+    variant: str,
+    amp: bool,
+) -> dict[str, torch.Tensor]:
+    with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=amp):
+        outputs = forward(x)
+    outputs = {name: out.float() for name, out in outputs.items()}
+    return task_losses(outputs, targets, present, tasks, variant)
+
+
+def _status(means: Mapping[str, float]) -> str:
+    return " ".join(f"{t}={v:.4f}" for t, v in means.items() if not math.isnan(v))
+
+
+class RunProgress:
+    """Rich bars of a run: one over the epochs (validation losses, best so far) and, while an epoch runs, one
+    over its steps with the running training losses (refreshed every ``status_every`` steps)."""
+
+    def __init__(self, enabled: bool, description: str, max_epochs: int, status_every: int):
+        self.enabled = enabled
+        self.status_every = status_every
+        self.bars = make_progress() if enabled else None
+        self.run_bar = self.bars.add_task(description, total=max_epochs, status="") if self.bars else None
+        self.epoch_bar: Any = None
+        self.steps = 0
+
+    def __enter__(self) -> RunProgress:
+        if self.bars is not None:
+            self.bars.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bars is not None:
+            self.bars.stop()
+
+    def resume(self, epochs_done: int) -> None:
+        """Show the epochs a resumed run already has."""
+        if self.bars is not None:
+            self.bars.update(self.run_bar, completed=epochs_done)
+
+    def start_epoch(self, epoch: int, n_steps: int | None) -> None:
+        """A fresh step bar for ``epoch``."""
+        if self.bars is not None:
+            self.epoch_bar = self.bars.add_task(f"epoch {epoch}", total=n_steps, status="")
+            self.steps = 0
+
+    def step(self, meter: LossMeter) -> None:
+        """Advance the step bar (with the running task losses every ``status_every`` steps)."""
+        if self.bars is None:
+            return
+        self.steps += 1
+        status = {"status": _status(meter.task_means())} if self.steps % self.status_every == 0 else {}
+        self.bars.update(self.epoch_bar, advance=1, **status)
+
+    def end_epoch(self, state: LoopState, val_means: Mapping[str, float]) -> None:
+        """Drop the step bar; the run bar shows the validation losses and the best epoch."""
+        if self.bars is None:
+            return
+        self.bars.remove_task(self.epoch_bar)
+        best = f" best {state.best_score:.4f}@{state.best_epoch}" if state.best_epoch >= 0 else ""
+        self.bars.update(self.run_bar, completed=state.epoch, status=f"val {_status(val_means)}{best}")
+
+
+@dataclass
+class Trainer:
+    """The epoch loop. ``fit`` runs it; attributes are fixed for the whole run."""
+
+    model: nn.Module
+    tasks: list[Task]
+    cfg: TrainConfig
+    weighting: Weighting
+    run_dir: Path
+    select_task: str
+    loss_variant: str = "clean"
+    seed: int = 0
+    input_size: int | None = None
+    shared_params: list[nn.Parameter] | None = None
+    dist: DistContext = SINGLE
+    device: torch.device | None = None
+
+    def __post_init__(self) -> None:
+        self.run_dir = Path(self.run_dir)
+        self.task_names = [t.name for t in self.tasks]
+        if self.select_task not in self.task_names:
+            raise ConfigError(f"select_task {self.select_task!r} is not one of the model's tasks {self.task_names}")
+        if self.cfg.threads > 0:
+            torch.set_num_threads(self.cfg.threads)
+        self.device = self.device or resolve_device(self.cfg.device)
+        on_cuda = self.device.type == "cuda"
+        self.amp = self.cfg.amp and on_cuda
+        channels_last = self.cfg.channels_last and on_cuda
+        self.model.to(self.device)
+        if channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        self.batches = Batches(self.device, self.input_size, channels_last)
+        network = wrap_model(self.model, self.dist, self.device)
+        self.forward: Callable[[torch.Tensor], dict[str, torch.Tensor]] = (
+            torch.compile(network) if self.cfg.compile else network  # type: ignore[assignment]
+        )
+        self.weighting.to(self.device)
+        self.weighting_params = [p for p in self.weighting.parameters() if p.requires_grad]
+        groups: list[dict[str, Any]] = [{"params": [p for p in self.model.parameters() if p.requires_grad]}]
+        if self.weighting_params:  # learned task weights: no weight decay
+            groups.append({"params": self.weighting_params, "weight_decay": 0.0})
+        self.optimizer = torch.optim.Adam(groups, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            self.optimizer, mode="min", patience=self.cfg.scheduler_patience, factor=self.cfg.scheduler_factor,
+            min_lr=self.cfg.min_lr,
+        )
+        if self.shared_params is None:
+            backbone = getattr(self.model, "backbone", self.model)
+            self.shared_params = [p for p in backbone.parameters() if p.requires_grad]
+        self.state = LoopState()
+        self.history: list[dict[str, float]] = []
+
+    # ----------------------------------------------------------------- checkpoints
+    def _checkpoint(self) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "weighting": self.weighting.state_dict(),
+            "loop": vars(self.state).copy(),
+            "history": list(self.history),
+            "rng": rng_states(),
+            "sampler_epoch": self.state.epoch,
+            "tasks": self.task_names,
+        }
+
+    def resume(self) -> bool:
+        """Load ``last.pt`` when it exists; returns whether it did."""
+        path = self.run_dir / LAST_CHECKPOINT
+        if not path.is_file():
+            return False
+        ckpt = load_checkpoint(path)
+        if ckpt["tasks"] != self.task_names:
+            raise ConfigError(f"{path}: checkpoint tasks {ckpt['tasks']} differ from this run's {self.task_names}")
+        self.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        self.weighting.load_state_dict(ckpt["weighting"])
+        self.state = LoopState(**ckpt["loop"])
+        self.history = list(ckpt["history"])
+        set_rng_states(ckpt["rng"])
+        return True
+
+    def _save_best(self, epoch: int, score: float) -> None:
+        atomic_torch_save(
+            {"model": self.model.state_dict(), "epoch": epoch, "score": score, "select_task": self.select_task,
+             "tasks": self.task_names},
+            self.run_dir / BEST_CHECKPOINT,
+        )
+
+    def _write_history(self) -> None:
+        atomic_write_text(pd.DataFrame(self.history).to_csv(index=False), self.run_dir / HISTORY_FILE)
+
+    # ----------------------------------------------------------------- epochs
+    def train_epoch(
+        self, loader: Iterable[Any], augmenter: Any, epoch: int, on_step: Callable[[LossMeter], None] | None = None
+    ) -> LossMeter:
+        """One pass over ``loader`` with gradient steps; ``on_step`` sees the running meter after each step."""
+        self.model.train()
+        _set_sampler_epoch(loader, epoch)
+        generator = torch.Generator(device=self.device).manual_seed(derived_seed(self.seed, epoch, self.dist.rank))
+        meter = LossMeter(self.task_names, self.device)
+        for batch in loader:
+            x, targets, present = self.batches(batch, augmenter, generator)
+            losses = _forward_losses(self.forward, x, targets, present, self.tasks, self.loss_variant, self.amp)
+            self.optimizer.zero_grad(set_to_none=True)
+            scale = loss_scale(x.shape[0], self.dist, self.device)
+            self.weighting.backward({t: v * scale for t, v in losses.items()} if scale != 1.0 else losses,
+                                    self.shared_params)
+            average_gradients(self.weighting_params, self.dist)
+            self.optimizer.step()
+            meter.add(losses, present, x.shape[0])
+            if on_step is not None:
+                on_step(meter)
+        meter.all_reduce(self.dist)
+        self.weighting.epoch_end(meter.task_means())
+        return meter
+
+    @torch.no_grad()
+    def evaluate_epoch(self, loader: Iterable[Any]) -> LossMeter:
+        """Losses on ``loader`` without augmentation or gradients."""
+        self.model.eval()
+        meter = LossMeter(self.task_names, self.device)
+        for batch in loader:
+            x, targets, present = self.batches(batch)
+            losses = _forward_losses(self.forward, x, targets, present, self.tasks, self.loss_variant, self.amp)
+            meter.add(losses, present, x.shape[0])
+        return meter
+
+    def _end_epoch(self, epoch: int, train: LossMeter, val: LossMeter, lr: float, seconds: float) -> dict[str, float]:
+        """Schedule, select, early-stop, log and checkpoint after ``epoch``."""
+        val_total = val.total()
+        self.scheduler.step(val_total)
+        val_means = val.task_means()
+        score = val_means[self.select_task]
+        if math.isnan(score):
+            raise DataError(f"epoch {epoch}: the validation set has no {self.select_task!r} label to select on")
+        selected = self.state.observe(epoch, score, self.cfg)
+        if selected and self.dist.is_main:
+            self._save_best(epoch, score)
+        row: dict[str, float] = {"epoch": epoch, "lr": lr, "seconds": round(seconds, 3),
+                                 "train_loss": train.total(), "val_loss": val_total}
+        row.update({f"train_{t}_loss": v for t, v in train.task_means().items()})
+        row.update({f"val_{t}_loss": v for t, v in val_means.items()})
+        row["selected"] = int(selected)
+        self.history.append(row)
+        if self.dist.is_main:
+            self._write_history()
+            atomic_torch_save(self._checkpoint(), self.run_dir / LAST_CHECKPOINT)
+        return row
+
+    def fit(
+        self,
+        train_loader: Iterable[Any],
+        val_loader: Iterable[Any],
+        augmenter: Any = None,
+        progress: bool = True,
+        on_epoch_end: EpochCallback | None = None,
+        description: str = "train",
+    ) -> FitResult:
+        """Train until ``max_epochs`` or early stopping, resuming from ``last.pt`` when present."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.resume()
+        # running losses need a device sync: on a GPU the bar shows them every STATUS_EVERY steps only
+        bars = RunProgress(progress and self.dist.is_main, description, self.cfg.max_epochs,
+                           1 if self.device.type == "cpu" else STATUS_EVERY)
+        with bars:
+            bars.resume(self.state.epoch)
+            while not self.state.finished:
+                epoch = self.state.epoch
+                started = time.perf_counter()
+                lr = float(self.optimizer.param_groups[0]["lr"])
+                bars.start_epoch(epoch, len(train_loader) if hasattr(train_loader, "__len__") else None)
+                train = self.train_epoch(train_loader, augmenter, epoch, bars.step if bars.enabled else None)
+                val = self.evaluate_epoch(val_loader)
+                row = self._end_epoch(epoch, train, val, lr, time.perf_counter() - started)
+                bars.end_epoch(self.state, val.task_means())
+                if on_epoch_end is not None:
+                    on_epoch_end(epoch, row)
+        return FitResult(
+            best_epoch=self.state.best_epoch,
+            best_score=self.state.best_score,
+            epochs_run=self.state.epoch,
+            stopped_early=self.state.stopped_early,
+            history=pd.DataFrame(self.history),
+            best_path=self.run_dir / BEST_CHECKPOINT,
+        )
+
+
+def fit(
+    model: nn.Module,
+    tasks: list[Task],
+    train_loader: Iterable[Any],
+    val_loader: Iterable[Any],
+    cfg: TrainConfig,
+    augmenter: Any,
+    weighting: Weighting,
+    run_dir: str | Path,
+    select_task: str,
+    progress: bool = True,
+    *,
+    loss_variant: str = "clean",
+    seed: int = 0,
+    input_size: int | None = None,
+    on_epoch_end: EpochCallback | None = None,
+    description: str = "train",
+    dist: DistContext = SINGLE,
+    device: torch.device | None = None,
+) -> FitResult:
+    """Train ``model`` on its ``tasks`` (resuming from ``run_dir/last.pt``); best weights go to ``best.pt``."""
+    trainer = Trainer(model, tasks, cfg, weighting, Path(run_dir), select_task, loss_variant, seed, input_size,
+                      dist=dist, device=device)
+    return trainer.fit(train_loader, val_loader, augmenter, progress, on_epoch_end, description)
+
+
+@torch.no_grad()
+def predict(
+    model: nn.Module, loader: Iterable[Any], device: torch.device, input_size: int | None = None, amp: bool = False
+) -> tuple[dict[str, torch.Tensor], np.ndarray]:
+    """Raw head outputs on CPU for every sample of ``loader`` ({task: (N, n_outputs)}) and their ``row`` indices."""
+    model.eval()
+    model.to(device)
+    batches = Batches(device, input_size, channels_last=False)
+    outputs: dict[str, list[torch.Tensor]] = {}
+    rows: list[np.ndarray] = []
+    for batch in loader:
+        x, _, _ = batches(batch)
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
+            out = model(x)
+        for name, value in out.items():
+            outputs.setdefault(name, []).append(value.float().cpu())
+        rows.append(np.asarray(batch["row"]))
+    return {k: torch.cat(v) for k, v in outputs.items()}, np.concatenate(rows) if rows else np.zeros(0, dtype=int)
