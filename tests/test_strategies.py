@@ -243,3 +243,20 @@ def test_resuming_under_a_different_config_is_refused(finished_runs, tiny_config
     save_config(dataclasses.replace(config, train=dataclasses.replace(config.train, lr=0.5)), run_dir / "config.yaml")
     with pytest.raises(ConfigError, match="different config"):
         train_run(config, spec, progress=False)
+
+
+def test_an_extra_head_from_a_sheet_column_trains_beside_prognosis(tiny_config, tiny_caches, tmp_path):
+    from mdmt.config import TaskConfig
+
+    config = _tiny(tiny_config, tmp_path)
+    extra = [TaskConfig(name="death", column="Death", kind="classification", classes=["0", "1"], dataset="aiforcovid")]
+    config = dataclasses.replace(config, model=dataclasses.replace(config.model, extra_tasks=extra))
+    assert [t.name for t in run_module.run_tasks(get_strategy("stl_severity"), config)] == ["severity_regions"]
+    run_dir = train_run(config, RunSpec("stl_prognosis", "tiny_cnn", "cv5", 0, 0), progress=False)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert set(metrics) == {"prognosis", "death"}
+    table = pd.read_csv(run_dir / "predictions_death.csv", dtype={"image_id": str})
+    truth = tiny_caches["aiforcovid"].records.set_index("image_id").loc[table["image_id"], "Death"]
+    assert np.array_equal(truth.to_numpy(dtype=float), table["y_true"].to_numpy(dtype=float))
+    history = pd.read_csv(run_dir / "history.csv")
+    assert history["train_death_loss"].notna().all()

@@ -131,7 +131,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     config = resolve_config(args, DATA_OPTIONS + RUN_OPTIONS)
     spec = RunSpec(config.run.strategy, config.model.backbone, config.run.protocol, config.run.fold, config.seed)
     run_dir = train_run(config, spec)
-    console.print(f"[green]run finished: {run_dir}")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 reports
+        console.print(f"[green]run finished: {run_dir}")
     return 0
 
 

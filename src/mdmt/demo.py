@@ -57,8 +57,7 @@ def run_demo(config: Config, out: Path) -> Path:
     save_config(config, out / "config.yaml")
 
     console.rule("2/4 preprocessing cache")
-    for name, cache in prepare(config).items():
-        console.print(f"{name}: {len(cache.records)} images cached, {len(cache.failed)} unreadable")
+    prepare(config)
 
     console.rule("3/4 training grid")
     console.print(run_grid(config, workers=config.grid.workers, backend=config.grid.backend))

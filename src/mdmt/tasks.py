@@ -127,13 +127,20 @@ def get_task(name: str) -> Task:
         raise ConfigError(f"unknown task {name!r}; choose one of {', '.join(TASK_NAMES)}") from None
 
 
+def _class_key(value: object) -> str:
+    """Upper-cased text of a class value; integral numbers as integers (a 0/1 sheet column reads as 1.0)."""
+    if isinstance(value, (int, float, np.integer, np.floating)) and float(value).is_integer():
+        return str(int(value))
+    return str(value).strip().upper()
+
+
 def _class_indices(records: pd.DataFrame, task: str, column: str, classes: tuple[str, ...]) -> np.ndarray:
-    lookup = {c.strip().upper(): i for i, c in enumerate(classes)}
+    lookup = {_class_key(c): i for i, c in enumerate(classes)}
     out = np.full(len(records), np.nan)
     for i, value in enumerate(records[column]):
         if pd.isna(value) or str(value).strip() == "":
             continue
-        key = str(value).strip().upper()
+        key = _class_key(value)
         if key not in lookup:
             raise DataError(f"task {task!r}: column {column!r} has value {value!r}; expected one of {list(classes)}")
         out[i] = lookup[key]

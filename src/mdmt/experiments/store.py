@@ -139,28 +139,23 @@ class ResultsStore:
 
     def record_done(self, spec: RunSpec, seconds: float | None = None) -> None:
         """Mark ``spec`` as done and index its ``metrics.json``; ``seconds`` defaults to the time since its start."""
-        run_dir = self.run_dir(spec)
-        finished = time.time()
-        metrics = _read_metrics(run_dir)
-        with self._transaction() as db:
-            started = self._started(db, spec.key)
-            if seconds is None and started is not None:
-                seconds = finished - started
-            self._upsert(db, {"key": spec.key, **spec_fields(spec), "status": "done", "started": started,
-                              "finished": finished, "seconds": seconds, "run_dir": str(run_dir), "metrics": metrics})
+        self._record_end(spec, "done", seconds, metrics=_read_metrics(self.run_dir(spec)))
 
     def record_failure(self, spec: RunSpec, error: str, seconds: float | None = None) -> None:
         """Mark ``spec`` as failed with ``error``; the error is also written to ``FAILED`` in its run directory."""
         run_dir = self.run_dir(spec)
         run_dir.mkdir(parents=True, exist_ok=True)
         _atomic_write(run_dir / FAILED_FILE, error)
+        self._record_end(spec, "failed", seconds, error=error)
+
+    def _record_end(self, spec: RunSpec, status: str, seconds: float | None, **fields: Any) -> None:
         finished = time.time()
         with self._transaction() as db:
             started = self._started(db, spec.key)
             if seconds is None and started is not None:
                 seconds = finished - started
-            self._upsert(db, {"key": spec.key, **spec_fields(spec), "status": "failed", "started": started,
-                              "finished": finished, "seconds": seconds, "run_dir": str(run_dir), "error": error})
+            self._upsert(db, {"key": spec.key, **spec_fields(spec), "status": status, "started": started,
+                              "finished": finished, "seconds": seconds, "run_dir": str(self.run_dir(spec)), **fields})
 
     def rescan(self) -> int:
         """Rebuild the index from the run directories (one transaction); returns the number of runs found.

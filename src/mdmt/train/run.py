@@ -29,7 +29,7 @@ from mdmt.errors import ConfigError, DataError
 from mdmt.evaluate import metrics as evaluation
 from mdmt.losses import build_weighting, decode, group_names
 from mdmt.models.multitask import build_model
-from mdmt.tasks import GLOBAL_BIN_EDGES, Task, bin_scores, get_task
+from mdmt.tasks import GLOBAL_BIN_EDGES, Task, bin_scores, get_task, make_task
 from mdmt.train.distributed import (
     SINGLE,
     DistContext,
@@ -285,6 +285,17 @@ def evaluate_test(
 
 
 # --------------------------------------------------------------------------------------------- the run
+def run_tasks(strategy: Strategy, config: Config) -> list[Task]:
+    """The strategy's tasks, then each ``model.extra_tasks`` head whose dataset the strategy trains on."""
+    unknown = [t.name for t in config.model.extra_tasks if t.dataset not in (AIFORCOVID, BRIXIA)]
+    if unknown:
+        raise ConfigError(f"model.extra_tasks {unknown}: dataset must be {AIFORCOVID!r} or {BRIXIA!r}")
+    extra = [
+        make_task(t.name, t.column, t.kind, t.classes) for t in config.model.extra_tasks if t.dataset in strategy.sources
+    ]
+    return [get_task(name) for name in strategy.task_names(config)] + extra
+
+
 def resolved_config(config: Config, spec: RunSpec) -> Config:
     """``config`` with the spec written into it (backbone, run section, seed): what the run directory records."""
     return dataclasses.replace(
@@ -366,7 +377,7 @@ def _train(
         torch.set_num_threads(config.train.threads)
     seed_everything(spec.seed)
     splits = build_splits(config, caches, spec.protocol, spec.fold, spec.seed)
-    tasks = [get_task(name) for name in strategy.task_names(config)]
+    tasks = run_tasks(strategy, config)
     data = build_data(config, strategy, caches, splits, tasks, spec.seed, ctx)
     model = build_model(config.model, tasks)
     strategy.init(model, spec, config, Path(config.results_dir))
