@@ -187,3 +187,19 @@ def test_report_renders_in_headless_chromium(study, tmp_path):
     for source in sources:  # every image is an embedded PNG that decodes
         assert source.startswith("data:image/png;base64,")
         assert Image.open(io.BytesIO(base64.b64decode(source.split(",", 1)[1]))).size[0] > 200
+
+
+def test_effects_hold_the_paired_mean_difference_inside_its_bootstrap_ci(study):
+    results, page, specs = study
+    effects = pd.read_csv(page.parent / "effects.csv")
+    per_backbone = pd.read_csv(page.parent / "per_backbone.csv")
+    rows = per_backbone[(per_backbone.protocol == "loco") & (per_backbone.metric == "accuracy")].set_index("backbone")
+    mdmt = rows[rows.strategy == "mdmt"].loc[sorted(BACKBONES), "mean"].to_numpy()
+    stl = rows[rows.strategy == "stl_prognosis"].loc[sorted(BACKBONES), "mean"].to_numpy()
+    row = effects[(effects.protocol == "loco") & (effects.metric == "accuracy")
+                  & (effects.comparison == "MDMT − stl_prognosis")].iloc[0]
+    assert row["mean_diff"] == pytest.approx((mdmt - stl).mean())
+    assert row["ci_low"] <= row["mean_diff"] <= row["ci_high"] and row["ci_low"] < row["ci_high"]
+    assert row["n"] == len(BACKBONES) and row["wins"] == int((mdmt > stl).sum())
+    assert len(effects) == 2 * 2 * 3  # 2 comparisons × 2 protocols × 3 metrics
+    assert "bootstrap CI" in page.read_text()

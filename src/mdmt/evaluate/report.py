@@ -8,6 +8,7 @@
   then the mean over seeds and backbones;
 - ``per_backbone.csv``: strategy, backbone, protocol, metric, mean and std across folds (std per seed, averaged
   over seeds), runs;
+- ``effects.csv``: MDMT − STL and MDMT − FT mean differences with paired bootstrap 95% CIs.
 - ``significance.csv``: MDMT vs STL and MDMT vs FT, μ↑ and σ↓, one-tailed paired t-test with stars and Wilcoxon,
   paired over backbones (or over folds × seeds when fewer than two backbones exist, said on the page);
 - ``report.html`` (self-contained: figures embedded as base64 PNG) and ``report.md``.
@@ -271,6 +272,25 @@ def significance(per_backbone: pd.DataFrame, metrics: pd.DataFrame) -> tuple[pd.
     return table, note
 
 
+def effect_sizes(units: pd.DataFrame, confidence: float = 0.95) -> pd.DataFrame:
+    """MDMT − baseline mean difference per protocol × metric with a paired bootstrap CI (units matched by name)."""
+    rows = []
+    for (protocol, metric), group in units.groupby(["protocol", "metric"], sort=False):
+        by_strategy = {name: g.set_index("backbone")["mean"] for name, g in group.groupby("strategy")}
+        for baseline in BASELINES:
+            if PROPOSED not in by_strategy or baseline not in by_strategy:
+                continue
+            _, proposed, other = stats.paired_by_name(by_strategy[PROPOSED], by_strategy[baseline])
+            if len(proposed) < 2:
+                continue
+            diff, low, high = stats.bootstrap_mean_diff_ci(proposed, other, confidence=confidence)
+            rows.append({"comparison": f"MDMT − {baseline}", "protocol": protocol, "metric": metric,
+                         "n": len(proposed), "wins": int((proposed > other).sum()), "mean_diff": diff,
+                         "ci_low": low, "ci_high": high})
+    return pd.DataFrame(rows, columns=["comparison", "protocol", "metric", "n", "wins", "mean_diff", "ci_low",
+                                       "ci_high"])
+
+
 def significance_long(table: pd.DataFrame) -> pd.DataFrame:
     """The significance table as rows: comparison, protocol, metric, p, stars, p_wilcoxon, n."""
     if table.empty:
@@ -457,6 +477,13 @@ class Section:
     figures: dict[str, bytes] = field(default_factory=dict)
 
 
+def _effects_display(units: pd.DataFrame) -> pd.DataFrame:
+    effects = effect_sizes(units)
+    for column in ("mean_diff", "ci_low", "ci_high"):
+        effects[column] = (100 * effects[column]).round(1)
+    return effects
+
+
 def report_sections(data: ReportData, significance_table_: pd.DataFrame, significance_note: str) -> list[Section]:
     """The report's sections in page order (tables and rendered figures)."""
     units, _ = paired_units(data.per_backbone, data.metrics)
@@ -468,7 +495,8 @@ def report_sections(data: ReportData, significance_table_: pd.DataFrame, signifi
                 {f"{data.task}, {name}": _percent(t) for name, t in data.headline.items()}),
         Section("Significance", f"MDMT vs STL and vs FT; one-tailed paired t-test (stars: * p<0.05, ** p<0.01, "
                 f"*** p<0.001) and Wilcoxon signed-rank (W); {significance_note}.",
-                {"significance": significance_display(significance_table_)}),
+                {"significance": significance_display(significance_table_),
+                 "mean difference, 95% paired bootstrap CI (points of the metric ×100)": _effects_display(units)}),
     ]
     per_backbone = Section("Per backbone", "Mean ± std across folds, % (std per seed, averaged over seeds); every "
                            "metric is in per_backbone.csv.", {"per backbone": per_backbone_display(data.per_backbone)})
@@ -532,6 +560,7 @@ def build_report(results_dir: str | Path, out_dir: str | Path | None = None, tas
     significance_table_, note = significance(data.per_backbone, data.metrics)
     headline_frame(data.headline).to_csv(out / "headline.csv", index=False)
     significance_long(significance_table_).to_csv(out / "significance.csv", index=False)
+    effect_sizes(paired_units(data.per_backbone, data.metrics)[0]).to_csv(out / "effects.csv", index=False)
     data.per_backbone.to_csv(out / "per_backbone.csv", index=False)
     sections = report_sections(data, significance_table_, note)
     title = f"mdmt report: {task} ({results_dir})"
