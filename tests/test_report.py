@@ -21,7 +21,7 @@ from mdmt.evaluate.report import build_report, headline_table_text
 from mdmt.experiments.store import FAILED_FILE, INDEX_FILE
 from mdmt.train.run import RunSpec
 
-BACKBONES = ("resnet18", "densenet121", "vgg11")
+BACKBONES = ("resnet18", "densenet121", "vgg11", "mobilenet_v2", "googlenet")
 FOLDS = {"cv5": 3, "loco": 2}
 SEEDS = (0, 1)
 FIGURES = ("ACC / F1 / G-mean per backbone", "ROC curves", "confusion matrices", "critical-difference diagrams",
@@ -109,7 +109,7 @@ def test_significance_pairs_backbones_one_tailed(study):
     assert cell.loc["Std (σ↓) MDMT vs STL", "p"] == pytest.approx(std_p)
     assert set(cell["n"]) == {len(BACKBONES)}
     assert len(table) == 4 * 2 * 3  # 4 comparisons × 2 protocols × 3 metrics
-    assert "paired over 3 backbones" in page.read_text()
+    assert f"paired over {len(BACKBONES)} backbones" in page.read_text()
 
 
 def _images(page: Path) -> dict[str, Image.Image]:
@@ -152,6 +152,15 @@ def test_one_backbone_pairs_runs_over_folds_and_seeds(tmp_path):
     assert cell["n"] == len(units)
     assert cell["p"] == pytest.approx(scipy_stats.ttest_rel(mdmt, stl, alternative="greater").pvalue)
     assert "folds × seeds" in page.read_text()
+
+
+def test_two_backbones_pair_the_runs_not_the_backbones(tmp_path):
+    backbones = ("resnet18", "vgg11")
+    write_study(tmp_path, backbones=backbones)
+    table = pd.read_csv(build_report(tmp_path, tmp_path / "out").parent / "significance.csv")
+    cell = table[(table.protocol == "loco") & (table.metric == "gmean")
+                 & (table.comparison == "Mean (μ↑) MDMT vs FT")].iloc[0]
+    assert cell["n"] == len(backbones) * FOLDS["loco"] * len(SEEDS)
 
 
 def test_rebuilt_from_run_dirs_alone_with_failed_runs_listed(tmp_path):

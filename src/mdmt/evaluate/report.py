@@ -41,6 +41,8 @@ from mdmt.train.strategies import STRATEGIES  # noqa: E402
 HEADLINE_METRICS = {"accuracy": "ACC", "f1_weighted": "F1", "gmean": "G-mean"}
 PROTOCOL_LABELS = {"cv5": "CV", "loco": "LOCO", "official-cv5": "official CV", "official-loco": "official LOCO"}
 PROPOSED = "mdmt"
+MIN_PAIRED_BACKBONES = 5
+"""Below this many backbones a test over backbones has too few pairs; runs are paired instead."""
 BASELINES = ("stl_prognosis", "ft")
 AGGREGATIONS = {"per-fold mean": "per backbone: mean over folds (and seeds); then mean over backbones",
                 "pooled": "per backbone: all folds' test predictions pooled; then mean over seeds and backbones"}
@@ -238,21 +240,23 @@ def figure_png(fig: Figure) -> bytes:
 
 # --------------------------------------------------------------------------------------------- statistics
 def paired_units(per_backbone: pd.DataFrame, metrics: pd.DataFrame) -> tuple[pd.DataFrame, str]:
-    """What the paired tests pair: backbones (≥ 2 of them), else the runs, matched by fold and seed.
+    """What the paired tests pair: backbones (the paper, when there are ``MIN_PAIRED_BACKBONES`` or more),
+    else the runs, matched by backbone, fold and seed.
 
     Returns the long frame ``stats.significance_table`` takes (strategy, backbone, protocol, metric, mean, std;
     ``backbone`` names the unit) and a sentence saying what was paired.
     """
     headline = per_backbone[per_backbone["metric"].isin(list(HEADLINE_METRICS))]
     n_backbones = headline["backbone"].nunique()
-    if n_backbones >= 2:
+    if n_backbones >= MIN_PAIRED_BACKBONES:
         return headline, f"paired over {n_backbones} backbones (matched by name); σ = each backbone's std across folds"
     runs = metrics[metrics["metric"].isin(list(HEADLINE_METRICS))]
     unit = runs["backbone"] + " fold" + runs["fold"].astype(str) + " seed" + runs["seed"].astype(str)
     units = runs.assign(backbone=unit, mean=runs["value"], std=np.nan)
     return (units[["strategy", "backbone", "protocol", "metric", "mean", "std"]],
-            f"only {n_backbones} backbone: the tests pair the runs over folds × seeds (matched by fold and seed); "
-            "the σ↓ rows need at least 2 backbones and are left out")
+            f"only {n_backbones} backbone(s), fewer than {MIN_PAIRED_BACKBONES}: the tests pair the runs over "
+            "backbones × folds × seeds (matched by backbone, fold and seed); the σ↓ rows need "
+            f"{MIN_PAIRED_BACKBONES} or more backbones and are left out")
 
 
 def significance(per_backbone: pd.DataFrame, metrics: pd.DataFrame) -> tuple[pd.DataFrame, str]:
