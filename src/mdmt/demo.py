@@ -33,7 +33,6 @@ def _synthetic_data(config: Config, data_dir: Path) -> None:
 
 def run_demo(config: Config, out: Path) -> Path:
     """Run the whole study on the synthetic twin under ``out``; returns the report path."""
-    from mdmt.data.cache import prepare
     from mdmt.evaluate.report import build_report, headline_table_text
     from mdmt.experiments.grid import run_grid
 
@@ -41,7 +40,7 @@ def run_demo(config: Config, out: Path) -> Path:
     out = Path(out)
     data_dir = out / "data"
     data_dir.mkdir(parents=True, exist_ok=True)
-    console.rule("1/4 synthetic AIforCOVID + BrixIA twin")
+    console.rule("1/3 synthetic AIforCOVID + BrixIA twin")
     _synthetic_data(config, data_dir)
 
     config = dataclasses.replace(
@@ -56,13 +55,10 @@ def run_demo(config: Config, out: Path) -> Path:
     )
     save_config(config, out / "config.yaml")
 
-    console.rule("2/4 preprocessing cache")
-    prepare(config)
-
-    console.rule("3/4 training grid")
+    console.rule("2/3 image caches and training grid")
     console.print(run_grid(config, workers=config.grid.workers, backend=config.grid.backend))
 
-    console.rule("4/4 statistics and report")
+    console.rule("3/3 statistics and report")
     report = build_report(config.results_dir, out / "report")
     console.print(headline_table_text(config.results_dir))
     console.print(f"[green]report: {report.resolve()}  ({time.perf_counter() - start:.0f} s in all)")

@@ -119,6 +119,11 @@ def _column(base: str, group: str) -> str:
     return f"{base}_{group}" if group else base
 
 
+def prediction_columns(base: str, task: Task) -> list[str]:
+    """A task's per-group column names for ``base`` (``y_true`` → ``y_true`` or ``y_true_A`` …)."""
+    return [_column(base, g) for g in group_names(task)]
+
+
 def decode(task: Task, outputs: torch.Tensor) -> dict[str, np.ndarray]:
     """Raw outputs ``(B, n_outputs)`` → prediction columns, each a 1-D array of length B.
 

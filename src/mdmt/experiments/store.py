@@ -21,7 +21,7 @@ from typing import Any
 
 import pandas as pd
 
-from mdmt.train.engine import HISTORY_FILE
+from mdmt.train.engine import HISTORY_FILE, atomic_write_text
 from mdmt.train.run import DONE_FILE, METRICS_FILE, SPEC_FILE, RunSpec
 
 INDEX_FILE = "index.sqlite"
@@ -53,12 +53,6 @@ CREATE TABLE IF NOT EXISTS runs (
 def spec_fields(spec: RunSpec) -> dict[str, Any]:
     """The spec columns of a RunSpec."""
     return {name: getattr(spec, name) for name in SPEC_COLUMNS}
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _spec_from_dir(run_dir: Path, runs_root: Path) -> RunSpec | None:
@@ -145,7 +139,7 @@ class ResultsStore:
         """Mark ``spec`` as failed with ``error``; the error is also written to ``FAILED`` in its run directory."""
         run_dir = self.run_dir(spec)
         run_dir.mkdir(parents=True, exist_ok=True)
-        _atomic_write(run_dir / FAILED_FILE, error)
+        atomic_write_text(error, run_dir / FAILED_FILE)
         self._record_end(spec, "failed", seconds, error=error)
 
     def _record_end(self, spec: RunSpec, status: str, seconds: float | None, **fields: Any) -> None:

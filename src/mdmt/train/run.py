@@ -27,7 +27,7 @@ from mdmt.data.dataset import CachedImageDataset, MixedBatchSampler, MultiSource
 from mdmt.data.splits import Split
 from mdmt.errors import ConfigError, DataError
 from mdmt.evaluate import metrics as evaluation
-from mdmt.losses import build_weighting, decode, group_names
+from mdmt.losses import build_weighting, decode, prediction_columns
 from mdmt.models.multitask import build_model
 from mdmt.tasks import GLOBAL_BIN_EDGES, Task, bin_scores, get_task, make_task
 from mdmt.train.distributed import (
@@ -233,17 +233,12 @@ def build_data(
 
 
 # --------------------------------------------------------------------------------------------- evaluation
-def _columns(base: str, task: Task) -> list[str]:
-    """``y_true`` / ``y_pred`` column names of a task (one per group: ``y_true`` or ``y_true_A`` …)."""
-    return [f"{base}_{g}" if g else base for g in group_names(task)]
-
-
 def prediction_table(
     task: Task, records: pd.DataFrame, targets: np.ndarray, decoded: dict[str, np.ndarray], fold: int
 ) -> pd.DataFrame:
     """One row per image: ids, center, dataset, ``fold`` (the run's), ``y_true`` column(s), ``decode``'s columns."""
     table = records[["image_id", "patient_id", "center", "dataset"]].reset_index(drop=True).assign(fold=fold)
-    for j, name in enumerate(_columns("y_true", task)):
+    for j, name in enumerate(prediction_columns("y_true", task)):
         table[name] = targets[:, j] if task.kind == "regression" else targets[:, j].astype(np.int64)
     for name, values in decoded.items():
         table[name] = np.asarray(values)
@@ -252,8 +247,8 @@ def prediction_table(
 
 def metrics_of(task: Task, table: pd.DataFrame) -> dict[str, float]:
     """``mdmt.evaluate.metrics`` on one task's prediction table (binary tasks from their scores)."""
-    truth = table[_columns("y_true", task)].to_numpy()
-    predicted = table[_columns("y_pred", task)].to_numpy()
+    truth = table[prediction_columns("y_true", task)].to_numpy()
+    predicted = table[prediction_columns("y_pred", task)].to_numpy()
     if task.kind == "classification" and task.n_classes == 2 and task.target_dim == 1:
         return evaluation.prognosis_metrics(truth[:, 0], table["score"].to_numpy())
     if task.name in evaluation.SEVERITY_KIND_OF_TASK:
