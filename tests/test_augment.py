@@ -152,3 +152,10 @@ def test_network_input_resizes_to_the_training_size():
     assert x.shape == (3, 3, 16, 16)
     assert torch.allclose(x, to_network_input(image[:, :, :16, :16]), atol=1e-5)
     assert to_network_input(image, input_size=32).shape == (3, 3, 32, 32)
+
+
+def test_network_input_uses_the_backbones_statistics():
+    image = torch.randint(0, 256, (2, 1, 8, 8), dtype=torch.uint8, generator=generator(1))
+    x = to_network_input(image, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+    assert torch.allclose(x, (image.float() / 255 * 2 - 1).expand(-1, 3, -1, -1), atol=1e-6)
+    assert torch.equal(to_network_input(image, None, IMAGENET_MEAN, IMAGENET_STD), to_network_input(image))

@@ -1,7 +1,7 @@
 """Batched augmentation on the training device, and the conversion of cached images to network input.
 
-The operations of method.md §3.3 (shift ±10 %, zoom U(0.9, 1.1), horizontal flip, rotation ±10°, elastic
-deformation with alpha U(20, 40) and sigma 7 px at 256 px), each firing independently per sample with
+The paper's operations (shift ±10 %, zoom U(0.9, 1.1), horizontal flip, rotation ±10°, elastic deformation
+with alpha U(20, 40) and sigma 7 px at 256 px), each firing independently per sample with
 probability ``AugmentConfig.p``. Shift, zoom, rotation and the elastic field are composed into ONE sampling
 grid per sample, so a sample is interpolated once (bilinear, zero fill). A flip mirrors the image and applies
 each task's ``flip_perm`` to its targets (regional scores A–C ↔ D–F). All randomness comes from the
@@ -137,7 +137,7 @@ class BatchAugmenter:
         """Displacements ``(n, S, S, 2)`` in normalised coordinates (zero where ``on`` is False).
 
         Uniform(−1, 1) noise blurred by a Gaussian of ``sigma`` pixels and scaled by ``alpha`` pixels, both
-        given at 256 px and scaled with the image side (Simard et al.; method.md §3.3).
+        given at 256 px and scaled with the image side (Simard et al., ICDAR 2003).
         """
         cfg = self.cfg
         scale = size / REFERENCE_SIZE
@@ -150,17 +150,24 @@ class BatchAugmenter:
         return field
 
 
-def to_network_input(images: torch.Tensor, input_size: int | None = None) -> torch.Tensor:
-    """Cached gray images ``(B, 1, S, S)`` (uint8, or float in [0, 1]) → ImageNet-normalised ``(B, 3, S', S')``.
+def to_network_input(
+    images: torch.Tensor,
+    input_size: int | None = None,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+) -> torch.Tensor:
+    """Cached gray images ``(B, 1, S, S)`` (uint8, or float in [0, 1]) → ``(B, 3, S', S')`` normalised per
+    channel as ``(x - mean) / std`` (ImageNet's statistics unless the backbone has its own).
 
-    The gray channel is replicated to three with ``expand`` (method.md §3.3: the official code reshaped,
-    scrambling rows across channels). ``input_size`` different from ``S`` resizes (bilinear, antialiased).
+    The gray channel is replicated to three with ``expand`` (the official code reshaped the gray image into
+    three channels, scrambling rows across them). ``input_size`` different from ``S`` resizes (bilinear,
+    antialiased).
     """
     if images.ndim != 4 or images.shape[1] != 1:
         raise ValueError(f"to_network_input expects (B, 1, S, S) images, got {tuple(images.shape)}")
     x = images.float().div(255.0) if images.dtype == torch.uint8 else images.float()
     if input_size is not None and input_size != x.shape[-1]:
         x = F.interpolate(x, size=(input_size, input_size), mode="bilinear", antialias=True, align_corners=False)
-    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
-    return (x.expand(-1, 3, -1, -1) - mean) / std
+    mean_t = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    std_t = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    return (x.expand(-1, 3, -1, -1) - mean_t) / std_t
