@@ -1,7 +1,9 @@
-"""Backbone registry: the 18 paper backbones and their feature widths, weights handling, errors."""
+"""Backbone registry: the 18 paper backbones and their feature widths, params and normalisation statistics,
+weights handling, errors."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -14,10 +16,18 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
+from mdmt.config import PluginRef  # noqa: E402
+from mdmt.data.augment import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from mdmt.errors import ConfigError  # noqa: E402
-from mdmt.models.backbones import PAPER_BACKBONES, TinyCNN, build_backbone, list_backbones  # noqa: E402
+from mdmt.models.backbones import (  # noqa: E402
+    BACKBONES,
+    PAPER_BACKBONES,
+    TinyCNN,
+    build_backbone,
+    list_backbones,
+)
 
-# method.md §4.1: feature dimension F after the classifier is removed.
+# The feature dimension F of each paper backbone after the classifier is removed.
 PAPER_WIDTHS = {
     "densenet121": 1024, "densenet161": 2208, "densenet169": 1664, "densenet201": 1920,
     "googlenet": 1024, "mobilenet_v2": 1280,
@@ -104,11 +114,62 @@ def test_timm_prefix_builds_timm_model():
 
 def test_tiny_cnn_widths():
     assert build_backbone("tiny_cnn").feature_dim == 64
-    wide = build_backbone("tiny_cnn", width=2.0)
+    wide = build_backbone(PluginRef("tiny_cnn", {"width": 2.0}))
     assert wide.feature_dim == 128
     assert wide.module(torch.randn(2, 3, 32, 32)).shape == (2, 128)
     convs = [m.out_channels for m in build_backbone("tiny_cnn").module.modules() if isinstance(m, nn.Conv2d)]
     assert convs == [16, 32, 64, 64]
+
+
+# ----------------------------------------------------------------------------------------- params and statistics
+def test_torchvision_and_tiny_cnn_use_imagenet_statistics_unless_overridden():
+    for name in ("resnet18", "tiny_cnn"):
+        backbone = build_backbone(name)
+        assert (backbone.mean, backbone.std) == (IMAGENET_MEAN, IMAGENET_STD)
+    gray = build_backbone({"name": "tiny_cnn", "params": {"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}})
+    assert (gray.mean, gray.std) == ((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+
+
+def test_torchvision_constructor_arguments_pass_through():
+    wide = build_backbone({"name": "mobilenet_v2", "params": {"kwargs": {"width_mult": 2.0}}})
+    assert wide.feature_dim == 2560  # the last layer's 1280 channels scaled by width_mult
+    with pytest.raises(ConfigError, match=r"params\.kwargs.*no_such_argument"):
+        build_backbone(PluginRef("resnet18", {"kwargs": {"no_such_argument": 1}}))
+
+
+def test_timm_backbone_gets_its_kwargs_and_its_own_statistics():
+    pytest.importorskip("timm")
+    backbone = build_backbone(PluginRef("timm/test_resnet", {"kwargs": {"drop_rate": 0.3}}), "none")
+    assert backbone.module.drop_rate == 0.3
+    assert (backbone.mean, backbone.std) == ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))  # its pretrained_cfg, not ImageNet's
+    assert build_backbone("timm/resnet18").mean == IMAGENET_MEAN  # a timm model trained with ImageNet's
+    override = build_backbone(PluginRef("timm/test_resnet", {"mean": [0.1, 0.2, 0.3]}))
+    assert (override.mean, override.std) == ((0.1, 0.2, 0.3), (0.5, 0.5, 0.5))
+
+
+@pytest.mark.parametrize(
+    ("entry", "message"),
+    [
+        ({"name": "tiny_cnn", "params": {"widht": 2.0}}, r"unknown key\(s\) widht"),
+        ({"name": "tiny_cnn", "params": {"width": "wide"}}, r"params\.width: expected float"),
+        ({"name": "resnet18", "params": {"mean": [0.5, 0.5]}}, r"params\.mean: expected 3 values"),
+        ({"name": "resnet18", "params": {"std": [0.2, 0.0, 0.2]}}, r"params\.std must be positive"),
+        ({"name": "resnet18", "params": {"kwargs": ["drop_rate"]}}, r"params\.kwargs: expected a mapping"),
+    ],
+)
+def test_params_errors_name_the_key(entry, message):
+    with pytest.raises(ConfigError, match=message):
+        build_backbone(entry)
+
+
+def test_describe_lists_every_backbone_and_the_families():
+    rows = BACKBONES.describe()
+    singles = [name for name, _, _ in rows if name != "(family)"]
+    assert sorted(singles) == sorted([*PAPER_BACKBONES, "tiny_cnn"])
+    families = [summary for name, summary, _ in rows if name == "(family)"]
+    timm_installed = importlib.util.find_spec("timm") is not None
+    assert [f.split()[1] for f in families] == ["torchvision", *(["timm"] if timm_installed else [])]
+    assert {name: params for name, _, params in rows}["tiny_cnn"] == "mean=None, std=None, width=1.0"
 
 
 # ----------------------------------------------------------------------------------------- errors

@@ -10,10 +10,11 @@ import pytest
 import torch
 from torch import nn
 
-from mdmt.config import ModelConfig
+from mdmt.config import ModelConfig, PluginRef
+from mdmt.data.augment import IMAGENET_MEAN, IMAGENET_STD
 from mdmt.errors import ConfigError
 from mdmt.models.backbones import build_backbone
-from mdmt.models.heads import build_head
+from mdmt.models.heads import HEADS, build_head
 from mdmt.models.multitask import (
     MultiTaskModel,
     average_backbones,
@@ -23,7 +24,7 @@ from mdmt.models.multitask import (
 )
 from mdmt.tasks import TASK_NAMES, get_task, make_task
 
-TINY = ModelConfig(backbone="tiny_cnn", weights="none")
+TINY = ModelConfig(backbone=PluginRef("tiny_cnn"), weights="none")
 
 
 # ----------------------------------------------------------------------------------------- heads
@@ -31,14 +32,14 @@ TINY = ModelConfig(backbone="tiny_cnn", weights="none")
 @pytest.mark.parametrize("style", ["mlp", "linear"])
 def test_head_output_width_is_the_tasks(task_name, style):
     task = get_task(task_name)
-    head = build_head(task, style, in_features=40, dropout=0.5)
+    head = build_head(style, task, in_features=40)
     assert head(torch.randn(3, 40)).shape == (3, task.n_outputs)
 
 
 def test_mlp_head_is_the_papers():
     task = get_task("prognosis")
     torch.manual_seed(0)
-    head = build_head(task, "mlp", in_features=512, dropout=0.3)
+    head = build_head({"name": "mlp", "params": {"dropout": 0.3}}, task, in_features=512)
     linears = [m for m in head if isinstance(m, nn.Linear)]
     assert [(m.in_features, m.out_features) for m in linears] == [(512, 128), (128, 32), (32, 2)]
     assert [type(m).__name__ for m in head] == ["Linear", "ReLU", "Dropout", "Linear", "ReLU", "Dropout", "Linear"]
@@ -51,17 +52,44 @@ def test_mlp_head_is_the_papers():
 
 def test_linear_head_applies_relu_first():
     task = get_task("severity_global4")
-    head = build_head(task, "linear", in_features=8, dropout=0.5).eval()
+    head = build_head("linear", task, in_features=8).eval()
     assert [type(m).__name__ for m in head] == ["ReLU", "Dropout", "Linear"]
     negative = -torch.rand(2, 8)
     assert torch.allclose(head(negative), head[2].bias.expand(2, 4))  # ReLU zeroes negative features
 
 
-def test_bad_head_options():
-    with pytest.raises(ConfigError, match="head style"):
-        build_head(get_task("prognosis"), "transformer", 8, 0.5)
-    with pytest.raises(ConfigError, match="dropout"):
-        build_head(get_task("prognosis"), "mlp", 8, 1.0)
+def test_default_heads_keep_their_state_dict_keys():
+    task = get_task("prognosis")
+    assert list(build_head("mlp", task, 8).state_dict()) == [f"{i}.{p}" for i in (0, 3, 6) for p in ("weight", "bias")]
+    assert list(build_head("linear", task, 8).state_dict()) == ["2.weight", "2.bias"]
+
+
+def test_mlp_hidden_widths():
+    head = build_head(PluginRef("mlp", {"hidden": [16]}), get_task("severity_global4"), in_features=8)
+    assert [(m.in_features, m.out_features) for m in head if isinstance(m, nn.Linear)] == [(8, 16), (16, 4)]
+    direct = build_head(PluginRef("mlp", {"hidden": []}), get_task("prognosis"), in_features=8)
+    assert [type(m).__name__ for m in direct] == ["Linear"]
+
+
+@pytest.mark.parametrize(
+    ("entry", "message"),
+    [
+        ("transformer", "unknown head 'transformer'"),
+        ({"name": "mlp", "params": {"dropout": 1.0}}, r"'prognosis'.*dropout must be in \[0, 1\)"),
+        ({"name": "mlp", "params": {"hidden": [32, 0]}}, "hidden must be positive"),
+        ({"name": "mlp", "params": {"hiden": [32]}}, r"unknown key\(s\) hiden"),
+        ({"name": "linear", "params": {"dropout": "half"}}, r"params\.dropout: expected float"),
+        ({"name": "linear", "params": {"hidden": [32]}}, r"unknown key\(s\) hidden"),
+    ],
+)
+def test_bad_head_params_name_the_key(entry, message):
+    with pytest.raises(ConfigError, match=message):
+        build_head(entry, get_task("prognosis"), 8)
+
+
+def test_describe_lists_the_heads():
+    assert {name: params for name, _, params in HEADS.describe()} == {
+        "mlp": "dropout=0.5, hidden=[128, 32]", "linear": "dropout=0.5"}
 
 
 # ----------------------------------------------------------------------------------------- model
@@ -76,16 +104,34 @@ def test_one_backbone_pass_feeds_every_head():
     assert model.features(torch.randn(2, 3, 32, 32)).shape == (2, model.feature_dim)
 
 
-def test_build_model_chooses_head_styles_from_the_config():
-    config = dataclasses.replace(TINY, prognosis_head="mlp", severity_head="linear", dropout=0.2)
+def test_build_model_chooses_heads_from_the_config():
+    default = build_model(TINY, [get_task("prognosis"), get_task("severity_global4")])  # mlp for prognosis only
+    assert {name: sum(isinstance(m, nn.Linear) for m in head.modules()) for name, head in default.heads.items()} == {
+        "prognosis": 3, "severity_global4": 1}
+    config = dataclasses.replace(
+        TINY, head=PluginRef("linear", {"dropout": 0.2}),
+        heads={"prognosis": PluginRef("mlp", {"dropout": 0.2}), "severity": PluginRef("mlp", {"hidden": [8]})},
+        severity_task="severity_ordinal")
     extra = make_task("outcome", "death", classes=["no", "yes"])
-    model = build_model(config, [get_task("prognosis"), get_task("severity_ordinal"), extra])
+    model = build_model(config, [get_task("prognosis"), get_task("severity_ordinal"), get_task("severity_global4"),
+                                 extra])
     depth = {name: sum(isinstance(m, nn.Linear) for m in head.modules()) for name, head in model.heads.items()}
-    assert depth == {"prognosis": 3, "severity_ordinal": 1, "outcome": 1}
-    swapped = build_model(dataclasses.replace(config, prognosis_head="linear", severity_head="mlp"),
-                          [get_task("prognosis"), get_task("severity_ordinal")])
-    assert sum(isinstance(m, nn.Linear) for m in swapped.heads["severity_ordinal"].modules()) == 3
-    assert all(m.p == 0.2 for m in model.modules() if isinstance(m, nn.Dropout))
+    assert depth == {"prognosis": 3, "severity_ordinal": 2, "severity_global4": 1, "outcome": 1}
+    assert all(m.p == 0.2 for name in ("prognosis", "severity_global4", "outcome")
+               for m in model.heads[name].modules() if isinstance(m, nn.Dropout))
+    twice = dataclasses.replace(config, heads={"severity": PluginRef("mlp"), "severity_ordinal": PluginRef("linear")})
+    with pytest.raises(ConfigError, match="'severity_ordinal' twice"):
+        build_model(twice, [get_task("severity_ordinal")])
+
+
+def test_model_normalization_follows_the_backbone_and_stays_out_of_the_state_dict():
+    model = build_model(TINY, [get_task("prognosis")])
+    assert model.normalization == (IMAGENET_MEAN, IMAGENET_STD)
+    gray = dataclasses.replace(TINY, backbone=PluginRef("tiny_cnn", {"mean": [0.5] * 3, "std": [0.5] * 3}))
+    other = build_model(gray, [get_task("prognosis")])
+    assert other.normalization == ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    assert list(other.state_dict()) == list(model.state_dict())
+    assert all(k.startswith(("backbone.", "heads.prognosis.")) for k in model.state_dict())
 
 
 # ----------------------------------------------------------------------------------------- backbone states

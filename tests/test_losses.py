@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from mdmt.config import ModelConfig
+from mdmt.config import ModelConfig, PluginRef
 from mdmt.errors import ConfigError
 from mdmt.losses import decode, per_sample_loss, task_losses, task_means
 from mdmt.models.multitask import build_model
@@ -67,7 +67,10 @@ def test_absent_samples_get_exactly_zero_gradient():
 
 def test_head_without_labels_in_the_batch_gets_no_gradient():
     torch.manual_seed(0)
-    model = build_model(ModelConfig(backbone="tiny_cnn", dropout=0.0), [PROGNOSIS, GLOBAL4])
+    no_dropout = {"dropout": 0.0}
+    config = ModelConfig(backbone=PluginRef("tiny_cnn"), head=PluginRef("linear", no_dropout),
+                         heads={"prognosis": PluginRef("mlp", no_dropout)})
+    model = build_model(config, [PROGNOSIS, GLOBAL4])
     outputs = model(torch.randn(4, 3, 32, 32))
     targets = {"prognosis": torch.tensor([[0.0], [1.0], [1.0], [0.0]]), "severity_global4": torch.full((4, 1), NAN)}
     present = {"prognosis": torch.ones(4, dtype=torch.bool), "severity_global4": torch.zeros(4, dtype=torch.bool)}

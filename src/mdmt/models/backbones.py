@@ -1,8 +1,16 @@
-"""Backbone registry: a name → a feature extractor ``(B, 3, H, W) → (B, F)`` and its feature width ``F``.
+"""Backbone registry: a config entry → a feature extractor ``(B, 3, H, W) → (B, F)``, its feature width ``F``
+and the normalisation statistics its input expects.
 
-Names resolve in this order: ``tiny_cnn`` (a small CNN for tests and the demo), the five timm models of the
-paper, any torchvision classification model, any timm model (``timm/<name>`` forces timm where torchvision
-has the same name). The ImageNet classifier is removed: the module ends with the pooled features.
+``BACKBONES`` holds ``tiny_cnn`` (a small CNN for tests and the demo), the 18 backbones of the paper, and two
+families: any torchvision classification model, and any timm model when timm is installed (``timm/<name>``
+forces timm where torchvision has the same name). The ImageNet classifier is removed: the module ends with the
+pooled features. A new backbone is one ``@BACKBONES.register(name, Params)`` factory
+``(params, name=..., weights=...) -> Backbone`` in any imported module.
+
+Params of the torchvision and timm models: ``kwargs`` (constructor arguments, e.g. timm's ``drop_rate``) and
+``mean`` / ``std`` (3 floats each) overriding the model's own statistics: ImageNet's for torchvision and
+``tiny_cnn``, the ``pretrained_cfg`` ones for timm (``(0.5, 0.5, 0.5)`` for the Inception and TF-ported
+models, among them the paper's ``efficientnet_b1_pruned``).
 
 Weights (``weights``): ``none`` (random init), ``imagenet`` (torchvision's DEFAULT weights / timm's
 pretrained ones; an offline machine gets a ConfigError telling how to supply them), or the path of a local
@@ -13,8 +21,9 @@ keys ignored, every other key must match).
 from __future__ import annotations
 
 import difflib
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+import importlib.util
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.error import URLError
@@ -23,7 +32,10 @@ import torch
 import torchvision
 from torch import nn
 
+from mdmt.config import PluginRef
+from mdmt.data.augment import IMAGENET_MEAN, IMAGENET_STD
 from mdmt.errors import ConfigError
+from mdmt.registry import Registry
 
 TORCHVISION_PAPER_BACKBONES: tuple[str, ...] = (
     "densenet121", "densenet161", "densenet169", "densenet201",
@@ -36,7 +48,7 @@ TIMM_PAPER_BACKBONES: tuple[str, ...] = (
     "efficientnet_b0", "efficientnet_b1_pruned", "efficientnet_es", "efficientnet_es_pruned", "efficientnet_lite0",
 )  # fmt: skip
 PAPER_BACKBONES: tuple[str, ...] = TORCHVISION_PAPER_BACKBONES + TIMM_PAPER_BACKBONES
-"""The 18 backbones compared in the paper (method.md §4.1)."""
+"""The 18 backbones the paper compares (13 from torchvision, 5 from timm)."""
 
 TIMM_PREFIX = "timm/"
 WEIGHT_SUFFIXES: tuple[str, ...] = (".pt", ".pth", ".safetensors")
@@ -44,14 +56,48 @@ STRIPPED_KEY_PREFIXES: tuple[str, ...] = ("module.", "backbone.")
 CHECKPOINT_CONTAINER_KEYS: tuple[str, ...] = ("state_dict", "model")
 MDMT_HEADS_PREFIX = "heads."  # task heads of an mdmt checkpoint (best.pt), never part of a backbone
 
+Stats = tuple[float, float, float]
+
 
 @dataclass
 class Backbone:
-    """A feature extractor without classifier: ``module(x)`` gives ``(B, feature_dim)`` pooled features."""
+    """A feature extractor without classifier: ``module(x)`` gives ``(B, feature_dim)`` pooled features of an
+    input normalised with ``(x - mean) / std`` per channel."""
 
     module: nn.Module
     feature_dim: int
     name: str
+    mean: Stats = IMAGENET_MEAN
+    std: Stats = IMAGENET_STD
+
+
+@dataclass
+class Normalisation:
+    """Per-channel input statistics overriding the backbone's own (None: keep them)."""
+
+    mean: Stats | None = None
+    std: Stats | None = None
+
+    def resolve(self, name: str, mean: Stats, std: Stats) -> tuple[Stats, Stats]:
+        """These statistics where given, else ``mean`` / ``std`` (of backbone ``name``); a std must be positive."""
+        resolved = (self.mean or mean, self.std or std)
+        if min(resolved[1]) <= 0:
+            raise ConfigError(f"backbone {name!r} params.std must be positive, got {resolved[1]}")
+        return resolved
+
+
+@dataclass
+class TinyCNNParams(Normalisation):
+    """``tiny_cnn``: channel multiplier ``width`` of the 16-32-64-64 channels."""
+
+    width: float = 1.0
+
+
+@dataclass
+class ModelParams(Normalisation):
+    """A torchvision or timm model: ``kwargs`` go to its constructor."""
+
+    kwargs: dict[str, Any] = field(default_factory=dict)
 
 
 class TinyCNN(nn.Module):
@@ -61,6 +107,8 @@ class TinyCNN(nn.Module):
 
     def __init__(self, width: float = 1.0):
         super().__init__()
+        if width <= 0:
+            raise ConfigError(f"backbone 'tiny_cnn' params.width must be positive, got {width}")
         channels = [max(1, round(c * width)) for c in self.BASE_CHANNELS]
         blocks: list[nn.Module] = []
         previous = 3
@@ -153,6 +201,9 @@ def _remove_head(model: nn.Module) -> tuple[int, str]:
 
 
 # ----------------------------------------------------------------------------------------- builders
+BACKBONES: Registry[Backbone] = Registry("backbone")
+
+
 def _torchvision_names() -> list[str]:
     return sorted(torchvision.models.list_models(module=torchvision.models))
 
@@ -165,8 +216,10 @@ def _download_failed(name: str, exc: Exception, cache_hint: str) -> ConfigError:
     )
 
 
-def _build_torchvision(name: str, weights: str, options: dict[str, Any]) -> Backbone:
+def _build_torchvision(params: ModelParams, name: str, weights: str) -> Backbone:
+    """A torchvision classification model (``torchvision.models.get_model``) without its classifier."""
     enum = torchvision.models.get_model_weights(name).DEFAULT if weights == "imagenet" else None
+    options = dict(params.kwargs)
     if name in ("googlenet", "inception_v3"):  # train mode then returns a tensor, not a namedtuple
         options = {"aux_logits": False, **({} if enum else {"init_weights": True}), **options}
     try:
@@ -175,10 +228,12 @@ def _build_torchvision(name: str, weights: str, options: dict[str, Any]) -> Back
         hub = Path(torch.hub.get_dir()) / "checkpoints"
         file = enum.url.rsplit("/", 1)[-1] if enum else "the weights file"
         raise _download_failed(name, exc, f"copy {file} into {hub}, i.e. $TORCH_HOME/hub/checkpoints") from exc
+    except TypeError as exc:  # an unknown constructor argument
+        raise ConfigError(f"backbone {name!r} params.kwargs: {exc}") from exc
     width, head = _remove_head(model)
     if weights not in ("none", "imagenet"):
         load_weights_file(model, weights, (head + ".", "aux1.", "aux2.", "AuxLogits."))
-    return Backbone(model, width, name)
+    return Backbone(model, width, name, *params.resolve(name, IMAGENET_MEAN, IMAGENET_STD))
 
 
 def _timm() -> Any:
@@ -190,34 +245,68 @@ def _timm() -> Any:
     return timm
 
 
-def _build_timm(name: str, weights: str, options: dict[str, Any]) -> Backbone:
+def _model_stats(model: nn.Module, key: str, default: Stats) -> Stats:
+    """A timm model's ``pretrained_cfg[key]`` when it has 3 values, else ``default``."""
+    value = getattr(model, "pretrained_cfg", {}).get(key)
+    if value is None or len(value) != 3:
+        return default
+    return (float(value[0]), float(value[1]), float(value[2]))
+
+
+def _build_timm(params: ModelParams, name: str, weights: str) -> Backbone:
+    """A timm model (``timm.create_model`` with ``num_classes=0``) and its own normalisation statistics."""
     timm = _timm()
     model_name = name.removeprefix(TIMM_PREFIX)
     if not timm.is_model(model_name):
         raise _unknown(name, timm.list_models())
     try:
-        model = timm.create_model(model_name, pretrained=weights == "imagenet", num_classes=0, **options)
+        model = timm.create_model(model_name, pretrained=weights == "imagenet", num_classes=0, **params.kwargs)
     except (URLError, OSError) as exc:
         raise _download_failed(name, exc, "run once with network access, copy the Hugging Face cache "
                                           "$HF_HOME/hub (default ~/.cache/huggingface/hub) here and set "
                                           "HF_HUB_OFFLINE=1, which also skips the retries") from exc
+    except TypeError as exc:  # an unknown constructor argument
+        raise ConfigError(f"backbone {name!r} params.kwargs: {exc}") from exc
     if weights not in ("none", "imagenet"):
         classifier = model.pretrained_cfg.get("classifier", "classifier")
         classifiers = classifier if isinstance(classifier, (list, tuple)) else (classifier,)
         load_weights_file(model, weights, tuple(f"{c}." for c in classifiers))
-    return Backbone(model, int(model.num_features), name)
+    stats = _model_stats(model, "mean", IMAGENET_MEAN), _model_stats(model, "std", IMAGENET_STD)
+    return Backbone(model, int(model.num_features), name, *params.resolve(name, *stats))
 
 
-def _build_tiny_cnn(name: str, weights: str, options: dict[str, Any]) -> Backbone:
+@BACKBONES.register("tiny_cnn", TinyCNNParams, "four conv blocks (16-32-64-64 channels × width), tests and demo")
+def _build_tiny_cnn(params: TinyCNNParams, name: str, weights: str) -> Backbone:
+    """``TinyCNN(width)``; ImageNet weights do not exist for it."""
     if weights == "imagenet":
         raise ConfigError("backbone 'tiny_cnn' has no ImageNet weights; use weights: none or a local file")
-    model = TinyCNN(**options)
+    model = TinyCNN(params.width)
     if weights != "none":
         load_weights_file(model, weights, ())
-    return Backbone(model, model.feature_dim, name)
+    return Backbone(model, model.feature_dim, name, *params.resolve(name, IMAGENET_MEAN, IMAGENET_STD))
 
 
-Builder = Callable[[str, str, dict[str, Any]], Backbone]
+for _name in TORCHVISION_PAPER_BACKBONES:
+    BACKBONES.add(_name, _build_torchvision, ModelParams, "paper backbone (torchvision)")
+for _name in TIMM_PAPER_BACKBONES:
+    BACKBONES.add(_name, _build_timm, ModelParams, "paper backbone (timm)")
+BACKBONES.add_family(lambda name: name in _torchvision_names(), _build_torchvision, ModelParams,
+                     "any torchvision classification model (torchvision.models.list_models())")
+
+
+def _is_timm_name(name: str) -> bool:
+    return name.startswith(TIMM_PREFIX) or _timm().is_model(name)
+
+
+if importlib.util.find_spec("timm") is not None:
+    BACKBONES.add_family(_is_timm_name, _build_timm, ModelParams,
+                         "any timm model (timm.list_models(); timm/<name> where torchvision has the name)")
+
+
+def _unknown(name: str, candidates: list[str]) -> ConfigError:
+    close = difflib.get_close_matches(name.removeprefix(TIMM_PREFIX), candidates, n=5, cutoff=0.6)
+    hint = f"; did you mean {', '.join(close)}?" if close else "; `mdmt info` lists them"
+    return ConfigError(f"unknown backbone {name!r}{hint}")
 
 
 def _timm_names() -> list[str]:
@@ -227,37 +316,21 @@ def _timm_names() -> list[str]:
         return []
 
 
-def _resolve(name: str) -> Builder:
-    if name == "tiny_cnn":
-        return _build_tiny_cnn
-    if name in TIMM_PAPER_BACKBONES or name.startswith(TIMM_PREFIX):
-        return _build_timm
-    if name in _torchvision_names():
-        return _build_torchvision
-    if name in _timm_names():
-        return _build_timm
-    raise _unknown(name, list_backbones(include_timm=True))
-
-
-def _unknown(name: str, candidates: list[str]) -> ConfigError:
-    close = difflib.get_close_matches(name.removeprefix(TIMM_PREFIX), candidates, n=5, cutoff=0.6)
-    hint = f"; did you mean {', '.join(close)}?" if close else "; `mdmt info` lists them"
-    return ConfigError(f"unknown backbone {name!r}{hint}")
-
-
 def list_backbones(include_timm: bool = False) -> list[str]:
-    """Buildable names: the paper's 18, ``tiny_cnn``, torchvision's classification models (and timm's if asked)."""
-    names = list(PAPER_BACKBONES) + ["tiny_cnn"]
+    """Buildable names: the registered ones (the paper's 18, ``tiny_cnn``), torchvision's classification models
+    (and timm's if asked)."""
+    names = BACKBONES.names()
     names += [n for n in _torchvision_names() if n not in names]
     if include_timm:
         names += [n for n in _timm_names() if n not in names]
     return names
 
 
-def build_backbone(name: str, weights: str = "none", **options: Any) -> Backbone:
-    """The feature extractor ``name`` with ``weights`` (none | imagenet | path); ``options`` go to the model
-    constructor (``width`` for ``tiny_cnn``)."""
+def build_backbone(ref: PluginRef | str, weights: str = "none") -> Backbone:
+    """The feature extractor a config entry names (``{name, params}`` or a name) with ``weights``
+    (none | imagenet | path)."""
     if weights not in ("none", "imagenet") and not _is_weights_path(weights):
         raise ConfigError(f"model.weights must be none, imagenet or a path to a {'/'.join(WEIGHT_SUFFIXES)} file; "
                           f"got {weights!r}")
-    return _resolve(name)(name, weights, options)
+    ref = PluginRef.of(ref)
+    return BACKBONES.build(ref, name=ref.name, weights=weights)

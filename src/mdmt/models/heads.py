@@ -1,33 +1,66 @@
 """Task heads: pooled features ``(B, F)`` → the task's raw outputs ``(B, task.n_outputs)``.
 
-Two styles, both from the paper (method.md §4.2):
+``HEADS`` holds the paper's two heads:
 
 - ``mlp``: Linear(F,128) → ReLU → Dropout → Linear(128,32) → ReLU → Dropout → Linear(32,n), Xavier-uniform
-  weights and biases 0.01 (the prognosis head ``Head_Morbidity``);
-- ``linear``: ReLU → Dropout → Linear(F,n) with PyTorch's default init (the severity head ``area_Global_output``).
+  weights and biases 0.01 (the official code's prognosis head, ``Head_Morbidity``); ``hidden`` sets the widths;
+- ``linear``: ReLU → Dropout → Linear(F,n) with PyTorch's default init (the official code's severity head,
+  ``area_Global_output``).
+
+A new head is one ``@HEADS.register(name, Params)`` factory ``(params, task=..., in_features=...) -> nn.Module``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from dataclasses import dataclass, field
 
 from torch import nn
 
+from mdmt.config import PluginRef
 from mdmt.errors import ConfigError
+from mdmt.registry import Registry
 from mdmt.tasks import Task
 
-MLP_WIDTHS: tuple[int, ...] = (128, 32)
 MLP_BIAS = 0.01
 
+HEADS: Registry[nn.Module] = Registry("head")
 
-def mlp_head(in_features: int, n_outputs: int, dropout: float) -> nn.Sequential:
+
+@dataclass
+class LinearParams:
+    """``linear``: the dropout probability before the layer."""
+
+    dropout: float = 0.5
+
+    def check(self, task: Task) -> None:
+        """ConfigError unless the dropout is in [0, 1)."""
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"task {task.name!r}: head params.dropout must be in [0, 1), got {self.dropout}")
+
+
+@dataclass
+class MLPParams(LinearParams):
+    """``mlp``: the hidden layers' widths and their dropout probability."""
+
+    hidden: list[int] = field(default_factory=lambda: [128, 32])
+
+    def check(self, task: Task) -> None:
+        """ConfigError unless the dropout is in [0, 1) and every width is positive."""
+        super().check(task)
+        if any(width < 1 for width in self.hidden):
+            raise ConfigError(f"task {task.name!r}: head params.hidden must be positive widths, got {self.hidden}")
+
+
+@HEADS.register("mlp", MLPParams, "Linear-ReLU-Dropout per hidden width, then Linear; Xavier init, biases 0.01")
+def mlp_head(params: MLPParams, task: Task, in_features: int) -> nn.Sequential:
     """The paper's prognosis MLP."""
+    params.check(task)
     layers: list[nn.Module] = []
     previous = in_features
-    for width in MLP_WIDTHS:
-        layers += [nn.Linear(previous, width), nn.ReLU(), nn.Dropout(dropout)]
+    for width in params.hidden:
+        layers += [nn.Linear(previous, width), nn.ReLU(), nn.Dropout(params.dropout)]
         previous = width
-    layers.append(nn.Linear(previous, n_outputs))
+    layers.append(nn.Linear(previous, task.n_outputs))
     for layer in layers:
         if isinstance(layer, nn.Linear):
             nn.init.xavier_uniform_(layer.weight)
@@ -35,18 +68,14 @@ def mlp_head(in_features: int, n_outputs: int, dropout: float) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-def linear_head(in_features: int, n_outputs: int, dropout: float) -> nn.Sequential:
-    """The paper's severity head: ReLU → Dropout → Linear."""
-    return nn.Sequential(nn.ReLU(), nn.Dropout(dropout), nn.Linear(in_features, n_outputs))
+@HEADS.register("linear", LinearParams, "ReLU → Dropout → Linear with PyTorch's default init")
+def linear_head(params: LinearParams, task: Task, in_features: int) -> nn.Sequential:
+    """The paper's severity head."""
+    params.check(task)
+    return nn.Sequential(nn.ReLU(), nn.Dropout(params.dropout), nn.Linear(in_features, task.n_outputs))
 
 
-HEAD_STYLES: dict[str, Callable[[int, int, float], nn.Sequential]] = {"mlp": mlp_head, "linear": linear_head}
-
-
-def build_head(task: Task, style: str, in_features: int, dropout: float) -> nn.Module:
-    """A head of ``style`` (mlp | linear) giving ``(B, task.n_outputs)`` raw outputs."""
-    if style not in HEAD_STYLES:
-        raise ConfigError(f"task {task.name!r}: unknown head style {style!r}; choose one of {', '.join(HEAD_STYLES)}")
-    if not 0.0 <= dropout < 1.0:
-        raise ConfigError(f"model.dropout must be in [0, 1), got {dropout}")
-    return HEAD_STYLES[style](in_features, task.n_outputs, dropout)
+def build_head(ref: PluginRef | str, task: Task, in_features: int) -> nn.Module:
+    """The head a config entry names, giving ``(B, task.n_outputs)`` raw outputs from ``in_features`` features."""
+    ref = PluginRef.of(ref)
+    return HEADS.build(ref, f"task {task.name!r}: head {ref.name!r} params", task=task, in_features=in_features)

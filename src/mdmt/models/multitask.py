@@ -1,7 +1,7 @@
 """One shared backbone feeding named task heads, and the backbone-state helpers of the strategies.
 
 The backbone runs once per forward pass and every head reads the same features (the official code ran it
-once per head, method.md §4.2 / §12.14). State-dict keys are ``backbone.<...>`` and ``heads.<task>.<...>``.
+once per head). State-dict keys are ``backbone.<...>`` and ``heads.<task>.<...>``.
 """
 
 from __future__ import annotations
@@ -11,15 +11,15 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-from mdmt.config import ModelConfig
+from mdmt.config import ModelConfig, PluginRef
 from mdmt.errors import ConfigError
-from mdmt.models.backbones import Backbone, build_backbone
+from mdmt.models.backbones import Backbone, Stats, build_backbone
 from mdmt.models.heads import build_head
 from mdmt.tasks import Task
 
 BACKBONE_PREFIX = "backbone."
-PROGNOSIS_TASK = "prognosis"
-SEVERITY_TASK_PREFIX = "severity_"
+SEVERITY_ALIAS = "severity"
+"""A ``model.heads`` key standing for ``model.severity_task``."""
 
 
 class MultiTaskModel(nn.Module):
@@ -33,6 +33,12 @@ class MultiTaskModel(nn.Module):
         self.heads = nn.ModuleDict(dict(heads))
         self.feature_dim = backbone.feature_dim
         self.backbone_name = backbone.name
+        self._normalization = (backbone.mean, backbone.std)  # plain attributes: the state dict keeps its keys
+
+    @property
+    def normalization(self) -> tuple[Stats, Stats]:
+        """The per-channel ``(mean, std)`` the backbone expects its input normalised with."""
+        return self._normalization
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Pooled backbone features ``(B, feature_dim)``."""
@@ -44,19 +50,23 @@ class MultiTaskModel(nn.Module):
         return {name: head(features) for name, head in self.heads.items()}
 
 
-def head_style(model_cfg: ModelConfig, task: Task) -> str:
-    """``prognosis_head`` for prognosis, ``severity_head`` for ``severity_*`` tasks, ``linear`` otherwise."""
-    if task.name == PROGNOSIS_TASK:
-        return model_cfg.prognosis_head
-    if task.name.startswith(SEVERITY_TASK_PREFIX):
-        return model_cfg.severity_head
-    return "linear"
+def head_refs(model_cfg: ModelConfig) -> dict[str, PluginRef]:
+    """``model.heads`` keyed by task name (``severity`` resolved to ``model.severity_task``)."""
+    refs: dict[str, PluginRef] = {}
+    for key, ref in model_cfg.heads.items():
+        task = model_cfg.severity_task if key == SEVERITY_ALIAS else key
+        if task in refs:
+            raise ConfigError(f"model.heads names task {task!r} twice ({SEVERITY_ALIAS!r} stands for it)")
+        refs[task] = PluginRef.of(ref)
+    return refs
 
 
 def build_model(model_cfg: ModelConfig, tasks: Sequence[Task]) -> MultiTaskModel:
-    """The backbone ``model_cfg.backbone`` with ``model_cfg.weights`` and one head per task."""
+    """The backbone ``model.backbone`` with ``model.weights`` and one head per task: ``model.heads[task]``, else
+    ``model.head``."""
     backbone = build_backbone(model_cfg.backbone, model_cfg.weights)
-    heads = {t.name: build_head(t, head_style(model_cfg, t), backbone.feature_dim, model_cfg.dropout) for t in tasks}
+    refs = head_refs(model_cfg)
+    heads = {t.name: build_head(refs.get(t.name, model_cfg.head), t, backbone.feature_dim) for t in tasks}
     return MultiTaskModel(backbone, heads)
 
 
@@ -84,7 +94,7 @@ def load_backbone_state(model: MultiTaskModel, state: Mapping[str, torch.Tensor]
 def average_backbones(
     state_a: Mapping[str, torch.Tensor], state_b: Mapping[str, torch.Tensor], beta: float
 ) -> dict[str, torch.Tensor]:
-    """``beta·a + (1−beta)·b`` for every floating-point backbone entry, paired by name (method.md §4.3, §12.5).
+    """``beta·a + (1−beta)·b`` for every floating-point backbone entry, paired by name.
 
     Whole-model dicts are reduced to their backbone part first, so the two STL models' different heads do not
     matter; the backbone key sets must be identical. Float buffers (BatchNorm running mean and variance) are
