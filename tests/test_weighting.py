@@ -1,25 +1,27 @@
-"""Task weightings on toy problems: each one's defining behaviour."""
+"""Task weightings on toy problems: each one's defining behaviour; the registry and a weighting added in one file."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from dataclasses import dataclass
 
 import pytest
 import torch
 from torch import nn
 
-from mdmt.config import LossConfig
+from mdmt.config import LossConfig, PluginRef, from_dict
 from mdmt.errors import ConfigError
 from mdmt.losses import build_weighting
 from mdmt.tasks import get_task
-from mdmt.weighting import GradNorm, PCGrad, project_conflicting
+from mdmt.weighting import WEIGHTINGS, GradNorm, Losses, PCGrad, Weighting, project_conflicting
 
 TASKS = [get_task("prognosis"), get_task("severity_regions")]
 A, B = (t.name for t in TASKS)
 
 
 def test_fixed_is_the_weighted_sum():
-    weighting = build_weighting("fixed", TASKS, LossConfig(task_weights={A: 2.0, B: 0.5}))
+    weighting = build_weighting("fixed", TASKS, {A: 2.0, B: 0.5})
     w = nn.Parameter(torch.tensor([1.0, -2.0]))
     x = torch.tensor([3.0, 1.0])
     la, lb = (w @ x - 1) ** 2, (w.sum() + 4) ** 2
@@ -49,7 +51,7 @@ def test_uncertainty_gives_the_noisier_task_the_smaller_weight():
 
 
 def test_dwa_upweights_the_task_whose_loss_fell_less():
-    weighting = build_weighting("dwa", TASKS, LossConfig(dwa_temperature=2.0))
+    weighting = build_weighting(PluginRef("dwa", {"temperature": 2.0}), TASKS)
     dummy = {A: torch.tensor(1.0, requires_grad=True), B: torch.tensor(1.0, requires_grad=True)}
     assert weighting.backward(dummy, []) == {A: 1.0, B: 1.0}
     weighting.epoch_end({A: 1.0, B: 1.0})
@@ -69,7 +71,7 @@ def test_gradnorm_brings_the_gradient_norms_together():
     shared = nn.Parameter(torch.randn(4, 3))
     x, head_a, head_b = torch.randn(32, 3), torch.randn(4), torch.randn(4)
     y_a, y_b = torch.randn(32), torch.randn(32)
-    weighting = build_weighting("gradnorm", TASKS, LossConfig(gradnorm_alpha=1.5))
+    weighting = build_weighting(PluginRef("gradnorm", {"alpha": 1.5}), TASKS)
     optimizer = torch.optim.Adam(weighting.parameters(), lr=0.02)
 
     def step() -> float:
@@ -135,14 +137,77 @@ def test_pcgrad_task_order_is_seeded_and_resumable():
 
 
 def test_build_weighting_errors_and_parameters():
-    with pytest.raises(ConfigError, match="unknown loss.weighting"):
+    with pytest.raises(ConfigError, match="unknown weighting 'nash'"):
         build_weighting("nash", TASKS)
     with pytest.raises(ConfigError, match="unknown task"):
-        build_weighting("fixed", TASKS, LossConfig(task_weights={"progonsis": 2.0}))
-    with pytest.raises(ConfigError, match="fixed and pcgrad"):
-        build_weighting("dwa", TASKS, LossConfig(task_weights={A: 2.0}))
-    single = build_weighting("fixed", TASKS[:1], LossConfig(task_weights={B: 3.0}))  # an STL run of an MTL config
+        build_weighting("fixed", TASKS, {"progonsis": 2.0})
+    with pytest.raises(ConfigError, match="do not apply to weighting 'dwa'"):
+        build_weighting("dwa", TASKS, {A: 2.0})
+    single = build_weighting("fixed", TASKS[:1], {B: 3.0})  # an STL run of an MTL config
     assert single.weights == {A: 1.0}
     assert isinstance(build_weighting("gradnorm", TASKS), GradNorm)
     assert [len(list(build_weighting(n, TASKS).parameters())) for n in ("fixed", "uncertainty", "dwa", "gradnorm",
                                                                         "pcgrad")] == [0, 1, 0, 1, 0]
+
+
+def test_params_reach_the_weighting_and_errors_name_the_key():
+    assert build_weighting({"name": "dwa", "params": {"temperature": 0.5}}, TASKS).temperature == 0.5
+    assert build_weighting(PluginRef("gradnorm", {"alpha": 0}), TASKS).alpha == 0.0
+    with pytest.raises(ConfigError, match=r"loss\.weighting 'dwa' params: unknown key\(s\) temprature"):
+        build_weighting(PluginRef("dwa", {"temprature": 1.0}), TASKS)
+    with pytest.raises(ConfigError, match=r"params\.alpha: expected float, got 'high'"):
+        build_weighting(PluginRef("gradnorm", {"alpha": "high"}), TASKS)
+    with pytest.raises(ConfigError, match=r"params\.temperature must be positive"):
+        build_weighting(PluginRef("dwa", {"temperature": 0.0}), TASKS)
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) alpha"):
+        build_weighting(PluginRef("fixed", {"alpha": 1.0}), TASKS)
+
+
+def test_config_entries_build_the_weighting():
+    loss = from_dict(LossConfig, {"weighting": {"name": "dwa", "params": {"temperature": 4}}, "task_weights": {}})
+    assert build_weighting(loss.weighting, TASKS, loss.task_weights).temperature == 4.0
+    assert isinstance(build_weighting(from_dict(LossConfig, {"weighting": "pcgrad"}).weighting, TASKS), PCGrad)
+
+
+def test_describe_lists_every_weighting_with_its_params():
+    rows = {name: params for name, _, params in WEIGHTINGS.describe()}
+    assert {"fixed": "", "uncertainty": "", "dwa": "temperature=2.0", "gradnorm": "alpha=1.5",
+            "pcgrad": ""}.items() <= rows.items()
+
+
+# ----------------------------------------------------------------------------------------- one-file extension
+@dataclass
+class ScaledParams:
+    """The test weighting's parameter: one factor for every task."""
+
+    factor: float = 1.0
+
+
+class ScaledWeighting(Weighting):
+    """Σ_t factor·w_t·L_t: a weighting defined outside mdmt, as a user's plug-in file would."""
+
+    uses_task_weights = True
+
+    def __init__(self, task_names: list[str], task_weights: Mapping[str, float], factor: float):
+        super().__init__(task_names)
+        self.weights = {t: factor * task_weights.get(t, 1.0) for t in self.task_names}
+
+    def loss_weights(self, losses: Losses) -> dict[str, torch.Tensor | float]:
+        return dict(self.weights)
+
+
+@WEIGHTINGS.register("test_scaled", ScaledParams, "a weighting registered by the test suite")
+def _scaled(params: ScaledParams, task_names: list[str], task_weights: Mapping[str, float], seed: int) -> Weighting:
+    return ScaledWeighting(task_names, task_weights, params.factor)
+
+
+def test_a_weighting_registered_elsewhere_builds_by_name():
+    loss = from_dict(LossConfig, {"weighting": {"name": "test_scaled", "params": {"factor": 3}},
+                                  "task_weights": {A: 2.0}})
+    weighting = build_weighting(loss.weighting, TASKS, loss.task_weights)
+    w = nn.Parameter(torch.tensor(1.0))
+    assert weighting.backward({A: w * 1.0, B: w * 2.0}, [w]) == {A: 6.0, B: 3.0}
+    assert w.grad.item() == 6.0 + 3.0 * 2.0
+    assert "test_scaled" in [name for name, _, _ in WEIGHTINGS.describe()]
+    with pytest.raises(ConfigError, match=r"params\.factor: expected float"):
+        build_weighting(PluginRef("test_scaled", {"factor": "x"}), TASKS)

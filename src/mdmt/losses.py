@@ -1,6 +1,6 @@
 """Per-task losses with the paper's indicator mask, logging means, and decoding outputs into predictions.
 
-The paper's loss (method.md §5) is L = Σ_i Σ_τ I(X_i, τ) · L^τ(O_i^τ, Y_i^τ); as the official code, each task's
+The paper's loss is L = Σ_i Σ_τ I(X_i, τ) · L^τ(O_i^τ, Y_i^τ); as the official code, each task's
 sum is divided by the batch size B, so a sample without a task's label adds exactly 0 to that task's loss and
 nothing to its gradient. Two variants:
 
@@ -22,11 +22,11 @@ import torch
 import torch.nn.functional as F
 
 from mdmt.errors import ConfigError
-from mdmt.tasks import Task
+from mdmt.tasks import Task, group_names, prediction_column, prediction_columns
 from mdmt.weighting import Weighting, build_weighting
 
 __all__ = ["LOSS_VARIANTS", "Weighting", "build_weighting", "decode", "group_names", "per_sample_loss",
-           "task_losses", "task_means"]
+           "prediction_columns", "task_losses", "task_means"]
 
 LOSS_VARIANTS: tuple[str, ...] = ("clean", "paper")
 PAPER_MSE_TASKS: tuple[str, ...] = ("prognosis",)
@@ -106,24 +106,6 @@ def task_means(
 
 
 # ----------------------------------------------------------------------------------------- predictions
-def group_names(task: Task) -> list[str]:
-    """Suffixes of a task's per-group columns: ``[""]`` for one group, else the region letters or indices."""
-    if task.target_dim == 1:
-        return [""]
-    if len(task.columns) == task.target_dim:
-        return [c.removeprefix("brixia_") for c in task.columns]
-    return [str(i) for i in range(task.target_dim)]
-
-
-def _column(base: str, group: str) -> str:
-    return f"{base}_{group}" if group else base
-
-
-def prediction_columns(base: str, task: Task) -> list[str]:
-    """A task's per-group column names for ``base`` (``y_true`` → ``y_true`` or ``y_true_A`` …)."""
-    return [_column(base, g) for g in group_names(task)]
-
-
 def decode(task: Task, outputs: torch.Tensor) -> dict[str, np.ndarray]:
     """Raw outputs ``(B, n_outputs)`` → prediction columns, each a 1-D array of length B.
 
@@ -137,21 +119,21 @@ def decode(task: Task, outputs: torch.Tensor) -> dict[str, np.ndarray]:
     columns: dict[str, np.ndarray] = {}
     if task.kind == "regression":
         for j, g in enumerate(groups):
-            columns[_column("y_pred", g)] = outputs[:, j].numpy()
+            columns[prediction_column("y_pred", g)] = outputs[:, j].numpy()
         return columns
     logits = _grouped(task, outputs)
     if task.kind == "ordinal":
         exceed = torch.sigmoid(logits)
         for j, g in enumerate(groups):
-            columns[_column("expected", g)] = exceed[:, j].sum(dim=1).numpy()
-            columns[_column("y_pred", g)] = (exceed[:, j] > 0.5).sum(dim=1).numpy()
+            columns[prediction_column("expected", g)] = exceed[:, j].sum(dim=1).numpy()
+            columns[prediction_column("y_pred", g)] = (exceed[:, j] > 0.5).sum(dim=1).numpy()
         return columns
     probabilities = torch.softmax(logits, dim=-1)
     for j, g in enumerate(groups):
-        columns[_column("y_pred", g)] = logits[:, j].argmax(dim=1).numpy()
+        columns[prediction_column("y_pred", g)] = logits[:, j].argmax(dim=1).numpy()
         if task.n_classes == 2:
-            columns[_column("score", g)] = probabilities[:, j, 1].numpy()
+            columns[prediction_column("score", g)] = probabilities[:, j, 1].numpy()
         else:
             for c in range(task.n_classes):
-                columns[f"{_column('prob', g)}_{c}"] = probabilities[:, j, c].numpy()
+                columns[f"{prediction_column('prob', g)}_{c}"] = probabilities[:, j, c].numpy()
     return columns

@@ -12,21 +12,26 @@ Every strategy is a small ``nn.Module`` (so its learnable parameters go to the o
 - ``pcgrad`` (Yu et al., NeurIPS 2020): per-task gradients on the shared parameters; a gradient that conflicts
   with another task's (negative dot product) is projected onto that gradient's normal plane; then summed.
 
-``loss.task_weights`` (constant factors) apply to ``fixed`` and ``pcgrad``; the other strategies set their own.
+``loss.task_weights`` (constant factors) apply to the strategies with ``uses_task_weights`` (``fixed`` and
+``pcgrad``); the others set their own. ``loss.weighting`` is a ``{name, params}`` entry of ``WEIGHTINGS``; a new
+strategy is one ``@WEIGHTINGS.register(name, Params)`` factory ``(params, task_names=..., task_weights=...,
+seed=...) -> Weighting`` in any imported module.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from mdmt.config import LossConfig
+from mdmt.config import PluginRef
 from mdmt.errors import ConfigError
+from mdmt.registry import NoParams, Registry
 from mdmt.tasks import TASK_NAMES, Task
 
 Losses = Mapping[str, torch.Tensor]
@@ -34,6 +39,9 @@ Losses = Mapping[str, torch.Tensor]
 
 class Weighting(nn.Module):
     """Base: ``backward`` combines the task losses with ``loss_weights`` (plus ``regulariser``) and backpropagates."""
+
+    uses_task_weights = False
+    """Whether ``loss.task_weights`` apply (else they are a config error)."""
 
     def __init__(self, task_names: Sequence[str]):
         super().__init__()
@@ -65,6 +73,8 @@ def _static_weights(task_names: Sequence[str], task_weights: Mapping[str, float]
 
 class FixedWeighting(Weighting):
     """Σ_t w_t·L_t with constant weights (1 for a task not in ``task_weights``)."""
+
+    uses_task_weights = True
 
     def __init__(self, task_names: Sequence[str], task_weights: Mapping[str, float] | None = None):
         super().__init__(task_names)
@@ -98,7 +108,7 @@ class DynamicWeightAverage(Weighting):
     def __init__(self, task_names: Sequence[str], temperature: float = 2.0):
         super().__init__(task_names)
         if temperature <= 0:
-            raise ConfigError(f"loss.dwa_temperature must be positive, got {temperature}")
+            raise ConfigError(f"loss.weighting dwa params.temperature must be positive, got {temperature}")
         self.temperature = temperature
         self.history: list[dict[str, float]] = []
 
@@ -205,6 +215,8 @@ class PCGrad(Weighting):
     """Projected conflicting gradients on the shared parameters; task-specific parameters get their own
     gradients unchanged. The order in which other tasks are projected out is drawn from (seed, step)."""
 
+    uses_task_weights = True
+
     def __init__(self, task_names: Sequence[str], task_weights: Mapping[str, float] | None = None, seed: int = 0):
         super().__init__(task_names)
         self.weights = _static_weights(self.task_names, task_weights)
@@ -234,27 +246,63 @@ class PCGrad(Weighting):
         self.step = int(state["step"])
 
 
-WeightingFactory = Callable[[list[str], LossConfig, int], Weighting]
-WEIGHTINGS: dict[str, WeightingFactory] = {
-    "fixed": lambda names, cfg, seed: FixedWeighting(names, cfg.task_weights),
-    "uncertainty": lambda names, cfg, seed: UncertaintyWeighting(names),
-    "dwa": lambda names, cfg, seed: DynamicWeightAverage(names, cfg.dwa_temperature),
-    "gradnorm": lambda names, cfg, seed: GradNorm(names, cfg.gradnorm_alpha),
-    "pcgrad": lambda names, cfg, seed: PCGrad(names, cfg.task_weights, seed),
-}
-STATIC_WEIGHTS = ("fixed", "pcgrad")
+# ----------------------------------------------------------------------------------------- registry
+WEIGHTINGS: Registry[Weighting] = Registry("weighting")
 
 
-def build_weighting(name: str, tasks: Sequence[Task], loss_cfg: LossConfig | None = None, seed: int = 0) -> Weighting:
-    """The weighting ``name`` for ``tasks`` with the settings of ``loss_cfg`` (defaults when None); task weights
-    of built-in tasks this run does not train (a single-task run of a multi-task config) are not used."""
-    loss_cfg = loss_cfg or LossConfig()
-    if name not in WEIGHTINGS:
-        raise ConfigError(f"unknown loss.weighting {name!r}; choose one of {', '.join(WEIGHTINGS)}")
+@dataclass
+class DWAParams:
+    """``dwa``: the softmax temperature T."""
+
+    temperature: float = 2.0
+
+
+@dataclass
+class GradNormParams:
+    """``gradnorm``: the restoring-force exponent α."""
+
+    alpha: float = 1.5
+
+
+@WEIGHTINGS.register("fixed", NoParams, "Σ w_t·L_t with constant loss.task_weights (the paper: all 1)")
+def _fixed(params: NoParams, task_names: list[str], task_weights: Mapping[str, float], seed: int) -> Weighting:
+    return FixedWeighting(task_names, task_weights)
+
+
+@WEIGHTINGS.register("uncertainty", NoParams, "learned homoscedastic uncertainty (Kendall et al., 2018)")
+def _uncertainty(params: NoParams, task_names: list[str], task_weights: Mapping[str, float], seed: int) -> Weighting:
+    return UncertaintyWeighting(task_names)
+
+
+@WEIGHTINGS.register("dwa", DWAParams, "dynamic weight average (Liu et al., 2019)")
+def _dwa(params: DWAParams, task_names: list[str], task_weights: Mapping[str, float], seed: int) -> Weighting:
+    return DynamicWeightAverage(task_names, params.temperature)
+
+
+@WEIGHTINGS.register("gradnorm", GradNormParams, "gradient normalisation (Chen et al., 2018)")
+def _gradnorm(params: GradNormParams, task_names: list[str], task_weights: Mapping[str, float], seed: int) -> Weighting:
+    return GradNorm(task_names, params.alpha)
+
+
+@WEIGHTINGS.register("pcgrad", NoParams, "projected conflicting gradients (Yu et al., 2020), loss.task_weights apply")
+def _pcgrad(params: NoParams, task_names: list[str], task_weights: Mapping[str, float], seed: int) -> Weighting:
+    return PCGrad(task_names, task_weights, seed)
+
+
+def build_weighting(
+    ref: PluginRef | str, tasks: Sequence[Task], task_weights: Mapping[str, float] | None = None, seed: int = 0
+) -> Weighting:
+    """The weighting a ``loss.weighting`` entry names, for ``tasks``. ``task_weights`` (``loss.task_weights``) of
+    built-in tasks this run does not train (a single-task run of a multi-task config) are not used."""
+    ref = PluginRef.of(ref)
     names = [t.name for t in tasks]
-    unknown = sorted(set(loss_cfg.task_weights) - set(names) - set(TASK_NAMES))
+    task_weights = dict(task_weights or {})
+    unknown = sorted(set(task_weights) - set(names) - set(TASK_NAMES))
     if unknown:
         raise ConfigError(f"loss.task_weights names unknown task(s) {unknown}; this run's tasks are {names}")
-    if loss_cfg.task_weights and name not in STATIC_WEIGHTS:
-        raise ConfigError(f"loss.task_weights apply to {' and '.join(STATIC_WEIGHTS)} only; {name!r} sets its own")
-    return WEIGHTINGS[name](names, loss_cfg, seed)
+    weights = {t: w for t, w in task_weights.items() if t in names}
+    weighting = WEIGHTINGS.build(ref, f"loss.weighting {ref.name!r} params", task_names=names, task_weights=weights,
+                                 seed=seed)
+    if task_weights and not weighting.uses_task_weights:
+        raise ConfigError(f"loss.task_weights do not apply to weighting {ref.name!r}, which sets its own weights")
+    return weighting
