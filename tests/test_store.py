@@ -1,11 +1,17 @@
-"""The results store: SQLite index written in transactions, rebuilt from the run directories.
+"""The results store: SQLite index written in transactions, rebuilt from the run folders; unreadable runs,
+read-only folders and damaged indexes.
 
-Also home of ``write_fake_run``: a run directory per the run contract, used by test_grid and test_report.
+Also home of ``write_fake_run``: a run folder per the run contract, used by test_grid and test_report.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import sqlite3
+import stat
+import subprocess
+import sys
 import zlib
 from pathlib import Path
 
@@ -13,26 +19,34 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from mdmt.evaluate.scoring import task_entry
+from mdmt.experiments import store as store_module
 from mdmt.experiments.store import FAILED_FILE, INDEX_FILE, ResultsStore
-from mdmt.train.run import RunSpec
+from mdmt.runs import RunSpec
+from mdmt.tasks import get_task
 
 PROGNOSIS_STRATEGIES = ("stl_prognosis", "ft", "mdmt")
+BONUS = {"mdmt": 0.06, "mdmt3": 0.08, "mdmt_permuted": 0.01}
+"""How much better than STL a fake strategy scores (MDMT a little better, as in the paper)."""
 
 
 def fake_metric_values(spec: RunSpec) -> dict[str, float]:
-    """Deterministic test-set metrics of a fake prognosis run (MDMT a little better, as in the paper)."""
+    """Deterministic test-set metrics of a fake prognosis run."""
     rng = np.random.default_rng(zlib.crc32(spec.key.encode()))
-    bonus = 0.06 if spec.strategy == "mdmt" else 0.0
+    bonus = BONUS.get(spec.strategy, 0.0)
     return {name: float(rng.uniform(0.55, 0.7) + bonus) for name in ("accuracy", "f1_weighted", "gmean", "roc_auc")}
 
 
 def write_fake_run(results_dir: Path, spec: RunSpec, done: bool = True, n_images: int = 12, epochs: int = 3) -> Path:
-    """A run directory as the engine writes it (spec.json, history.csv, predictions, metrics.json, DONE)."""
+    """A run folder as training writes it (spec.json, tasks.json, history.csv, predictions, metrics.json, DONE);
+    ``stl_severity`` runs hold severity_global4 metrics only, every other strategy prognosis."""
     rng = np.random.default_rng(zlib.crc32(spec.key.encode()) + 1)
     run_dir = spec.run_dir(results_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "spec.json").write_text(json.dumps(spec.__dict__))
-    task = "prognosis" if spec.strategy in PROGNOSIS_STRATEGIES else "severity_global4"
+    task = "severity_global4" if spec.strategy == "stl_severity" else "prognosis"
+    home = "brixia" if task == "severity_global4" else "aiforcovid"
+    (run_dir / "tasks.json").write_text(json.dumps({task: task_entry(get_task(task), [home], home)}))
     val_loss = 1.0 / (1 + np.arange(epochs)) + rng.uniform(0, 0.1, epochs)
     pd.DataFrame({
         "epoch": np.arange(epochs), "lr": 1e-3, "seconds": 2.0, "train_loss": val_loss * 0.9, "val_loss": val_loss,
@@ -156,3 +170,113 @@ def test_a_damaged_index_is_replaced_and_refilled(tmp_path):
 def test_unknown_status_is_an_error(tmp_path):
     with pytest.raises(ValueError, match="finished"):
         ResultsStore(tmp_path).runs("finished")
+
+
+@pytest.mark.parametrize(("file", "content", "reason"), [
+    ("metrics.json", "{not json", "metrics.json"),
+    ("metrics.json", "[1, 2]", "task → {metric: value}"),
+    ("predictions_prognosis.csv", "garbage\x00\x01 \n", "predictions_prognosis.csv: no image_id"),
+    ("predictions_prognosis.csv", "image_id,y_true,score\nP_1,SEVERE,0.3\n", "not numbers"),
+    ("predictions_prognosis.csv", "", "predictions_prognosis.csv"),
+])
+def test_a_corrupt_file_lists_the_run_as_unreadable(tmp_path, file, content, reason):
+    store = _store_with_runs(tmp_path)
+    broken = SPECS[2]
+    (broken.run_dir(tmp_path) / file).write_text(content)
+    assert store.rescan() == len(SPECS)
+    runs = store.runs().set_index("key")
+    assert runs.at[broken.key, "status"] == "unreadable"
+    assert reason in runs.at[broken.key, "error"]
+    assert (runs.drop(index=broken.key)["status"] == "done").all()
+    assert broken.key not in set(store.metrics_frame()["key"]) and broken.key not in set(store.predictions()["key"])
+    assert len(store.metrics_frame()) == (len(SPECS) - 1) * 4
+    store.record_done(broken)  # the grid's end-of-run record reads the same way
+    assert store.runs("unreadable")["key"].tolist() == [broken.key]
+
+
+def test_a_prediction_file_spoiled_after_the_scan_is_skipped(tmp_path):
+    store = _store_with_runs(tmp_path)
+    (SPECS[0].run_dir(tmp_path) / "predictions_prognosis.csv").write_bytes(b"\xff\xfe\x00garbage")
+    assert set(store.predictions()["key"]) == {s.key for s in SPECS[1:]}
+
+
+def _index_bytes(path: Path) -> bytes:
+    return path.read_bytes() if path.exists() else b""
+
+
+@pytest.fixture
+def read_only(monkeypatch):
+    """Make a folder read-only (and, as root, who may write anyway, open the index read-only as well)."""
+    folders = []
+
+    def apply(folder: Path) -> None:
+        for path in [folder, *folder.rglob("*")]:
+            path.chmod(path.stat().st_mode & ~(stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH))
+            folders.append(path)
+        if os.geteuid() == 0:
+            monkeypatch.setattr(store_module, "_open",
+                                lambda path: sqlite3.connect(f"{Path(path).resolve().as_uri()}?mode=ro", uri=True))
+
+    yield apply
+    for path in folders:
+        path.chmod(path.stat().st_mode | stat.S_IWUSR)
+
+
+def test_a_read_only_results_folder_is_indexed_in_memory(tmp_path, read_only):
+    _store_with_runs(tmp_path)
+    crashed = RunSpec("ft", "resnet18", "loco", 3, 0)
+    ResultsStore(tmp_path).record_failure(crashed, "RuntimeError: out of memory")
+    before = _index_bytes(tmp_path / INDEX_FILE)
+    read_only(tmp_path)
+    store = ResultsStore(tmp_path)
+    assert store.in_memory
+    assert len(store.runs()) == len(SPECS) + 1  # the copy of the file's index
+    assert store.rescan() == len(SPECS) + 1
+    assert store.runs("failed")["key"].tolist() == [crashed.key]
+    assert len(store.metrics_frame()) == len(SPECS) * 4
+    assert _index_bytes(tmp_path / INDEX_FILE) == before
+    assert not list(tmp_path.glob(f"{INDEX_FILE}.damaged-*"))
+
+
+def test_a_read_only_folder_without_an_index(tmp_path, read_only):
+    for spec in SPECS:
+        write_fake_run(tmp_path, spec)
+    read_only(tmp_path)
+    store = ResultsStore(tmp_path)
+    assert store.in_memory and store.rescan() == len(SPECS)
+    assert not (tmp_path / INDEX_FILE).exists()
+
+
+def test_a_locked_index_is_an_error_not_damage(tmp_path, monkeypatch):
+    _store_with_runs(tmp_path)
+    monkeypatch.setattr(store_module, "_open", lambda path: sqlite3.connect(path, timeout=0.05))
+    holder = sqlite3.connect(tmp_path / INDEX_FILE)
+    holder.execute("BEGIN EXCLUSIVE")
+    try:
+        with pytest.raises(sqlite3.OperationalError, match="locked"):
+            ResultsStore(tmp_path)
+    finally:
+        holder.rollback()
+        holder.close()
+    assert not list(tmp_path.glob(f"{INDEX_FILE}.damaged-*"))
+    assert len(ResultsStore(tmp_path).runs()) == len(SPECS)
+
+
+def test_an_index_of_an_older_schema_is_rebuilt(tmp_path):
+    for spec in SPECS:
+        write_fake_run(tmp_path, spec)
+    with sqlite3.connect(tmp_path / INDEX_FILE) as db:  # the previous layout: no 'unreadable' status, version 0
+        db.execute(store_module._SCHEMA.replace(", 'unreadable'", ""))
+    (SPECS[0].run_dir(tmp_path) / "metrics.json").write_text("{broken")
+    store = ResultsStore(tmp_path)
+    assert store.rescan() == len(SPECS)
+    assert store.runs("unreadable")["key"].tolist() == [SPECS[0].key]
+    assert not list(tmp_path.glob(f"{INDEX_FILE}.damaged-*"))
+
+
+def test_the_store_imports_only_the_run_contract():
+    code = ("import sys, mdmt.experiments.store; "
+            "mine = sorted(m for m in sys.modules if m.startswith('mdmt')); print(mine); "
+            "assert 'torch' not in sys.modules; "
+            "assert set(mine) <= {'mdmt', 'mdmt.runs', 'mdmt.experiments', 'mdmt.experiments.store'}, mine")
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)

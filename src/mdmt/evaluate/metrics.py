@@ -1,4 +1,4 @@
-"""Test-set metrics: prognosis (MILD/SEVERE), BrixIA severity variants, and fold aggregation (method.md §9).
+"""Test-set metrics: prognosis (MILD/SEVERE), BrixIA severity variants, and fold aggregation.
 
 Pure numpy/pandas/scikit-learn. Every metric function returns ``dict[str, float]`` (JSON-ready); a metric that
 is undefined on the given labels (e.g. ROC AUC with one class present) is NaN, never a made-up number.
@@ -23,6 +23,8 @@ MILD, SEVERE = 0, 1
 SUMMARY_ROWS: tuple[str, ...] = ("mean", "std", "se")
 """Rows appended by ``pooled_and_per_fold`` to the per-fold table (std with ddof=1, se = std / sqrt(folds))."""
 
+REGION_SCORE_RANGE: tuple[float, float] = (0.0, 3.0)
+"""The range of a regional Brixia score; regional predictions are clipped to it before scoring."""
 REGION_CLASS_EDGES: tuple[float, ...] = (0.5, 1.5, 2.5)
 """Cut points rounding a regional prediction to a 0–3 class (the official exact-match accuracy)."""
 LUNGS: dict[str, slice] = {"right": slice(0, 3), "left": slice(3, 6)}
@@ -234,7 +236,8 @@ def severity_metrics(kind: SeverityKind, y_true: ArrayLike, y_pred: ArrayLike) -
 def pooled_and_per_fold(
     predictions: pd.DataFrame, metric_fn: Callable[[pd.DataFrame], Mapping[str, float]], fold_col: str = "fold"
 ) -> tuple[pd.DataFrame, dict[str, float]]:
-    """The two aggregations of method.md §9.2 over one model's test predictions (one row per image per fold).
+    """The study's two aggregations over one model's test predictions (one row per image per fold): per fold, and
+    pooled over folds.
 
     Returns (a) a table indexed by fold (sorted) with one column per metric of ``metric_fn(fold_rows)``, followed by
     the rows ``mean``, ``std`` (ddof=1) and ``se`` (std / sqrt(folds)) across folds — a NaN fold metric makes its
