@@ -1,0 +1,46 @@
+"""Names on disk, the generator version and the random streams that every part of the twin shares."""
+
+from __future__ import annotations
+
+import enum
+
+import numpy as np
+
+GENERATOR_VERSION = 1
+"""Bump when the same seed and parameters start to write different files."""
+
+BRIXIA_DIR, AIFORCOVID_DIR, TRUTH_DIR = "BRIXIA", "AIforCOVID", "_synthetic_truth"
+COHORT_DIR, COHORT_MANIFEST, COHORT_IMAGES = "COHORT", "manifest.csv", "images"
+"""The optional third dataset: ``COHORT/manifest.csv`` and its films in ``COHORT/images/``."""
+BRIXIA_METADATA = "metadata_global_v2.csv"
+PARAMS_FILE = "params.json"
+"""Written last into ``_synthetic_truth/``; marks a folder this generator may overwrite."""
+ZONE_MASK_STEP = 40
+"""Truth mask PNGs hold ``40 * k`` for zone k = 1..6 (A..F) and 0 outside the lungs."""
+
+
+class Stream(enum.IntEnum):
+    """Independent random streams: ``default_rng([seed, stream, index...])``.
+
+    A new dataset takes new stream numbers, so that adding it shifts no draw of the others.
+    """
+
+    PROFILES = 1
+    BRIXIA_PLAN = 2
+    AIFORCOVID_PLAN = 3
+    BRIXIA_RENDER = 4
+    AIFORCOVID_RENDER = 5
+    PROGNOSIS = 6
+    ANNOTATORS = 7
+    CLINICAL = 8
+    FAULTS = 9
+    COHORT_PROFILES = 10
+    COHORT_PLAN = 11
+    COHORT_RENDER = 12
+    COHORT_PROGNOSIS = 13
+    COHORT_ANNOTATORS = 14
+
+
+def stream_rng(seed: int, stream: Stream, *index: int) -> np.random.Generator:
+    """The generator of one stream (and item ``index``) for ``seed``."""
+    return np.random.default_rng([seed, int(stream), *index])

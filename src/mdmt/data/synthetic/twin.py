@@ -1,0 +1,164 @@
+"""``generate``: plan, render and write the whole twin, its hidden truth and a summary of what was written."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import pandas as pd
+from rich.table import Table
+
+from mdmt.data.sources.brixia import IMAGE_DIR
+from mdmt.data.synthetic.anatomy import draw_anatomy, render
+from mdmt.data.synthetic.devices import draw_cohort_profiles, draw_profiles
+from mdmt.data.synthetic.faults import FAULTS, InjectedFault, injected_faults, plan_faults
+from mdmt.data.synthetic.hospitals import RELEASE_FOLDERS
+from mdmt.data.synthetic.layout import (
+    AIFORCOVID_DIR,
+    BRIXIA_DIR,
+    COHORT_DIR,
+    COHORT_IMAGES,
+    GENERATOR_VERSION,
+    PARAMS_FILE,
+    TRUTH_DIR,
+    Stream,
+    stream_rng,
+)
+from mdmt.data.synthetic.plans import ImagePlan, plan_aiforcovid, plan_brixia, plan_cohort
+from mdmt.data.synthetic.presets import SynthPreset, check_preset, cohort_sizes, resolve_preset
+from mdmt.data.synthetic.sheets import write_aiforcovid_sheets, write_brixia_tables, write_cohort_manifest
+from mdmt.data.synthetic.writers import write_image
+from mdmt.errors import ConfigError
+from mdmt.progress import progress_bar
+
+RENDER_STREAMS = {"brixia": Stream.BRIXIA_RENDER, "aiforcovid": Stream.AIFORCOVID_RENDER,
+                  "cohort": Stream.COHORT_RENDER}
+
+
+@dataclass
+class SynthSummary:
+    """What ``generate`` wrote."""
+
+    out: Path
+    preset: str
+    seed: int
+    decoupled: bool
+    opacity: float
+    images: dict[str, dict[str, int]]
+    """DICOM files on disk per dataset and center (hospital / BrixIA vendor group)."""
+    class_balance: dict[str, tuple[int, int]]
+    """(MILD, SEVERE) patients per hospital (AIforCOVID and the cohort), as listed in the label tables."""
+    brixia_global_mean: float
+    seconds: float
+    faults: list[InjectedFault] = field(default_factory=list)
+
+    def table(self) -> Table:
+        """A rich table of counts per dataset and center, class balance and faults."""
+        table = Table(title=f"synthetic twin '{self.preset}' seed {self.seed}"
+                            f"{' (decoupled)' if self.decoupled else ''}, opacity {self.opacity:g},"
+                            f" {self.seconds:.1f} s")
+        for column in ("dataset", "center", "images", "MILD / SEVERE"):
+            table.add_column(column)
+        for dataset, centers in self.images.items():
+            for center, count in centers.items():
+                balance = self.class_balance.get(center) if dataset != "brixia" else None
+                table.add_row(dataset, center, str(count), f"{balance[0]} / {balance[1]}" if balance else "")
+        table.caption = (f"BrixIA mean global score {self.brixia_global_mean:.2f}; faults: "
+                         + (", ".join(f"{f.name} ({f.image_id})" for f in self.faults) or "none"))
+        return table
+
+
+def _prepare_out(out: Path) -> None:
+    """Remove a previous synthetic twin in ``out``; refuse to write over anything else."""
+    names = (BRIXIA_DIR, AIFORCOVID_DIR, COHORT_DIR, TRUTH_DIR)
+    if (out / TRUTH_DIR / PARAMS_FILE).is_file():
+        for name in names:
+            shutil.rmtree(out / name, ignore_errors=True)
+    else:
+        clashes = [name for name in names if (out / name).exists()]
+        if clashes:
+            raise ConfigError(f"{out}: {clashes} exist but were not written by the synthetic generator "
+                              f"(no {TRUTH_DIR}/{PARAMS_FILE}); choose an empty folder")
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def generate(out: str | Path, preset: str | SynthPreset = "small", seed: int = 0, decoupled: bool = False,
+             faults: Sequence[str] = (), opacity: float | None = None, progress: bool = True,
+             cohort: bool = False) -> SynthSummary:
+    """Write the synthetic BrixIA + AIforCOVID twin under ``out`` (``BRIXIA/``, ``AIforCOVID/``, truth).
+
+    ``preset`` is a name of ``PRESETS`` or a ``SynthPreset``; ``opacity`` overrides its opacity strength
+    (0.19 by default; the "subtle" setting is 0.14). ``decoupled`` makes prognosis follow the heart size
+    instead of the lung severity (negative control; the images stay the same). Each name in ``faults``
+    (see ``FAULTS``) plants exactly one faulty AIforCOVID item. ``cohort`` adds a third dataset,
+    ``COHORT/manifest.csv`` and ``COHORT/images/``: hospitals G and H, half as many patients as
+    AIforCOVID, one film each, labelled with both the outcome and the Brixia scores; it is drawn from
+    streams of its own, so the other files stay the same. A previous twin in ``out`` is replaced;
+    other data there is never overwritten.
+    """
+    start = time.perf_counter()
+    spec = resolve_preset(preset)
+    check_preset(spec)
+    unknown = sorted(set(faults) - set(FAULTS))
+    if unknown:
+        raise ConfigError(f"unknown synthetic fault(s) {unknown}; known: {list(FAULTS)}")
+    if int(seed) != seed or seed < 0:
+        raise ConfigError(f"synthetic seed must be a non-negative integer, got {seed!r}")
+    strength = spec.opacity if opacity is None else float(opacity)
+    if strength < 0:
+        raise ConfigError(f"synthetic opacity must be >= 0, got {strength}")
+    seed, out = int(seed), Path(out)
+    _prepare_out(out)
+    folders = [f"{BRIXIA_DIR}/{IMAGE_DIR}", *(f"{AIFORCOVID_DIR}/{f}" for f in RELEASE_FOLDERS.values())]
+    if cohort:
+        folders.append(f"{COHORT_DIR}/{COHORT_IMAGES}")
+    for folder in folders:
+        (out / folder).mkdir(parents=True, exist_ok=True)
+
+    profiles = draw_profiles(seed, spec.image_size)
+    plans: dict[str, list[ImagePlan]] = {"brixia": plan_brixia(spec, seed, profiles),
+                                         "aiforcovid": plan_aiforcovid(spec, seed, profiles)}
+    plan_faults(faults, plans["aiforcovid"], seed, profiles)
+    if cohort:
+        profiles |= draw_cohort_profiles(seed, spec.image_size)
+        plans["cohort"] = plan_cohort(spec, seed, profiles)
+    rows: dict[str, list[dict[str, object]]] = {name: [] for name in plans}
+    for plan in progress_bar([p for group in plans.values() for p in group], "synthetic images", enabled=progress):
+        rng = stream_rng(seed, RENDER_STREAMS[plan.dataset], plan.index)
+        rendered = render(draw_anatomy(plan.heart_size, rng), plan.severity, plan.profile, strength, rng)
+        rows[plan.dataset].append(write_image(plan, rendered, out, seed))
+
+    truths = {"brixia": write_brixia_tables(plans["brixia"], pd.DataFrame(rows["brixia"]), out, seed)}
+    truths["aiforcovid"], intercepts = write_aiforcovid_sheets(plans["aiforcovid"], pd.DataFrame(rows["aiforcovid"]),
+                                                               out, seed, decoupled)
+    if cohort:
+        truths["cohort"], cohort_intercepts = write_cohort_manifest(plans["cohort"], pd.DataFrame(rows["cohort"]),
+                                                                    out, seed, decoupled)
+        intercepts |= cohort_intercepts
+    truth_dir = out / TRUTH_DIR
+    for name, truth in truths.items():
+        truth.to_csv(truth_dir / f"{name}.csv", index=False)
+    profile_table = pd.DataFrame([asdict(p) | {"manufacturers": "|".join(p.manufacturers)} for p in profiles.values()])
+    profile_table.round(4).to_csv(truth_dir / "profiles.csv", index=False)
+
+    params = {"generator_version": GENERATOR_VERSION, "preset": asdict(spec),
+              "seed": seed, "decoupled": decoupled, "opacity": strength, "faults": sorted(set(faults)),
+              "prognosis_intercepts": {c: round(b, 4) for c, b in intercepts.items()}}
+    if cohort:
+        params["cohort"] = cohort_sizes(spec)
+    (truth_dir / PARAMS_FILE).write_text(json.dumps(params, indent=2) + "\n")
+
+    labelled = pd.concat([t[t["prognosis"] != ""] for name, t in truths.items() if name != "brixia"])
+    balance = {c: (int((g["prognosis"] == "MILD").sum()), int((g["prognosis"] == "SEVERE").sum()))
+               for c, g in labelled.groupby("center")}
+    return SynthSummary(
+        out=out, preset=spec.name, seed=seed, decoupled=decoupled, opacity=strength,
+        images={name: {str(c): int(n) for c, n in t.loc[t["fault"] != "missing_file", "center"].value_counts()
+                       .sort_index().items()} for name, t in truths.items()},
+        class_balance=balance, brixia_global_mean=float(truths["brixia"]["label_global"].mean()),
+        seconds=time.perf_counter() - start, faults=injected_faults(plans["aiforcovid"]),
+    )
