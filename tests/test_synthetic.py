@@ -17,15 +17,18 @@ from scipy.stats import spearmanr
 from sklearn.metrics import roc_auc_score
 
 from mdmt.data.dicom import normalize_intensity, read_image
+from mdmt.data.sources import read_manifest
 from mdmt.data.sources.aiforcovid import KNOWN_BAD_IDS
 from mdmt.data.synthetic import (
     AIFORCOVID_BLOCKS,
+    COHORT_SEVERE_RATE,
     FAULTS,
     PRESETS,
     SEVERE_RATE,
     VENDORS,
     ZONE_MASK_STEP,
     SynthPreset,
+    cohort_sizes,
     draw_profiles,
     generate,
     plan_aiforcovid,
@@ -36,11 +39,20 @@ from mdmt.tasks import REGIONS
 INT64_MAX = 2**63 - 1
 SHEETS = {"imgs": "AIforCOVID.xlsx", "imgs_r2": "AIforCOVID_r2.xlsx", "imgs_r3": "AIforCOVID_r3.xlsx"}
 ID_PATTERNS = {"imgs": r"P_\d+", "imgs_r2": r"P_[12]_\d+", "imgs_r3": r"P_3_\d+"}
+MANIFEST_COLUMNS = ["image", "patient", "center", "outcome", *(f"brixia_{r}" for r in REGIONS), "brixia_global"]
+TINY_SEED0_DIGEST = "67b8d9b87025d5813d2ac2e3c9c1dbfc198c057765efcf2caaa9beedb9520561"
+"""``tree_digest`` of ``generate(out, "tiny", seed=0)`` as written by the single-module generator (commit 9f58894)."""
 
 
 def file_hashes(root: Path) -> dict[str, str]:
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def tree_digest(root: Path) -> str:
+    """One SHA-256 over every file's relative path and SHA-256."""
+    listing = "".join(f"{name} {digest}\n" for name, digest in file_hashes(root).items())
+    return hashlib.sha256(listing.encode()).hexdigest()
 
 
 def truth(root: Path, dataset: str) -> pd.DataFrame:
@@ -61,14 +73,20 @@ def zone_map(root: Path, dataset: str, image_id: str) -> np.ndarray:
     return np.asarray(Image.open(root / "_synthetic_truth" / "masks" / dataset / f"{image_id}.png")) // ZONE_MASK_STEP
 
 
+def mask_box(zones: np.ndarray) -> tuple[int, int, int, int]:
+    """End-exclusive ``(x0, y0, x1, y1)`` of the nonzero zone codes."""
+    rows, cols = np.flatnonzero(zones.any(axis=1)), np.flatnonzero(zones.any(axis=0))
+    return int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1
+
+
 @pytest.fixture(scope="module")
 def probe(tmp_path_factory: pytest.TempPathFactory) -> dict[bool, Path]:
-    """600 AIforCOVID patients at 64 px, coupled and decoupled (same seed): enough for rates and AUCs."""
+    """600 AIforCOVID and 300 cohort patients at 64 px, coupled and decoupled (same seed): enough for rates and AUCs."""
     spec = SynthPreset("probe", 64, 12, 2, dict.fromkeys("ABCDEF", 100))
     roots = {}
     for decoupled in (False, True):
         roots[decoupled] = tmp_path_factory.mktemp(f"probe-{decoupled}")
-        generate(roots[decoupled], spec, seed=5, decoupled=decoupled, progress=False)
+        generate(roots[decoupled], spec, seed=5, decoupled=decoupled, progress=False, cohort=True)
     return roots
 
 
@@ -200,8 +218,7 @@ def test_truth_boxes_and_zone_masks_are_exact(tiny_data: Path):
     for dataset in ("brixia", "aiforcovid"):
         for row in truth(tiny_data, dataset).itertuples():
             zones = zone_map(tiny_data, dataset, row.image_id)
-            rows, cols = np.flatnonzero(zones.any(axis=1)), np.flatnonzero(zones.any(axis=0))
-            assert (cols[0], rows[0], cols[-1] + 1, rows[-1] + 1) == (row.x0, row.y0, row.x1, row.y1)
+            assert mask_box(zones) == (row.x0, row.y0, row.x1, row.y1)
             assert ndimage.label(zones > 0)[1] == 2 and set(np.unique(zones)) == set(range(7))
             centre_x = [np.nonzero(zones == k)[1].mean() for k in range(1, 7)]
             centre_y = [np.nonzero(zones == k)[0].mean() for k in range(1, 7)]
@@ -230,6 +247,12 @@ def test_same_seed_is_byte_identical_and_a_new_seed_replaces_it(tiny_data: Path,
     assert not {k for k in shared if k.endswith(".dcm") and other[k] == reference[k]}
     for name in ("AIforCOVID/AIforCOVID.xlsx", "BRIXIA/metadata_global_v2.csv", "_synthetic_truth/brixia.csv"):
         assert other[name] != reference[name]
+
+
+def test_tiny_output_is_the_single_module_generators(tiny_data: Path):
+    """The package writes exactly the bytes the generator wrote before it was split into modules (the digest
+    also depends on the pinned pydicom, openpyxl, pandas and Pillow versions)."""
+    assert tree_digest(tiny_data) == TINY_SEED0_DIGEST
 
 
 def test_refuses_to_write_over_foreign_data(tmp_path: Path):
@@ -330,3 +353,69 @@ def test_summary_counts_and_table(tmp_path: Path):
     console.print(summary.table())
     text = console.export_text()
     assert "SIEMENS" in text and "missing_file" in text and summary.faults[0].image_id in text
+
+
+# ------------------------------------------------------------------------------------------------ cohort
+def manifest(root: Path) -> pd.DataFrame:
+    return pd.read_csv(root / "COHORT" / "manifest.csv", dtype={"patient": str})
+
+
+def test_cohort_sizes_are_half_of_aiforcovid():
+    assert cohort_sizes(PRESETS["small"]) == {"G": 75, "H": 75}
+    assert cohort_sizes(PRESETS["tiny"]) == {"G": 9, "H": 9}
+
+
+def test_cohort_manifest_has_both_labels_on_every_row(tmp_path: Path):
+    summary = generate(tmp_path, "tiny", seed=0, progress=False, cohort=True)
+    table = manifest(tmp_path)
+    assert list(table.columns) == MANIFEST_COLUMNS and table.notna().all().all()
+    assert len(table) == sum(cohort_sizes(PRESETS["tiny"]).values()) and table["patient"].is_unique
+    assert set(table["center"]) == {"G", "H"} and set(table["outcome"]) == {"MILD", "SEVERE"}
+    regions = table[MANIFEST_COLUMNS[4:10]]
+    assert regions.isin([0, 1, 2, 3]).all().all() and (regions.sum(axis=1) == table["brixia_global"]).all()
+    assert summary.images["cohort"] == {"G": 9, "H": 9} and set(summary.class_balance) == set("ABCDEFGH")
+
+    hidden = truth(tmp_path, "cohort")
+    assert list(hidden["path"]) == [f"COHORT/{image}" for image in table["image"]]
+    assert (hidden["patient_id"] == table["patient"]).all() and (hidden["prognosis"] == table["outcome"]).all()
+    for k, region in enumerate(REGIONS, start=4):
+        assert (hidden[f"label_{region}"] == table.iloc[:, k]).all()
+    for row in hidden.itertuples():
+        ds = pydicom.dcmread(tmp_path / row.path)
+        assert ds.PatientID == row.patient_id and ds.pixel_array.shape == (row.rows, row.columns)
+        zones = zone_map(tmp_path, "cohort", row.image_id)
+        assert mask_box(zones) == (row.x0, row.y0, row.x1, row.y1)
+
+    records = read_manifest(tmp_path / "COHORT" / "manifest.csv", "cohort", image_column="image",
+                            patient_column="patient", center_column="center",
+                            label_columns={"outcome": "prognosis"}).records
+    assert len(records) == len(table) and records["brixia_global"].notna().all()
+
+
+def test_cohort_is_deterministic_and_changes_no_other_file(tiny_data: Path, tmp_path: Path):
+    runs = {}
+    for name, seed in (("first", 0), ("again", 0), ("other", 1)):
+        generate(tmp_path / name, "tiny", seed=seed, progress=False, cohort=True)
+        runs[name] = file_hashes(tmp_path / name)
+    assert runs["first"] == runs["again"]
+    cohort_files = {k for k in runs["first"] if k.startswith(("COHORT/", "_synthetic_truth/masks/cohort/"))}
+    assert runs["first"]["COHORT/manifest.csv"] != runs["other"]["COHORT/manifest.csv"]
+    without = file_hashes(tiny_data)
+    assert set(runs["first"]) == set(without) | {"_synthetic_truth/cohort.csv"} | cohort_files
+    changed = {k for k, v in without.items() if runs["first"][k] != v}
+    assert changed == {"_synthetic_truth/params.json", "_synthetic_truth/profiles.csv"}
+
+
+def test_cohort_outcome_follows_the_lungs_only_when_coupled(probe: dict[bool, Path]):
+    coupled, decoupled = manifest(probe[False]), manifest(probe[True])
+    assert len(coupled) == 300
+    pd.testing.assert_series_equal(coupled["brixia_global"], decoupled["brixia_global"])  # same images and raters
+    for table in (coupled, decoupled):
+        rates = (table["outcome"] == "SEVERE").groupby(table["center"]).mean()
+        assert all(abs(rate - COHORT_SEVERE_RATE[center]) < 0.01 for center, rate in rates.items())
+    severe = {mode: (table["outcome"] == "SEVERE").astype(int) for mode, table in (("coupled", coupled),
+                                                                                    ("decoupled", decoupled))}
+    assert spearmanr(coupled["brixia_global"], severe["coupled"]).statistic > 0.3
+    assert abs(spearmanr(decoupled["brixia_global"], severe["decoupled"]).statistic) < 0.15
+    heart = truth(probe[True], "cohort")["h"]
+    assert roc_auc_score(severe["decoupled"], heart) > 0.7
