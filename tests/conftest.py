@@ -27,10 +27,11 @@ def tiny_config(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory):
 
     work = tmp_path_factory.mktemp("tiny-work")
     overrides = [
-        f"data.aiforcovid_root={tiny_data / 'AIforCOVID'}",
-        f"data.brixia_root={tiny_data / 'BRIXIA'}",
+        f"data.datasets.aiforcovid.params.root={tiny_data / 'AIforCOVID'}",
+        f"data.datasets.brixia.params.root={tiny_data / 'BRIXIA'}",
         f"data.cache_dir={work / 'cache'}",
         "data.image_size=48",
+        "data.crop=lungs_classical",
         f"results_dir={work / 'results'}",
         "model.backbone=tiny_cnn",
         "model.input_size=48",
@@ -45,6 +46,6 @@ def tiny_config(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory):
 @pytest.fixture(scope="session")
 def tiny_caches(tiny_config):
     """The image caches of the tiny twin ({"aiforcovid": ImageCache, "brixia": ImageCache})."""
-    from mdmt.data.cache import prepare
+    from mdmt.data.datasets import prepare
 
     return prepare(tiny_config, progress=False)

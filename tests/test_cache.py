@@ -15,7 +15,8 @@ from scipy import ndimage
 
 from mdmt.config import DataConfig
 from mdmt.data import cache as cache_module
-from mdmt.data.cache import COMPLETE_FILE, build_cache, open_cache, prepare, summary_table
+from mdmt.data.cache import COMPLETE_FILE, build_cache, open_cache, summary_table
+from mdmt.data.datasets import prepare
 from mdmt.data.dicom import normalize_intensity, read_image
 from mdmt.data.lungs import crop_to_box, locate_lungs
 from mdmt.errors import DataError, ImageReadError
@@ -228,8 +229,8 @@ def test_prepare_builds_each_configured_dataset(tiny_config, tiny_caches):
 
     assert set(tiny_caches) == {"aiforcovid", "brixia"}
     readers = {
-        "aiforcovid": (read_aiforcovid, tiny_config.data.aiforcovid_root),
-        "brixia": (read_brixia, tiny_config.data.brixia_root),
+        "aiforcovid": (read_aiforcovid, tiny_config.data.datasets["aiforcovid"].params["root"]),
+        "brixia": (read_brixia, tiny_config.data.datasets["brixia"].params["root"]),
     }
     for name, cache in tiny_caches.items():
         reader, root = readers[name]

@@ -3,7 +3,7 @@
 import pytest
 import yaml
 
-from mdmt.cli import build_parser, resolve_config, RUN_OPTIONS, DATA_OPTIONS
+from mdmt.cli import DATA_OPTIONS, RUN_OPTIONS, build_parser, resolve_config
 from mdmt.config import Config, load_config, parse_override, save_config, to_dict
 from mdmt.errors import ConfigError
 
@@ -59,14 +59,50 @@ def test_cli_options_map_to_config_keys():
          "--image-size", "128", "--set", "train.lr=0.002"]
     )
     c = resolve_config(args, DATA_OPTIONS + RUN_OPTIONS)
-    assert (c.run.strategy, c.model.backbone, c.run.fold, c.seed) == ("ft", "resnet34", 3, 7)
+    assert (c.run.strategy, c.model.backbone.name, c.run.fold, c.seed) == ("ft", "resnet34", 3, 7)
     assert c.data.image_size == 128 and c.train.lr == 0.002
 
 
-def test_shipped_configs_load():
-    from mdmt.cli import CONFIGS_DIR
+def test_shipped_configs_ship_inside_the_package_and_load():
+    from mdmt.cli import CONFIGS_DIR, config_path
 
-    for name in ("paper.yaml", "demo.yaml"):
-        path = CONFIGS_DIR / name
-        if path.exists():
-            assert isinstance(load_config(path), Config)
+    names = sorted(p.name for p in CONFIGS_DIR.glob("*.yaml"))
+    assert names == ["demo.yaml", "demo3.yaml", "paper.yaml"]
+    assert CONFIGS_DIR.parent.name == "mdmt"  # inside the package, not beside it
+    for name in names:
+        assert isinstance(load_config(CONFIGS_DIR / name), Config)
+    assert config_path("paper") == CONFIGS_DIR / "paper.yaml"
+
+
+def test_a_plugin_entry_is_a_name_or_name_and_params():
+    c = load_config(None, [parse_override("model.backbone={name: tiny_cnn, params: {width: 8}}"),
+                           parse_override("loss.weighting=dwa")])
+    assert (c.model.backbone.name, c.model.backbone.params) == ("tiny_cnn", {"width": 8})
+    assert (c.loss.weighting.name, c.loss.weighting.params) == ("dwa", {})
+
+
+def test_strategy_entries_merge_into_the_built_in_ones(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"strategies": {"mine": {"params": {"datasets": ["x"], "tasks": ["prognosis"]}},
+                                                   "mdmt": {"params": {"start_from": ["stl_prognosis"]}}}}))
+    c = load_config(path)
+    assert {"stl_prognosis", "stl_severity", "ft", "mdmt", "mdmt_permuted", "mine"} <= set(c.strategies)
+    assert c.strategies["mdmt"].params["datasets"] == ["aiforcovid", "brixia"]  # kept from the built-in entry
+    assert c.strategies["mdmt"].params["start_from"] == ["stl_prognosis"]
+
+
+def test_a_plugin_file_named_in_the_config_is_imported(tmp_path):
+    plugin = tmp_path / "my_weighting.py"
+    plugin.write_text(
+        "from mdmt.registry import NoParams\n"
+        "from mdmt.weighting import WEIGHTINGS, FixedWeighting\n"
+        "@WEIGHTINGS.register('halved_test_rule', NoParams, 'test')\n"
+        "def build(params, task_names, task_weights, seed):\n"
+        "    return FixedWeighting(task_names, {t: 0.5 for t in task_names})\n"
+    )
+    load_config(None, [parse_override(f"plugins=[{plugin}]")])
+    from mdmt.weighting import WEIGHTINGS
+
+    assert "halved_test_rule" in WEIGHTINGS
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(None, [parse_override(f"plugins=[{tmp_path / 'missing.py'}]")])

@@ -11,19 +11,12 @@ import pytest
 import torch
 
 from mdmt.config import Config
+from mdmt.data.datasets import build_splits, select
+from mdmt.runs import BEST_CHECKPOINT, HISTORY_FILE, LAST_CHECKPOINT
 from mdmt.tasks import get_task
-from mdmt.train.engine import (
-    BEST_CHECKPOINT,
-    HISTORY_FILE,
-    LAST_CHECKPOINT,
-    FitResult,
-    LoopState,
-    LossMeter,
-    fit,
-    is_eligible,
-    load_checkpoint,
-)
-from mdmt.train.run import build_data, build_splits
+from mdmt.train.checkpoints import load_checkpoint
+from mdmt.train.engine import FitResult, LoopState, LossMeter, fit, is_eligible
+from mdmt.train.run import build_data
 from mdmt.train.strategies import get_strategy
 
 
@@ -49,10 +42,12 @@ def _fit(
     from mdmt.losses import build_weighting
     from mdmt.models.multitask import build_model
 
-    strategy = get_strategy("mdmt")
+    strategy = get_strategy("mdmt", config)
     tasks = [get_task(n) for n in strategy.task_names(config)]
     torch.manual_seed(seed)
-    data = build_data(config, strategy, caches, build_splits(config, caches, "cv5", 0, seed), tasks, seed)
+    datasets = select(config, strategy.datasets)
+    splits = build_splits(config, datasets, caches, "cv5", 0, seed)
+    data = build_data(config, strategy, datasets, caches, splits, tasks, seed)
     model = build_model(config.model, tasks)
 
     def on_epoch_end(epoch: int, row: dict) -> None:
@@ -61,7 +56,7 @@ def _fit(
 
     result = fit(
         model, tasks, data.train, data.val, config.train, BatchAugmenter(config.augment, tasks),
-        build_weighting(weighting, tasks, config.loss), run_dir, "prognosis", progress=False,
+        build_weighting(weighting, tasks, config.loss.task_weights), run_dir, "prognosis", progress=False,
         loss_variant=config.loss.variant, seed=seed, input_size=config.model.input_size, on_epoch_end=on_epoch_end,
     )
     return result, model
@@ -220,8 +215,9 @@ from mdmt.data.cache import open_cache
 from mdmt.losses import build_weighting
 from mdmt.tasks import get_task
 from mdmt.train.distributed import init_distributed, shutdown
+from mdmt.data.datasets import build_splits, select
 from mdmt.train.engine import fit
-from mdmt.train.run import build_data, build_splits
+from mdmt.train.run import build_data
 from mdmt.train.strategies import get_strategy
 
 
@@ -242,12 +238,14 @@ config = load_config(sys.argv[1])
 caches = {name: open_cache(path) for name, path in zip(("aiforcovid", "brixia"), sys.argv[2:4])}
 ctx, device = init_distributed("cpu")
 torch.set_num_threads(1)
-strategy = get_strategy("mdmt")
+strategy = get_strategy("mdmt", config)
 tasks = [get_task(n) for n in strategy.task_names(config)]
 torch.manual_seed(0)
 model = NoBatchNorm(tasks)
-data = build_data(config, strategy, caches, build_splits(config, caches, "cv5", 0, 0), tasks, 0, ctx)
-fit(model, tasks, data.train, data.val, config.train, None, build_weighting("fixed", tasks, config.loss), sys.argv[4],
+datasets = select(config, strategy.datasets)
+splits = build_splits(config, datasets, caches, "cv5", 0, 0)
+data = build_data(config, strategy, datasets, caches, splits, tasks, 0, ctx)
+fit(model, tasks, data.train, data.val, config.train, None, build_weighting("fixed", tasks), sys.argv[4],
     "prognosis", progress=False, loss_variant=config.loss.variant, input_size=config.model.input_size, dist=ctx,
     device=device)
 if ctx.is_main:
@@ -292,3 +290,58 @@ def test_ranks_split_every_global_batch_and_gradient_weightings_are_refused():
     for name in ("gradnorm", "pcgrad"):
         with pytest.raises(ConfigError, match=name):
             check_weighting(name, DistContext(1, 2))
+
+
+# ------------------------------------------------------------------------------------------ safe checkpoints
+class _Planted:
+    """A pickle that runs code when unpickled without ``weights_only``."""
+
+    def __reduce__(self):
+        return (Path.touch, (Path(_PLANTED_MARK),))
+
+
+_PLANTED_MARK = ""
+
+
+def test_a_planted_pickle_in_a_checkpoint_is_refused_and_never_runs(tmp_path, monkeypatch):
+    from mdmt.errors import DataError
+
+    global _PLANTED_MARK
+    _PLANTED_MARK = str(tmp_path / "pwned")
+    path = tmp_path / "best.pt"
+    torch.save({"format": 2, "model": {}, "payload": _Planted()}, path)
+    with pytest.raises(DataError, match="best.pt"):
+        load_checkpoint(path)
+    assert not (tmp_path / "pwned").exists()
+
+
+@pytest.mark.parametrize("content", [b"", b"not a checkpoint", None])
+def test_truncated_empty_or_foreign_checkpoints_are_clear_errors(reference, tmp_path, content):
+    from mdmt.errors import DataError
+
+    _, run_dir, _, _ = reference
+    path = tmp_path / LAST_CHECKPOINT
+    if content is None:  # a real checkpoint cut in half
+        data = (run_dir / LAST_CHECKPOINT).read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+    else:
+        path.write_bytes(content)
+    with pytest.raises(DataError, match=LAST_CHECKPOINT):
+        load_checkpoint(path)
+    torch.save({"model": {}}, tmp_path / "foreign.pt")  # another program's (or an older mdmt's) file
+    with pytest.raises(DataError, match="format"):
+        load_checkpoint(tmp_path / "foreign.pt")
+
+
+def test_rng_states_round_trip_through_a_safe_checkpoint(tmp_path):
+    import random
+
+    import numpy as np
+
+    from mdmt.train.checkpoints import rng_states, save_checkpoint, set_rng_states
+
+    random.seed(1), np.random.seed(2), torch.manual_seed(3)
+    save_checkpoint({"model": {}, "rng": rng_states()}, tmp_path / "c.pt")
+    expected = (random.random(), np.random.rand(), torch.rand(1).item())
+    set_rng_states(load_checkpoint(tmp_path / "c.pt")["rng"])
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected

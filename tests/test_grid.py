@@ -16,7 +16,7 @@ from mdmt.config import Config, load_config, parse_override
 from mdmt.errors import ConfigError
 from mdmt.experiments.grid import cpu_count, expand_grid, run_grid
 from mdmt.experiments.store import FAILED_FILE, ResultsStore
-from mdmt.train.run import RunSpec
+from mdmt.runs import RunSpec
 from mdmt.train.strategies import dependencies
 
 CALLS = "calls.log"
@@ -30,7 +30,7 @@ def make_config(results: Path | str, *overrides: str) -> Config:
 def small_config(results: Path) -> Config:
     """One backbone, 2 CV folds, 2 LOCO centers, MDMT from the STL average: 14 runs."""
     return make_config(results, "protocol.cv_folds=2", "protocol.loco_centers=[A, B]",
-                       "train.mdmt_init=stl_average", "grid.backbones=[net_a]")
+                       "strategies.mdmt.params.start_from=[stl_prognosis, stl_severity]", "grid.backbones=[net_a]")
 
 
 def fake_run(config: Config, spec: RunSpec, progress: bool = True) -> Path:
@@ -72,7 +72,8 @@ def dependants_of(failed: RunSpec, specs: list[RunSpec], config: Config) -> set[
 
 # --------------------------------------------------------------------------------------------- expansion
 def test_paper_grid_counts_and_dependencies_first(tmp_path):
-    config = make_config(tmp_path, "grid.backbones=[b1, b2]", "grid.seeds=[0, 1]", "train.mdmt_init=stl_average")
+    config = make_config(tmp_path, "grid.backbones=[b1, b2]", "grid.seeds=[0, 1]",
+                         "strategies.mdmt.params.start_from=[stl_prognosis, stl_severity]")
     specs = expand_grid(config)
     folds = config.protocol.cv_folds + len(config.protocol.loco_centers)  # 5 + 6
     prognosis_runs = 3 * folds  # stl_prognosis, ft, mdmt on every CV and LOCO fold
@@ -87,7 +88,7 @@ def test_paper_grid_counts_and_dependencies_first(tmp_path):
 
 
 def test_dependencies_are_added_when_not_requested(tmp_path):
-    config = make_config(tmp_path, "grid.strategies=[ft]", "grid.protocols=[loco]", "protocol.severity_loco_fold=2")
+    config = make_config(tmp_path, "grid.strategies=[ft]", "grid.protocols=[loco]", "protocol.paired_cv_fold=2")
     specs = expand_grid(config)
     assert specs[0] == RunSpec("stl_severity", "resnet18", "cv5", 2, 0)
     assert [s.fold for s in specs[1:]] == list(range(len(config.protocol.loco_centers)))

@@ -146,7 +146,7 @@ def _trained_state(seed: int) -> dict[str, torch.Tensor]:
 
 def test_average_backbones_is_beta_weighted_for_floats_and_keeps_counters_of_a():
     a, b = _trained_state(0), _trained_state(1)
-    averaged = average_backbones(a, b, 0.3)
+    averaged = average_backbones([a, b], [0.3, 0.7])
     assert averaged.keys() == a.keys()
     for name, value in averaged.items():
         if a[name].is_floating_point():
@@ -163,14 +163,14 @@ def test_average_backbones_pairs_by_name_not_order():
     random.Random(0).shuffle(keys)
     shuffled = {k: b[k] for k in keys}
     assert list(shuffled) != list(b)
-    ordered, reordered = average_backbones(a, b, 0.5), average_backbones(a, shuffled, 0.5)
+    ordered, reordered = average_backbones([a, b], [0.5, 0.5]), average_backbones([a, shuffled], [0.5, 0.5])
     assert all(torch.equal(ordered[k], reordered[k]) for k in ordered)
 
 
 def test_average_backbones_takes_whole_model_states_with_different_heads():
     prognosis = build_model(TINY, [get_task("prognosis")]).state_dict()
     severity = build_model(TINY, [get_task("severity_regions")]).state_dict()
-    averaged = average_backbones(prognosis, severity, 0.5)
+    averaged = average_backbones([prognosis, severity], [0.5, 0.5])
     assert set(averaged) == {k.removeprefix("backbone.") for k in prognosis if k.startswith("backbone.")}
 
 
@@ -178,9 +178,19 @@ def test_average_backbones_names_a_missing_key():
     a, b = _trained_state(0), _trained_state(1)
     b.pop("features.4.weight")
     with pytest.raises(ConfigError, match=r"features\.4\.weight"):
-        average_backbones(a, b, 0.5)
-    with pytest.raises(ConfigError, match="beta"):
-        average_backbones(a, a, 1.5)
+        average_backbones([a, b], [0.5, 0.5])
+    with pytest.raises(ConfigError, match="sum to 1"):
+        average_backbones([a, a], [1.5, -0.5])
+
+
+def test_average_backbones_weights_any_number_of_states():
+    a, b, c = _trained_state(0), _trained_state(1), _trained_state(2)
+    averaged = average_backbones([a, b, c], [0.2, 0.3, 0.5])
+    for name, value in averaged.items():
+        if a[name].is_floating_point():
+            assert torch.allclose(value, 0.2 * a[name] + 0.3 * b[name] + 0.5 * c[name]), name
+    two = average_backbones([a, b], [0.5, 0.5])
+    assert all(torch.equal(two[k], 0.5 * a[k] + 0.5 * b[k]) for k in two if a[k].is_floating_point())
 
 
 def test_load_backbone_state_leaves_heads_and_checks_keys():

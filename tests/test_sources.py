@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +10,7 @@ import pytest
 from helpers.dicom_fixtures import write_dicom
 from PIL import Image
 
-from mdmt.config import ManifestConfig
+from mdmt.data.datasets import TableParams, read_table_dataset
 from mdmt.data.dicom import read_image
 from mdmt.data.sources import (
     KNOWN_BAD_REASON,
@@ -340,14 +339,35 @@ def test_manifest_defaults_and_config_mapping(manifest_dir: Path):
     assert table.records["image_id"].tolist() == ["a", "b", "d", "c"]
     assert (table.records["patient_id"] == table.records["image_id"]).all()
     assert (table.records["center"] == "all").all() and table.records["prognosis"].isna().all()
-    config = ManifestConfig(name="cfg", path=str(manifest_dir / "manifest.csv"), image_column="file",
-                            patient_column="pid", label_columns={"outcome": "prognosis"})
-    via_config = read_manifest(config.path, config.name, columns=asdict(config))
-    direct = read_manifest(config.path, "cfg", image_column="file", patient_column="pid",
+    params = TableParams(path=str(manifest_dir / "manifest.csv"), image_column="file", patient_column="pid",
+                         label_columns={"outcome": "prognosis"})
+    via_plugin = read_table_dataset(params, "cfg")
+    direct = read_manifest(params.path, "cfg", image_column="file", patient_column="pid",
                            label_columns={"outcome": "prognosis"})
-    pd.testing.assert_frame_equal(via_config.records, direct.records)
+    pd.testing.assert_frame_equal(via_plugin.records, direct.records)
     with pytest.raises(ConfigError, match="unknown option"):
-        read_manifest(config.path, "cfg", columns={"image_colum": "file"})
+        read_manifest(params.path, "cfg", columns={"image_colum": "file"})
+
+
+@pytest.mark.parametrize(("column", "value", "fragment"), [
+    ("outcome", "MODERATE", "row 3: prognosis value 'MODERATE'"),
+    ("score_a", "two", "row 3: brixia_A value 'two'"),
+])
+def test_table_labels_that_do_not_parse_name_the_row_and_value(manifest_dir: Path, column, value, fragment):
+    frame = pd.read_csv(manifest_dir / "manifest.csv", dtype=str)
+    frame["outcome"] = ["SEVERE", "mild", "1", "0", "Mild"]
+    frame["score_a"] = ["0", "3", "2", "1", "0"]
+    path = manifest_dir / "labels.csv"
+    frame.to_csv(path, index=False)
+    params = TableParams(path=str(path), image_column="file", label_columns={"outcome": "prognosis",
+                                                                             "score_a": "brixia_A"})
+    records = read_table_dataset(params, "t").records
+    assert records["prognosis"].tolist() == [1.0, 0.0, 1.0, 0.0]  # names in any case, or 0/1
+    assert records["brixia_A"].tolist() == [0.0, 3.0, 2.0, 0.0]
+    frame.loc[1, column] = value
+    frame.to_csv(path, index=False)
+    with pytest.raises(DataError, match=fragment):
+        read_table_dataset(params, "t")
 
 
 def test_manifest_errors(manifest_dir: Path):

@@ -10,13 +10,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
 from rich.console import Console
 
 from mdmt.config import Config, load_config, parse_override
 from mdmt.errors import ConfigError, DataError
 
 console = Console()
-CONFIGS_DIR = Path(__file__).resolve().parents[2] / "configs"
+CONFIGS_DIR = Path(__file__).resolve().parent / "configs"
+"""The configs shipped inside the package (``--config paper`` names ``paper.yaml`` there)."""
 
 
 @dataclass(frozen=True)
@@ -30,20 +32,24 @@ class Option:
     action: str | None = None
 
 
-def _opt(*flags: str, key: str, type: Callable[[str], Any] | None = str, help: str = "", action: str | None = None) -> Option:
+def _opt(
+    *flags: str, key: str, type: Callable[[str], Any] | None = str, help: str = "", action: str | None = None
+) -> Option:
     return Option(tuple(flags), key, type, help, action)
 
 
 DATA_OPTIONS = (
-    _opt("--aiforcovid-root", key="data.aiforcovid_root", help="AIforCOVID root (imgs*/ + AIforCOVID*.xlsx)"),
-    _opt("--brixia-root", key="data.brixia_root", help="BrixIA root (dicom_clean/ + metadata_global_v2.csv)"),
+    _opt("--aiforcovid-root", key="data.datasets.aiforcovid.params.root",
+         help="AIforCOVID root (imgs*/ + AIforCOVID*.xlsx)"),
+    _opt("--brixia-root", key="data.datasets.brixia.params.root",
+         help="BrixIA root (dicom_clean/ + metadata_global_v2.csv)"),
     _opt("--cache-dir", key="data.cache_dir", help="where preprocessed image caches live"),
     _opt("--image-size", key="data.image_size", type=int, help="side of the cached square images (px)"),
     _opt("--crop", key="data.crop", help="lungs | none | masks | boxes"),
     _opt("--prepare-workers", key="data.workers", type=int, help="processes decoding images (0 = in-process)"),
 )
 RUN_OPTIONS = (
-    _opt("--strategy", key="run.strategy", help="stl_prognosis | stl_severity | ft | mdmt"),
+    _opt("--strategy", key="run.strategy", help="a strategy of the config (mdmt info lists them)"),
     _opt("--backbone", key="model.backbone", help="backbone name (mdmt info lists them)"),
     _opt("--weights", key="model.weights", help="none | imagenet | path to a local state_dict"),
     _opt("--protocol", key="run.protocol", help="cv5 | loco | official-cv5 | official-loco"),
@@ -53,11 +59,15 @@ RUN_OPTIONS = (
     _opt("--batch-size", key="train.batch_size", type=int, help="batch size"),
     _opt("--device", key="train.device", help="auto | cpu | cuda"),
     _opt("--results-dir", key="results_dir", help="where run directories are written"),
+    _opt("--rerun-changed", key="run.rerun_changed", type=None, action="store_true",
+         help="train again a run whose folder holds one with other inputs"),
 )
 GRID_OPTIONS = (
     _opt("--workers", key="grid.workers", type=int, help="runs in parallel (local processes)"),
     _opt("--backend", key="grid.backend", help="local | ray"),
     _opt("--results-dir", key="results_dir", help="where run directories are written"),
+    _opt("--rerun-changed", key="run.rerun_changed", type=None, action="store_true",
+         help="train again the runs whose inputs changed"),
 )
 SYNTH_OPTIONS = (
     _opt("--preset", key="synth.preset", help="tiny | small | medium"),
@@ -80,8 +90,17 @@ def _add_options(parser: argparse.ArgumentParser, options: Sequence[Option]) -> 
         parser.add_argument(*option.flags, **kwargs)
 
 
+def config_path(value: str) -> Path:
+    """A config file, or the name of a config shipped with mdmt (``paper``, ``demo``, ``demo3``)."""
+    path = Path(value)
+    packaged = CONFIGS_DIR / f"{value}.yaml"
+    return packaged if not path.exists() and packaged.is_file() else path
+
+
 def _add_config(parser: argparse.ArgumentParser, default: Path | None = None) -> None:
-    parser.add_argument("--config", type=Path, default=default, help="YAML config file")
+    shipped = ", ".join(p.stem for p in sorted(CONFIGS_DIR.glob("*.yaml")))
+    parser.add_argument("--config", type=config_path, default=default,
+                        help=f"YAML config file, or a shipped one by name: {shipped}")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override any config key, e.g. --set train.lr=0.01 (repeatable)")
 
@@ -116,7 +135,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from mdmt.data.cache import prepare
+    from mdmt.data.datasets import prepare
 
     config = resolve_config(args, DATA_OPTIONS)
     caches = prepare(config)
@@ -126,10 +145,13 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from mdmt.train.run import RunSpec, train_run
+    from mdmt.config import PluginRef
+    from mdmt.runs import RunSpec
+    from mdmt.train.run import train_run
 
     config = resolve_config(args, DATA_OPTIONS + RUN_OPTIONS)
-    spec = RunSpec(config.run.strategy, config.model.backbone, config.run.protocol, config.run.fold, config.seed)
+    backbone = PluginRef.of(config.model.backbone).name
+    spec = RunSpec(config.run.strategy, backbone, config.run.protocol, config.run.fold, config.seed)
     run_dir = train_run(config, spec)
     if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 reports
         console.print(f"[green]run finished: {run_dir}")
@@ -142,14 +164,18 @@ def cmd_grid(args: argparse.Namespace) -> int:
     config = resolve_config(args, DATA_OPTIONS + GRID_OPTIONS)
     summary = run_grid(config, workers=config.grid.workers, backend=config.grid.backend)
     console.print(summary)
-    return 0
+    return 0 if summary.ok else 1
 
 
 def cmd_report(args: argparse.Namespace) -> int:
     from mdmt.evaluate.report import build_report, headline_table_text
 
-    path = build_report(args.results, args.out)
-    console.print(headline_table_text(args.results))
+    if args.rescore:
+        from mdmt.evaluate.scoring import rescore
+
+        console.print(f"rescored {rescore(args.results)} run(s) from their prediction files")
+    path = build_report(args.results, args.out, task=args.task)
+    console.print(headline_table_text(args.results, args.task))
     console.print(f"[green]report: {path}")
     return 0
 
@@ -157,24 +183,50 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from mdmt.demo import run_demo
 
+    if args.config is None:
+        args.config = CONFIGS_DIR / ("demo3.yaml" if args.datasets == 3 else "demo.yaml")
     config = resolve_config(args, SYNTH_OPTIONS + GRID_OPTIONS)
-    run_demo(config, out=Path(args.out))
+    out = args.out or ("demo-output-3" if args.datasets == 3 else "demo-output")
+    run_demo(config, out=Path(out))
     return 0
 
 
 def cmd_info(args: argparse.Namespace) -> int:
     import torch
+    from rich.table import Table
 
     from mdmt import __version__
-    from mdmt.models.backbones import PAPER_BACKBONES, list_backbones
+    from mdmt.data.datasets import DATASETS
+    from mdmt.models.backbones import BACKBONES
+    from mdmt.models.heads import HEADS
     from mdmt.tasks import TASK_NAMES
-    from mdmt.train.strategies import STRATEGIES
+    from mdmt.train.strategies import STRATEGIES, describe
+    from mdmt.weighting import WEIGHTINGS
 
+    config = resolve_config(args, ())
     console.print(f"mdmt {__version__}, torch {torch.__version__}, CUDA available: {torch.cuda.is_available()}")
-    console.print(f"paper backbones ({len(PAPER_BACKBONES)}): {', '.join(PAPER_BACKBONES)}")
-    console.print(f"other backbones: {', '.join(b for b in list_backbones() if b not in PAPER_BACKBONES)}")
+    table = Table(title="plug-ins ({name, params} in a config)")
+    for column in ("kind", "name", "what", "params"):
+        table.add_column(column)
+    for registry in (DATASETS, BACKBONES, HEADS, WEIGHTINGS, STRATEGIES):
+        for name, summary, params in registry.describe():
+            table.add_row(registry.kind, name, summary, params)
+    console.print(table)
     console.print(f"tasks: {', '.join(TASK_NAMES)}")
-    console.print(f"strategies: {', '.join(STRATEGIES)}")
+    strategies = Table(title="strategies of this config")
+    strategies.add_column("name")
+    strategies.add_column("what")
+    for name, summary in describe(config):
+        strategies.add_row(name, summary)
+    console.print(strategies)
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    from mdmt.config import to_dict
+
+    config = resolve_config(args, ())
+    print(yaml.safe_dump(to_dict(config), sort_keys=False), end="")
     return 0
 
 
@@ -184,9 +236,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("demo", help="synthetic data → caches → STL/FT/MDMT grid → statistics → report")
-    _add_config(p, CONFIGS_DIR / "demo.yaml")
+    _add_config(p)
     _add_options(p, SYNTH_OPTIONS + GRID_OPTIONS)
-    p.add_argument("--out", default="demo-output", help="output folder (data, cache, results, report)")
+    p.add_argument("--datasets", type=int, choices=(2, 3), default=2,
+                   help="3: add the twin's third dataset and compare MDMT over three datasets with two (demo3)")
+    p.add_argument("--out", default=None, help="output folder (default demo-output, or demo-output-3)")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("synth", help="write the synthetic AIforCOVID + BrixIA twin in the real formats")
@@ -213,10 +267,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="tables, statistics and figures rebuilt from a results folder")
     p.add_argument("results", type=Path, help="results folder (holds runs/)")
     p.add_argument("--out", type=Path, default=None, help="report folder (default RESULTS/report)")
+    p.add_argument("--task", default="prognosis", help="the task the tables and tests are about")
+    p.add_argument("--rescore", action="store_true", help="recompute every run's metrics from its predictions first")
     p.set_defaults(func=cmd_report)
 
-    p = sub.add_parser("info", help="versions, device, backbones, tasks and strategies")
+    p = sub.add_parser("info", help="versions, device, every plug-in, tasks and the config's strategies")
+    _add_config(p)
     p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("config", help="print the resolved config (a shipped one: --config paper)")
+    _add_config(p)
+    p.set_defaults(func=cmd_config)
     return parser
 
 

@@ -15,29 +15,45 @@ from mdmt.errors import ConfigError
 
 
 @dataclass
-class ManifestConfig:
-    """A user dataset described by a CSV/XLSX table."""
+class PluginRef:
+    """A config entry naming a registered plug-in and its parameters: ``{name, params}`` or just the name.
+
+    In a mapping keyed by name (``data.datasets``, ``strategies``) an empty ``name`` means the key.
+    """
 
     name: str = ""
-    path: str = ""
-    image_column: str = "path"
-    id_column: str | None = None
-    patient_column: str | None = None
-    center_column: str | None = None
-    label_columns: dict[str, str] = field(default_factory=dict)
+    params: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, value: PluginRef | str | dict[str, Any]) -> PluginRef:
+        """A PluginRef from itself, a bare name or a ``{name, params}`` mapping."""
+        if isinstance(value, PluginRef):
+            return value
+        if isinstance(value, str):
+            return cls(value)
+        return from_dict(cls, value, "plug-in entry")
+
+    def named(self, key: str) -> PluginRef:
+        """This entry with ``key`` as its name when it names none."""
+        return self if self.name else PluginRef(key, dict(self.params))
+
+
+def _ref(name: str, **params: Any) -> Any:
+    return field(default_factory=lambda: PluginRef(name, dict(params)))
 
 
 @dataclass
 class DataConfig:
     """Where the datasets are and how images are preprocessed into the cache."""
 
-    aiforcovid_root: str | None = None
-    brixia_root: str | None = None
-    manifests: list[ManifestConfig] = field(default_factory=list)
+    datasets: dict[str, PluginRef] = field(default_factory=dict)
+    """The study's datasets: id → ``{name: aiforcovid | brixia | table | <plug-in>, params}``."""
     cache_dir: str = ".mdmt-cache"
     image_size: int = 256
     clip_percentiles: tuple[float, float] = (2.0, 98.0)
-    crop: Literal["lungs", "none", "masks", "boxes"] = "lungs"
+    crop: Literal["lungs", "lungs_classical", "none", "masks", "boxes"] = "lungs"
+    """lungs: the learned lung segmenter (the classical localiser when it finds no plausible lungs);
+    lungs_classical: the classical localiser only; none: the whole film; masks or boxes: your own."""
     crop_margin: float = 0.05
     masks_dir: str | None = None
     boxes_file: str | None = None
@@ -75,13 +91,15 @@ class TaskConfig:
 class ModelConfig:
     """Backbone, weights and heads."""
 
-    backbone: str = "resnet18"
+    backbone: PluginRef = _ref("resnet18")
     weights: str = "none"
     input_size: int = 256
-    prognosis_head: Literal["mlp", "linear"] = "mlp"
-    severity_head: Literal["mlp", "linear"] = "linear"
+    head: PluginRef = _ref("linear", dropout=0.5)
+    """The head of every task that ``heads`` does not name."""
+    heads: dict[str, PluginRef] = field(default_factory=lambda: {"prognosis": PluginRef("mlp", {"dropout": 0.5})})
+    """Per-task heads (task name, or ``severity`` for ``severity_task``)."""
     severity_task: str = "severity_global4"
-    dropout: float = 0.5
+    """The task a strategy's ``severity`` stands for."""
     extra_tasks: list[TaskConfig] = field(default_factory=list)
 
 
@@ -91,9 +109,7 @@ class LossConfig:
 
     variant: Literal["paper", "clean"] = "clean"
     task_weights: dict[str, float] = field(default_factory=dict)
-    weighting: Literal["fixed", "uncertainty", "dwa", "gradnorm", "pcgrad"] = "fixed"
-    dwa_temperature: float = 2.0
-    gradnorm_alpha: float = 1.5
+    weighting: PluginRef = _ref("fixed")
 
 
 @dataclass
@@ -109,7 +125,6 @@ class TrainConfig:
     scheduler_patience: int = 15
     scheduler_factor: float = 0.65
     min_lr: float = 1e-8
-    select_on: str = "val_prognosis_loss"
     mix: Literal["natural", "ratio"] = "natural"
     mix_ratio: float = 0.5
     num_workers: int = 0
@@ -118,21 +133,20 @@ class TrainConfig:
     amp: bool = True
     channels_last: bool = True
     compile: bool = False
-    ft_epochs: int | None = None
-    mdmt_init: str = "imagenet"
-    stl_beta: float = 0.5
-    curriculum: bool = False
-    permute_severity_labels: bool = False
 
 
 @dataclass
 class ProtocolConfig:
-    """How AIforCOVID and BrixIA are split into folds."""
+    """How the datasets are split into folds."""
 
+    dataset: str = "aiforcovid"
+    """The dataset whose folds define each protocol (LOCO's centers, the official split files); a run scores
+    its tasks on its own test parts, and the other datasets follow with their CV fold (``paired_cv_fold`` for
+    LOCO)."""
     cv_folds: int = 5
     loco_val_fraction: float = 0.1
     loco_centers: list[str] = field(default_factory=lambda: ["A", "D", "E", "F", "B", "C"])
-    severity_loco_fold: int = 0
+    paired_cv_fold: int = 0
     official_splits_dir: str | None = None
 
 
@@ -140,7 +154,7 @@ class ProtocolConfig:
 class GridConfig:
     """The study: backbones × strategies × protocols × folds × seeds."""
 
-    backbones: list[str] = field(default_factory=lambda: ["resnet18"])
+    backbones: list[PluginRef] = field(default_factory=lambda: [PluginRef("resnet18")])
     strategies: list[str] = field(default_factory=lambda: ["stl_prognosis", "stl_severity", "ft", "mdmt"])
     protocols: list[str] = field(default_factory=lambda: ["cv5", "loco"])
     folds: list[int] | None = None
@@ -159,6 +173,8 @@ class SynthConfig:
     decoupled: bool = False
     opacity: float | None = None
     faults: list[str] = field(default_factory=list)
+    cohort: bool = False
+    """Also write a third dataset: a cohort from hospitals G and H as a manifest, with both labels."""
 
 
 @dataclass
@@ -168,6 +184,25 @@ class RunConfig:
     strategy: str = "mdmt"
     protocol: str = "cv5"
     fold: int = 0
+    rerun_changed: bool = False
+    """Train again a run whose folder holds a run with other inputs (otherwise that is an error)."""
+
+
+def _stage(summary: str, datasets: list[str], tasks: list[str], **more: Any) -> PluginRef:
+    return PluginRef("train", {"summary": summary, "datasets": datasets, "tasks": tasks, **more})
+
+
+PAPER_STRATEGIES: dict[str, PluginRef] = {
+    "stl_prognosis": _stage("single task: prognosis on AIforCOVID", ["aiforcovid"], ["prognosis"]),
+    "stl_severity": _stage("single task: severity on BrixIA", ["brixia"], ["severity"]),
+    "ft": _stage("stl_severity's backbone fine-tuned on prognosis (fresh head)", ["aiforcovid"], ["prognosis"],
+                 start_from=["stl_severity"]),
+    "mdmt": _stage("multi-dataset multi-task: both datasets, both heads, one backbone pass",
+                   ["aiforcovid", "brixia"], ["prognosis", "severity"]),
+    "mdmt_permuted": _stage("control: MDMT with BrixIA's labels permuted among its training images",
+                            ["aiforcovid", "brixia"], ["prognosis", "severity"], permute=["brixia"]),
+}
+"""The paper's strategies (and the permuted-label control) as data; configs may change or add entries."""
 
 
 @dataclass
@@ -182,15 +217,24 @@ class Config:
     protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
     grid: GridConfig = field(default_factory=GridConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    strategies: dict[str, PluginRef] = field(default_factory=lambda: dict(PAPER_STRATEGIES))
+    """Strategy name → ``{name: <strategy plug-in, default train>, params}``; ``grid.strategies`` picks from it."""
     synth: SynthConfig = field(default_factory=SynthConfig)
     results_dir: str = "results"
     seed: int = 0
+    plugins: list[str] = field(default_factory=list)
+    """Python modules or ``.py`` files imported before anything is built: they register further datasets,
+    backbones, heads, weightings or strategies."""
 
 
 def _convert(value: Any, tp: Any, where: str) -> Any:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
+    if tp is PluginRef and isinstance(value, str):
+        return PluginRef(value)
     if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping, got {value!r}")
         return from_dict(tp, value, where)
@@ -284,8 +328,12 @@ def parse_override(text: str) -> dict[str, Any]:
 
 
 def load_config(path: str | Path | None = None, overrides: list[dict[str, Any]] | None = None) -> Config:
-    """Defaults, then the YAML file, then each override mapping in order."""
-    values: dict[str, Any] = {}
+    """Defaults, then the YAML file, then each override mapping in order.
+
+    ``strategies`` entries merge into the built-in ones (``PAPER_STRATEGIES``), so a config changes or adds
+    strategies without restating the others.
+    """
+    values: dict[str, Any] = {"strategies": {k: dataclasses.asdict(v) for k, v in PAPER_STRATEGIES.items()}}
     if path is not None:
         path = Path(path)
         if not path.is_file():
@@ -293,10 +341,15 @@ def load_config(path: str | Path | None = None, overrides: list[dict[str, Any]] 
         loaded = yaml.safe_load(path.read_text()) or {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: the top level must be a mapping")
-        values = loaded
+        values = merge(values, loaded)
     for override in overrides or []:
         values = merge(values, override)
-    return from_dict(Config, values)
+    config = from_dict(Config, values)
+    if config.plugins:
+        from mdmt.plugins import load_plugins
+
+        load_plugins(config.plugins)
+    return config
 
 
 def save_config(config: Any, path: str | Path) -> None:

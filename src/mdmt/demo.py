@@ -9,7 +9,10 @@ from pathlib import Path
 
 from rich.console import Console
 
-from mdmt.config import Config, save_config
+from mdmt.config import Config, PluginRef, save_config
+
+COHORT_MANIFEST = "COHORT/manifest.csv"
+"""Where the twin writes its third dataset (``synth.cohort``)."""
 
 console = Console()
 
@@ -25,10 +28,23 @@ def _synthetic_data(config: Config, data_dir: Path) -> None:
         console.print(f"synthetic data: reusing {data_dir}")
         return
     s = config.synth
-    summary = generate(data_dir, preset=s.preset, seed=s.seed, decoupled=s.decoupled, faults=s.faults, opacity=s.opacity)
+    summary = generate(data_dir, preset=s.preset, seed=s.seed, decoupled=s.decoupled, faults=s.faults,
+                       opacity=s.opacity, cohort=s.cohort)
     if hasattr(summary, "table"):
         console.print(summary.table())
     stamp.write_text(json.dumps(params))
+
+
+def twin_datasets(config: Config, data_dir: Path) -> dict[str, PluginRef]:
+    """``data.datasets`` pointing at the twin in ``data_dir`` (the cohort's table options come from the config)."""
+    datasets = {
+        "aiforcovid": PluginRef("aiforcovid", {"root": str(data_dir / "AIforCOVID")}),
+        "brixia": PluginRef("brixia", {"root": str(data_dir / "BRIXIA")}),
+    }
+    if config.synth.cohort:
+        cohort = PluginRef.of(config.data.datasets.get("cohort", PluginRef("table"))).named("table")
+        datasets["cohort"] = PluginRef(cohort.name, {**cohort.params, "path": str(data_dir / COHORT_MANIFEST)})
+    return datasets
 
 
 def run_demo(config: Config, out: Path) -> Path:
@@ -40,17 +56,12 @@ def run_demo(config: Config, out: Path) -> Path:
     out = Path(out)
     data_dir = out / "data"
     data_dir.mkdir(parents=True, exist_ok=True)
-    console.rule("1/3 synthetic AIforCOVID + BrixIA twin")
+    console.rule("1/3 synthetic AIforCOVID + BrixIA twin" + (" + cohort" if config.synth.cohort else ""))
     _synthetic_data(config, data_dir)
 
     config = dataclasses.replace(
         config,
-        data=dataclasses.replace(
-            config.data,
-            aiforcovid_root=str(data_dir / "AIforCOVID"),
-            brixia_root=str(data_dir / "BRIXIA"),
-            cache_dir=str(out / "cache"),
-        ),
+        data=dataclasses.replace(config.data, datasets=twin_datasets(config, data_dir), cache_dir=str(out / "cache")),
         results_dir=str(out / "results"),
     )
     save_config(config, out / "config.yaml")

@@ -157,3 +157,23 @@ def make_task(name: str, column: str, kind: TaskKind = "classification", classes
     if kind == "regression":
         return Task(name, kind, (column,), 1, 0, _column(column))
     raise ConfigError(f"task {name!r}: kind must be classification or regression, not {kind!r}")
+
+
+# ----------------------------------------------------------------------------------------- prediction columns
+def group_names(task: Task) -> list[str]:
+    """Suffixes of a task's per-group columns: ``[""]`` for one group, else the region letters or indices."""
+    if task.target_dim == 1:
+        return [""]
+    if len(task.columns) == task.target_dim:
+        return [c.removeprefix("brixia_") for c in task.columns]
+    return [str(i) for i in range(task.target_dim)]
+
+
+def prediction_column(base: str, group: str) -> str:
+    """``base`` for a one-group task, else ``base_<group>``."""
+    return f"{base}_{group}" if group else base
+
+
+def prediction_columns(base: str, task: Task) -> list[str]:
+    """A task's per-group column names for ``base`` (``y_true`` → ``y_true`` or ``y_true_A`` …)."""
+    return [prediction_column(base, g) for g in group_names(task)]

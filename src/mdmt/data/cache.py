@@ -19,7 +19,7 @@ import time
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import ExitStack
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -28,11 +28,11 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from mdmt.config import Config, DataConfig
+from mdmt.config import DataConfig
 from mdmt.data.dicom import normalize_intensity, read_image
 from mdmt.data.lungs import LungBox, crop_to_box, find_mask, resolve_box
-from mdmt.data.sources import SourceTable, read_aiforcovid, read_brixia, read_manifest
-from mdmt.errors import ConfigError, DataError, ImageReadError
+from mdmt.data.sources import SourceTable
+from mdmt.errors import DataError, ImageReadError
 from mdmt.progress import progress_bar
 
 PREPROCESS_VERSION = 1
@@ -332,22 +332,6 @@ def build_cache(source: SourceTable, cfg: DataConfig, root: str | Path, progress
     return cache
 
 
-def _configured_sources(data: DataConfig) -> dict[str, SourceTable]:
-    """The ``SourceTable`` of every dataset the config names (AIforCOVID, BrixIA, manifests)."""
-    tables: dict[str, SourceTable] = {}
-    if data.aiforcovid_root:
-        tables["aiforcovid"] = read_aiforcovid(data.aiforcovid_root)
-    if data.brixia_root:
-        tables["brixia"] = read_brixia(data.brixia_root)
-    for manifest in data.manifests:
-        if manifest.name in tables:
-            raise ConfigError(f"data.manifests: dataset name {manifest.name!r} is used twice")
-        tables[manifest.name] = read_manifest(manifest.path, manifest.name, columns=asdict(manifest))
-    if not tables:
-        raise ConfigError("no dataset configured: set data.aiforcovid_root, data.brixia_root or data.manifests")
-    return tables
-
-
 def _counts_by_reason(table: pd.DataFrame) -> str:
     """``"3 (2× file not found; 1× invalid DICOM)"``: counts by the reason's text before its first colon."""
     if table.empty:
@@ -372,22 +356,15 @@ def summary_table(caches: dict[str, ImageCache]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def prepare(config: Config, progress: bool = True) -> dict[str, ImageCache]:
-    """Read every configured dataset and build (or reuse) its cache under ``config.data.cache_dir``."""
-    tables = _configured_sources(config.data)
-    caches = {
-        name: build_cache(table, config.data, config.data.cache_dir, progress=progress)
-        for name, table in tables.items()
-    }
-    if progress:
-        from rich.console import Console
-        from rich.table import Table
+def print_summary(caches: dict[str, ImageCache]) -> None:
+    """Print ``summary_table`` as a rich table."""
+    from rich.console import Console
+    from rich.table import Table
 
-        summary = summary_table(caches)
-        table = Table(title="image caches")
-        for column in summary.columns:
-            table.add_column(column)
-        for row in summary.itertuples(index=False):
-            table.add_row(*map(str, row))
-        Console().print(table)
-    return caches
+    summary = summary_table(caches)
+    table = Table(title="image caches")
+    for column in summary.columns:
+        table.add_column(column)
+    for row in summary.itertuples(index=False):
+        table.add_row(*map(str, row))
+    Console().print(table)

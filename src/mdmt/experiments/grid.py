@@ -23,15 +23,17 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import pandas as pd
 from rich.table import Table
 
-from mdmt.config import Config
+from mdmt.config import Config, PluginRef
+from mdmt.data.datasets import paired_fold, prepare, protocol_folds
 from mdmt.errors import ConfigError
 from mdmt.experiments.store import ResultsStore
+from mdmt.plugins import load_plugins
 from mdmt.progress import make_progress
-from mdmt.train.run import DONE_FILE, RunSpec, folds_for, train_run
-from mdmt.train.strategies import AIFORCOVID, dependencies, get_strategy, severity_pairing
+from mdmt.runs import DONE_FILE, RunSpec
+from mdmt.train.run import finished_run, train_run
+from mdmt.train.strategies import dependencies, get_strategy
 
 RunFn = Callable[[Config, RunSpec, bool], Path]
 Submit = Callable[[RunSpec], Future]
@@ -44,7 +46,7 @@ def grid_folds(protocol: str, config: Config) -> list[int]:
 
     Computed from the config alone: LOCO has one fold per center of ``config.protocol.loco_centers``.
     """
-    available = folds_for(protocol, config, pd.DataFrame({"center": config.protocol.loco_centers}))
+    available = protocol_folds(protocol, config)
     if config.grid.folds is None:
         return available
     unknown = [f for f in config.grid.folds if f not in available]
@@ -55,13 +57,13 @@ def grid_folds(protocol: str, config: Config) -> list[int]:
 
 
 def _requested(config: Config) -> Iterator[RunSpec]:
-    """The runs the grid names; a BrixIA-only strategy runs on the BrixIA fold each (protocol, fold) pairs with."""
+    """The runs the grid names; a strategy without ``protocol.dataset`` runs on the folds its datasets follow."""
     grid = config.grid
-    names = itertools.product(grid.backbones, grid.strategies, grid.protocols, grid.seeds)
-    for backbone, name, protocol, seed in names:
-        brixia_only = AIFORCOVID not in get_strategy(name).sources
+    backbones = [PluginRef.of(b).name for b in grid.backbones]
+    for backbone, name, protocol, seed in itertools.product(backbones, grid.strategies, grid.protocols, grid.seeds):
+        follows = config.protocol.dataset not in get_strategy(name, config).datasets
         for fold in grid_folds(protocol, config):
-            run_protocol, run_fold = severity_pairing(protocol, fold, config) if brixia_only else (protocol, fold)
+            run_protocol, run_fold = paired_fold(protocol, fold, config) if follows else (protocol, fold)
             yield RunSpec(name, backbone, run_protocol, run_fold, seed)
 
 
@@ -130,6 +132,7 @@ def run_with_threads(run_fn: RunFn, config: Config, spec: RunSpec, threads: int)
     """Worker entry point: limit torch to ``threads`` threads, then run ``spec`` quietly."""
     import torch
 
+    load_plugins(config.plugins)
     torch.set_num_threads(threads)
     return run_fn(config, spec, False)
 
@@ -201,6 +204,25 @@ def _backend(backend: str, workers: int, run_fn: RunFn, config: Config, progress
 
 
 # --------------------------------------------------------------------------------------------- the runner
+def _finished(config: Config, specs: list[RunSpec], run_fn: RunFn, summary: GridSummary, progress: bool
+              ) -> set[RunSpec]:
+    """The runs already finished with the same inputs; a finished run with other inputs is recorded as failed
+    (refused) unless ``run.rerun_changed`` (then it runs again). The caches are built here, once."""
+    results_dir = Path(config.results_dir)
+    marked = [spec for spec in specs if (spec.run_dir(results_dir) / DONE_FILE).is_file()]
+    if run_fn is not train_run:
+        return set(marked)
+    caches = prepare(config, progress=progress)
+    done = set()
+    for spec in marked:
+        try:
+            if finished_run(config, spec, caches):
+                done.add(spec)
+        except ConfigError as exc:
+            summary.failed[spec.key] = _error_line(exc)
+    return done
+
+
 def _error_text(error: BaseException) -> str:
     return "".join(traceback.format_exception(error))
 
@@ -232,13 +254,10 @@ def run_grid(
     store = ResultsStore(results_dir)
     store.rescan()
     needs = {spec: dependencies(spec, config) for spec in specs}
-    done = {spec for spec in specs if (spec.run_dir(results_dir) / DONE_FILE).is_file()}
-    pending = [spec for spec in specs if spec not in done]
-    summary = GridSummary(total=len(specs), already_done=[s.key for s in specs if s in done])
-    if pending and run_fn is train_run and (workers > 1 or backend == "ray"):
-        from mdmt.data.cache import prepare
-
-        prepare(config, progress=progress)  # build the caches once, before the workers open them
+    summary = GridSummary(total=len(specs))
+    done = _finished(config, specs, run_fn, summary, progress)
+    pending = [spec for spec in specs if spec not in done and spec.key not in summary.failed]
+    summary.already_done = [s.key for s in specs if s in done]
 
     with ExitStack() as stack:
         submit = stack.enter_context(_backend(backend, workers, run_fn, config, progress))

@@ -92,26 +92,38 @@ def load_backbone_state(model: MultiTaskModel, state: Mapping[str, torch.Tensor]
 
 
 def average_backbones(
-    state_a: Mapping[str, torch.Tensor], state_b: Mapping[str, torch.Tensor], beta: float
+    states: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float]
 ) -> dict[str, torch.Tensor]:
-    """``beta·a + (1−beta)·b`` for every floating-point backbone entry, paired by name.
+    """``Σ weights[i]·states[i]`` for every floating-point backbone entry, paired by name.
 
-    Whole-model dicts are reduced to their backbone part first, so the two STL models' different heads do not
-    matter; the backbone key sets must be identical. Float buffers (BatchNorm running mean and variance) are
-    averaged like the weights — a deliberate change from the official code, which left them at the ImageNet
-    values: averaged statistics sit between the two networks' feature statistics, and training re-estimates
-    them within the first epochs. Integer buffers (``num_batches_tracked``) are taken from ``a``.
+    Whole-model dicts are reduced to their backbone part first, so the models' different heads do not matter;
+    the backbone key sets must be identical. Float buffers (BatchNorm running mean and variance) are averaged
+    like the weights — a deliberate change from the official code, which left them at the ImageNet values:
+    averaged statistics sit between the networks' feature statistics, and training re-estimates them within
+    the first epochs. Integer buffers (``num_batches_tracked``) are taken from the first state. With two states
+    and weights (β, 1−β) this is the paper's β·θ_prognosis + (1−β)·θ_severity.
     """
-    if not 0.0 <= beta <= 1.0:
-        raise ConfigError(f"the averaging weight beta must be in [0, 1], got {beta}")
-    a, b = backbone_part(state_a), backbone_part(state_b)
-    only_a, only_b = sorted(set(a) - set(b)), sorted(set(b) - set(a))
-    if only_a or only_b:
-        raise ConfigError(f"backbone states differ: only in the first {only_a[:10]}, only in the second {only_b[:10]}")
+    if len(states) != len(weights) or len(states) < 2:
+        raise ConfigError(f"averaging needs two or more backbone states and one weight each, got {len(states)} "
+                          f"states and {len(weights)} weights")
+    if any(w < 0 for w in weights) or abs(sum(weights) - 1.0) > 1e-6:
+        raise ConfigError(f"the averaging weights {list(weights)} must be non-negative and sum to 1")
+    parts = [backbone_part(state) for state in states]
+    for i, part in enumerate(parts[1:], start=2):
+        only_first, only_other = sorted(set(parts[0]) - set(part)), sorted(set(part) - set(parts[0]))
+        if only_first or only_other:
+            raise ConfigError(f"backbone states differ: only in the first {only_first[:10]}, only in state {i} "
+                              f"{only_other[:10]}")
     averaged: dict[str, torch.Tensor] = {}
-    for name, value in a.items():
-        other = b[name]
-        if value.shape != other.shape:
-            raise ConfigError(f"backbone entry {name!r}: shapes {tuple(value.shape)} and {tuple(other.shape)} differ")
-        averaged[name] = beta * value + (1.0 - beta) * other if value.is_floating_point() else value.clone()
+    for name, value in parts[0].items():
+        if not value.is_floating_point():
+            averaged[name] = value.clone()
+            continue
+        total = weights[0] * value
+        for weight, part in zip(weights[1:], parts[1:]):
+            if part[name].shape != value.shape:
+                raise ConfigError(f"backbone entry {name!r}: shapes {tuple(value.shape)} and "
+                                  f"{tuple(part[name].shape)} differ")
+            total = total + weight * part[name]
+        averaged[name] = total
     return averaged

@@ -9,8 +9,6 @@ finishes with the same weights and history as one that was never interrupted.
 from __future__ import annotations
 
 import math
-import os
-import random
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -23,16 +21,15 @@ import torch
 from torch import nn
 
 from mdmt.config import TrainConfig
-from mdmt.data.augment import to_network_input
+from mdmt.data.augment import IMAGENET_MEAN, IMAGENET_STD, to_network_input
 from mdmt.errors import ConfigError, DataError
 from mdmt.losses import Weighting, task_losses
-from mdmt.progress import make_progress
+from mdmt.progress import RunProgress
+from mdmt.runs import BEST_CHECKPOINT, HISTORY_FILE, LAST_CHECKPOINT, atomic_write_text
 from mdmt.tasks import Task
+from mdmt.train.checkpoints import derived_seed, load_checkpoint, rng_states, save_checkpoint, set_rng_states
 from mdmt.train.distributed import SINGLE, DistContext, all_reduce_sum, average_gradients, loss_scale, wrap_model
 
-LAST_CHECKPOINT = "last.pt"
-BEST_CHECKPOINT = "best.pt"
-HISTORY_FILE = "history.csv"
 STATUS_EVERY = 20
 """Steps between running-loss updates of the progress bar on a GPU (each costs a device sync)."""
 
@@ -97,61 +94,6 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def seed_everything(seed: int) -> None:
-    """Seed python, numpy and torch (all devices)."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def derived_seed(*parts: int) -> int:
-    """A 63-bit seed mixed from integers (e.g. run seed and epoch) via numpy's SeedSequence."""
-    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, np.uint64)[0] >> np.uint64(1))
-
-
-def rng_states() -> dict[str, Any]:
-    """The global RNG states (python, numpy, torch CPU and CUDA)."""
-    states: dict[str, Any] = {
-        "python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        states["cuda"] = torch.cuda.get_rng_state_all()
-    return states
-
-
-def set_rng_states(states: Mapping[str, Any]) -> None:
-    """Restore what ``rng_states`` captured."""
-    random.setstate(states["python"])
-    np.random.set_state(states["numpy"])
-    torch.set_rng_state(states["torch"])
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
-
-
-def atomic_torch_save(obj: Any, path: Path) -> None:
-    """``torch.save`` to a temporary file, then rename over ``path``."""
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def atomic_write_text(text: str, path: Path) -> None:
-    """Write a text file through a temporary file and a rename."""
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    """Read a checkpoint written by this module (CPU tensors)."""
-    return torch.load(path, map_location="cpu", weights_only=False)
-
-
-def load_model_state(run_dir: Path, name: str = BEST_CHECKPOINT) -> dict[str, torch.Tensor]:
-    """The model ``state_dict`` stored in ``run_dir/name``."""
-    return load_checkpoint(Path(run_dir) / name)["model"]
-
-
 def _set_sampler_epoch(loader: Iterable[Any], epoch: int) -> None:
     for holder in (getattr(loader, "batch_sampler", None), getattr(loader, "sampler", None)):
         if hasattr(holder, "set_epoch"):
@@ -162,10 +104,12 @@ def _set_sampler_epoch(loader: Iterable[Any], epoch: int) -> None:
 class Batches:
     """Moves collated batches to the device and turns images into network input."""
 
-    def __init__(self, device: torch.device, input_size: int | None, channels_last: bool):
+    def __init__(self, device: torch.device, input_size: int | None, channels_last: bool, model: nn.Module):
         self.device = device
         self.input_size = input_size
         self.channels_last = channels_last
+        # the backbone's own normalisation statistics (a bare module without them gets ImageNet's)
+        self.normalization = getattr(model, "normalization", (IMAGENET_MEAN, IMAGENET_STD))
 
     def __call__(
         self,
@@ -179,7 +123,7 @@ class Batches:
         present = {t: v.to(self.device, non_blocking=True) for t, v in batch["present"].items()}
         if augmenter is not None:
             images, targets = augmenter(images.float().div_(255.0), targets, generator)
-        x = to_network_input(images, self.input_size)
+        x = to_network_input(images, self.input_size, *self.normalization)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return x, targets, present
@@ -235,59 +179,6 @@ def _forward_losses(
     return task_losses(outputs, targets, present, tasks, variant)
 
 
-def _status(means: Mapping[str, float]) -> str:
-    return " ".join(f"{t}={v:.4f}" for t, v in means.items() if not math.isnan(v))
-
-
-class RunProgress:
-    """Rich bars of a run: one over the epochs (validation losses, best so far) and, while an epoch runs, one
-    over its steps with the running training losses (refreshed every ``status_every`` steps)."""
-
-    def __init__(self, enabled: bool, description: str, max_epochs: int, status_every: int):
-        self.enabled = enabled
-        self.status_every = status_every
-        self.bars = make_progress() if enabled else None
-        self.run_bar = self.bars.add_task(description, total=max_epochs, status="") if self.bars else None
-        self.epoch_bar: Any = None
-        self.steps = 0
-
-    def __enter__(self) -> RunProgress:
-        if self.bars is not None:
-            self.bars.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.bars is not None:
-            self.bars.stop()
-
-    def resume(self, epochs_done: int) -> None:
-        """Show the epochs a resumed run already has."""
-        if self.bars is not None:
-            self.bars.update(self.run_bar, completed=epochs_done)
-
-    def start_epoch(self, epoch: int, n_steps: int | None) -> None:
-        """A fresh step bar for ``epoch``."""
-        if self.bars is not None:
-            self.epoch_bar = self.bars.add_task(f"epoch {epoch}", total=n_steps, status="")
-            self.steps = 0
-
-    def step(self, meter: LossMeter) -> None:
-        """Advance the step bar (with the running task losses every ``status_every`` steps)."""
-        if self.bars is None:
-            return
-        self.steps += 1
-        status = {"status": _status(meter.task_means())} if self.steps % self.status_every == 0 else {}
-        self.bars.update(self.epoch_bar, advance=1, **status)
-
-    def end_epoch(self, state: LoopState, val_means: Mapping[str, float]) -> None:
-        """Drop the step bar; the run bar shows the validation losses and the best epoch."""
-        if self.bars is None:
-            return
-        self.bars.remove_task(self.epoch_bar)
-        best = f" best {state.best_score:.4f}@{state.best_epoch}" if state.best_epoch >= 0 else ""
-        self.bars.update(self.run_bar, completed=state.epoch, status=f"val {_status(val_means)}{best}")
-
-
 @dataclass
 class Trainer:
     """The epoch loop. ``fit`` runs it; attributes are fixed for the whole run."""
@@ -319,7 +210,7 @@ class Trainer:
         self.model.to(self.device)
         if channels_last:
             self.model.to(memory_format=torch.channels_last)
-        self.batches = Batches(self.device, self.input_size, channels_last)
+        self.batches = Batches(self.device, self.input_size, channels_last, self.model)
         network = wrap_model(self.model, self.dist, self.device)
         self.forward: Callable[[torch.Tensor], dict[str, torch.Tensor]] = (
             torch.compile(network) if self.cfg.compile else network  # type: ignore[assignment]
@@ -372,7 +263,7 @@ class Trainer:
         return True
 
     def _save_best(self, epoch: int, score: float) -> None:
-        atomic_torch_save(
+        save_checkpoint(
             {"model": self.model.state_dict(), "epoch": epoch, "score": score, "select_task": self.select_task,
              "tasks": self.task_names},
             self.run_dir / BEST_CHECKPOINT,
@@ -436,7 +327,7 @@ class Trainer:
         self.history.append(row)
         if self.dist.is_main:
             self._write_history()
-            atomic_torch_save(self._checkpoint(), self.run_dir / LAST_CHECKPOINT)
+            save_checkpoint(self._checkpoint(), self.run_dir / LAST_CHECKPOINT)
         return row
 
     def fit(
@@ -510,7 +401,7 @@ def predict(
     """Raw head outputs on CPU for every sample of ``loader`` ({task: (N, n_outputs)}) and their ``row`` indices."""
     model.eval()
     model.to(device)
-    batches = Batches(device, input_size, channels_last=False)
+    batches = Batches(device, input_size, channels_last=False, model=model)
     outputs: dict[str, list[torch.Tensor]] = {}
     rows: list[np.ndarray] = []
     for batch in loader:

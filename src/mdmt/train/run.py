@@ -1,14 +1,19 @@
-"""One run end to end: splits → loaders → strategy init → ``fit`` → test predictions and metrics → DONE.
+"""One run end to end: datasets → splits → loaders → strategy start → ``fit`` → test predictions → scores → DONE.
 
-A run is a pure function of (config, RunSpec). Its directory holds ``config.yaml``, ``spec.json``,
-``history.csv``, ``best.pt``, ``last.pt``, ``predictions_<task>.csv``, ``metrics.json`` and, written last,
-``DONE``. Running it again returns at once when DONE exists and resumes from ``last.pt`` otherwise.
+A run is a pure function of (config, RunSpec) and its inputs. Its folder (``mdmt.runs``) records the inputs
+(``inputs.json``: the config that shapes the result, each dataset's cache key, the split ids); a finished or
+interrupted run whose inputs differ from the request is never reused: it is refused with what changed, or
+trained again from scratch with ``run.rerun_changed``. Metrics are computed by ``mdmt.evaluate.scoring`` from
+the prediction files.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+import shutil
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,17 +24,30 @@ import torch
 from rich.console import Console
 from torch.utils.data import DataLoader
 
-from mdmt.config import Config, RunConfig, load_config, save_config, to_dict
-from mdmt.data import splits as split_files
+from mdmt.config import Config, PluginRef, save_config, to_dict
 from mdmt.data.augment import BatchAugmenter
-from mdmt.data.cache import ImageCache, prepare
+from mdmt.data.cache import ImageCache
 from mdmt.data.dataset import CachedImageDataset, MixedBatchSampler, MultiSourceDataset, make_loader
+from mdmt.data.datasets import Dataset, build_splits, empty_parts, prepare, select, split_ids
 from mdmt.data.splits import Split
 from mdmt.errors import ConfigError, DataError
-from mdmt.evaluate import metrics as evaluation
-from mdmt.losses import build_weighting, decode, prediction_columns
+from mdmt.evaluate.scoring import task_entry, write_metrics
+from mdmt.losses import build_weighting, decode
 from mdmt.models.multitask import build_model
-from mdmt.tasks import GLOBAL_BIN_EDGES, Task, bin_scores, get_task, make_task
+from mdmt.runs import (
+    CONFIG_FILE,
+    DONE_FILE,
+    FAILED_FILE,
+    INPUTS_FILE,
+    SPEC_FILE,
+    TASKS_FILE,
+    RunSpec,
+    atomic_write_text,
+    predictions_file,
+    write_json,
+)
+from mdmt.tasks import Task, get_task, make_task, prediction_columns
+from mdmt.train.checkpoints import load_model_state, seed_everything
 from mdmt.train.distributed import (
     SINGLE,
     DistContext,
@@ -39,131 +57,15 @@ from mdmt.train.distributed import (
     init_distributed,
     shutdown,
 )
-from mdmt.train.engine import (
-    BEST_CHECKPOINT,
-    atomic_write_text,
-    fit,
-    load_model_state,
-    predict,
-    resolve_device,
-    seed_everything,
-)
-from mdmt.train.strategies import (
-    AIFORCOVID,
-    BRIXIA,
-    SEVERITY_CV_PROTOCOLS,
-    Strategy,
-    get_strategy,
-    permute_severity_labels,
-    severity_pairing,
-)
+from mdmt.train.engine import BEST_CHECKPOINT, fit, predict, resolve_device
+from mdmt.train.strategies import Strategy, get_strategy, permute_labels
 
-DONE_FILE = "DONE"
-CONFIG_FILE = "config.yaml"
-SPEC_FILE = "spec.json"
-METRICS_FILE = "metrics.json"
-SEVERITY_STRATUM = "severity_global4"
-"""Column added to the BrixIA records to stratify its folds (the paper's 4 bins of the global score)."""
 RUNTIME_KEYS = {
-    "data": ("aiforcovid_root", "brixia_root", "cache_dir", "workers", "manifests"),
+    "data": ("cache_dir", "workers"),
     "train": ("num_workers", "threads", "device", "compile"),
 }
-"""Keys that may change between a run and its resumption (paths and machine settings)."""
-
+"""Keys that may change between a run and its resumption (where things are, machine settings)."""
 console = Console()
-
-
-@dataclass(frozen=True)
-class RunSpec:
-    """Which run: strategy × backbone × protocol × fold × seed."""
-
-    strategy: str
-    backbone: str
-    protocol: str
-    fold: int
-    seed: int
-
-    @property
-    def key(self) -> str:
-        """``strategy/backbone/protocol/fold/seed``."""
-        return f"{self.strategy}/{self.backbone}/{self.protocol}/{self.fold}/{self.seed}"
-
-    def run_dir(self, results_dir: str | Path) -> Path:
-        """``<results_dir>/runs/<strategy>/<backbone>/<protocol>/fold<fold>/seed<seed>``."""
-        runs = Path(results_dir) / "runs"
-        return runs / self.strategy / self.backbone / self.protocol / f"fold{self.fold}" / f"seed{self.seed}"
-
-
-# --------------------------------------------------------------------------------------------- splits
-def loco_centers(config: Config, records: pd.DataFrame) -> list[str]:
-    """LOCO fold order: the configured centers present in ``records``, then any other center, sorted."""
-    present = set(records["center"].astype(str))
-    listed = [c for c in config.protocol.loco_centers if c in present]
-    return listed + sorted(present - set(listed))
-
-
-def _official_dir(config: Config) -> Path:
-    if not config.protocol.official_splits_dir:
-        raise ConfigError("protocol.official_splits_dir must be set for the official-cv5 / official-loco protocols")
-    return Path(config.protocol.official_splits_dir)
-
-
-def folds_for(protocol: str, config: Config, records: pd.DataFrame) -> list[int]:
-    """The fold indices of ``protocol`` (``records``: the AIforCOVID records, for LOCO's centers)."""
-    if protocol == "cv5":
-        return list(range(config.protocol.cv_folds))
-    if protocol == "loco":
-        return list(range(len(loco_centers(config, records))))
-    if protocol in ("official-cv5", "official-loco"):
-        return list(range(len(split_files.official_splits(_official_dir(config), protocol, AIFORCOVID))))
-    raise ConfigError(f"unknown protocol {protocol!r}; choose one of {', '.join(SEVERITY_CV_PROTOCOLS)}")
-
-
-def _pick(folds: list[Split], fold: int, what: str) -> Split:
-    if not 0 <= fold < len(folds):
-        raise ConfigError(f"{what}: fold {fold} does not exist (folds 0..{len(folds) - 1})")
-    return folds[fold]
-
-
-def _aiforcovid_split(config: Config, records: pd.DataFrame, protocol: str, fold: int, seed: int) -> Split:
-    if protocol == "cv5":
-        folds = split_files.kfold_splits(records, k=config.protocol.cv_folds, seed=seed, label="prognosis")
-    elif protocol == "loco":
-        folds = split_files.loco_splits(records, centers=loco_centers(config, records),
-                                   val_fraction=config.protocol.loco_val_fraction, seed=seed)
-    else:
-        folds = split_files.official_splits(_official_dir(config), protocol, AIFORCOVID)
-    return _pick(folds, fold, f"AIforCOVID {protocol}")
-
-
-def _brixia_split(config: Config, records: pd.DataFrame, protocol: str, fold: int, seed: int) -> Split:
-    if protocol == "cv5":
-        stratum = bin_scores(records["brixia_global"].to_numpy(), GLOBAL_BIN_EDGES)
-        labelled = records.assign(**{SEVERITY_STRATUM: stratum})
-        folds = split_files.kfold_splits(labelled, k=config.protocol.cv_folds, seed=seed, label=SEVERITY_STRATUM,
-                                    group="patient_id")
-    else:
-        folds = split_files.official_splits(_official_dir(config), protocol, BRIXIA)
-    split = _pick(folds, fold, f"BrixIA {protocol}")
-    split.check(records)  # patient level (Subject): the official files are image-level
-    return split
-
-
-def build_splits(
-    config: Config, caches: dict[str, ImageCache], protocol: str, fold: int, seed: int | None = None
-) -> dict[str, Split]:
-    """The AIforCOVID split of (protocol, fold) and its paired BrixIA CV split, for the datasets in ``caches``.
-
-    ``seed`` (default ``config.seed``) shuffles the generated folds; official split files ignore it.
-    """
-    seed = config.seed if seed is None else seed
-    out: dict[str, Split] = {}
-    if AIFORCOVID in caches:
-        out[AIFORCOVID] = _aiforcovid_split(config, caches[AIFORCOVID].records, protocol, fold, seed)
-    if BRIXIA in caches:
-        brixia_protocol, brixia_fold = severity_pairing(protocol, fold, config)
-        out[BRIXIA] = _brixia_split(config, caches[BRIXIA].records, brixia_protocol, brixia_fold, seed)
-    return out
 
 
 # --------------------------------------------------------------------------------------------- data
@@ -181,55 +83,71 @@ def rows_of(records: pd.DataFrame, ids: Any, what: str) -> np.ndarray:
 
 @dataclass
 class RunData:
-    """The loaders of one run: training (mixed), validation (all sources), test (one per source)."""
+    """The loaders of one run: training (mixed), validation (all datasets), test (one per dataset)."""
 
     train: DataLoader
     val: DataLoader
     test: dict[str, DataLoader]
 
 
-def _source_rows(
-    caches: dict[str, ImageCache], splits: dict[str, Split], sources: tuple[str, ...], part: str
-) -> dict[str, np.ndarray]:
-    out = {}
-    for source in sources:
-        if source not in caches:
-            raise ConfigError(f"dataset {source!r} is not configured (set data.{source}_root)")
-        out[source] = rows_of(caches[source].records, getattr(splits[source], part), f"{source} {part}")
-        if len(out[source]) == 0:
-            raise DataError(f"{source}: the {part} split of this fold is empty")
+def _rows(caches: dict[str, ImageCache], splits: dict[str, Split], part: str) -> dict[str, np.ndarray]:
+    out = {name: rows_of(cache.records, getattr(splits[name], part), f"{name} {part}")
+           for name, cache in caches.items()}
+    empty = [name for name, rows in out.items() if len(rows) == 0]
+    if empty:
+        raise DataError(f"the {part} part of this fold is empty for dataset(s) {', '.join(empty)}")
     return out
 
 
 def build_data(
-    config: Config, strategy: Strategy, caches: dict[str, ImageCache], splits: dict[str, Split], tasks: list[Task],
-    seed: int, ctx: DistContext = SINGLE,
+    config: Config, strategy: Strategy, datasets: dict[str, Dataset], caches: dict[str, ImageCache],
+    splits: dict[str, Split], tasks: list[Task], seed: int, ctx: DistContext = SINGLE,
 ) -> RunData:
     """Training loader (datasets mixed per ``train.mix``, this rank's shard), validation and test loaders.
 
-    With ``train.permute_severity_labels`` the BrixIA training images carry each other's labels (the negative
-    control of shared/docs/synthetic-calibration.md); validation and test keep the true ones.
+    Datasets in the strategy's ``permute`` have their label columns permuted among their training images.
     """
-    sources = strategy.sources
-    train_rows = _source_rows(caches, splits, sources, "train")
+    train_rows = _rows(caches, splits, "train")
     train_caches = dict(caches)
-    if config.train.permute_severity_labels and BRIXIA in sources:
-        brixia = caches[BRIXIA]
-        train_caches[BRIXIA] = dataclasses.replace(
-            brixia, records=permute_severity_labels(brixia.records, train_rows[BRIXIA], seed)
-        )
-    train_sets = [CachedImageDataset(train_caches[s], train_rows[s], tasks) for s in sources]
+    for name in strategy.stage.permute:
+        records = permute_labels(caches[name].records, train_rows[name], datasets[name].label_columns, seed)
+        train_caches[name] = dataclasses.replace(caches[name], records=records)
+    train_sets = [CachedImageDataset(train_caches[name], train_rows[name], tasks) for name in caches]
     sampler = MixedBatchSampler([len(d) for d in train_sets], config.train.batch_size, config.train.mix,
                                 config.train.mix_ratio, seed)
     if ctx.enabled:
         sampler = ShardedBatchSampler(sampler, ctx)
     train = make_loader(MultiSourceDataset(train_sets), config.train, seed=seed, batch_sampler=sampler)
-    val_rows = _source_rows(caches, splits, sources, "val")
-    val = make_loader(MultiSourceDataset([CachedImageDataset(caches[s], val_rows[s], tasks) for s in sources]),
+    val_rows = _rows(caches, splits, "val")
+    val = make_loader(MultiSourceDataset([CachedImageDataset(caches[n], val_rows[n], tasks) for n in caches]),
                       config.train)
-    test = {source: make_loader(CachedImageDataset(caches[source], rows, tasks), config.train)
-            for source, rows in _source_rows(caches, splits, sources, "test").items()}
+    test = {name: make_loader(CachedImageDataset(caches[name], rows, tasks), config.train)
+            for name, rows in _rows(caches, splits, "test").items()}
     return RunData(train, val, test)
+
+
+# --------------------------------------------------------------------------------------------- tasks
+def run_tasks(strategy: Strategy, config: Config, datasets: dict[str, Dataset]) -> list[Task]:
+    """The strategy's tasks, then each ``model.extra_tasks`` head whose dataset the strategy trains on."""
+    unknown = [t.name for t in config.model.extra_tasks if t.dataset not in config.data.datasets]
+    if unknown:
+        raise ConfigError(f"model.extra_tasks {unknown}: dataset must be one of data.datasets "
+                          f"({', '.join(config.data.datasets)})")
+    extra = [make_task(t.name, t.column, t.kind, t.classes) for t in config.model.extra_tasks if t.dataset in datasets]
+    tasks = [get_task(name) for name in strategy.task_names(config)] + extra
+    for task in tasks:
+        if not any(d.labels_task(task.columns) or task in extra for d in datasets.values()):
+            raise ConfigError(f"strategies.{strategy.name}: no dataset of {list(datasets)} labels task "
+                              f"{task.name!r} (it reads {list(task.columns)})")
+    return tasks
+
+
+def labelling(task: Task, datasets: dict[str, Dataset], config: Config) -> tuple[list[str], str]:
+    """The run's datasets labelling ``task`` and its home dataset (the first of them in ``data.datasets`` order)."""
+    extra = {t.name: t.dataset for t in config.model.extra_tasks}
+    names = [n for n in config.data.datasets if n in datasets
+             and (extra.get(task.name) == n or (task.name not in extra and datasets[n].labels_task(task.columns)))]
+    return names, names[0]
 
 
 # --------------------------------------------------------------------------------------------- evaluation
@@ -245,110 +163,132 @@ def prediction_table(
     return table
 
 
-def metrics_of(task: Task, table: pd.DataFrame) -> dict[str, float]:
-    """``mdmt.evaluate.metrics`` on one task's prediction table (binary tasks from their scores)."""
-    truth = table[prediction_columns("y_true", task)].to_numpy()
-    predicted = table[prediction_columns("y_pred", task)].to_numpy()
-    if task.kind == "classification" and task.n_classes == 2 and task.target_dim == 1:
-        return evaluation.prognosis_metrics(truth[:, 0], table["score"].to_numpy())
-    if task.name in evaluation.SEVERITY_KIND_OF_TASK:
-        return evaluation.severity_metrics(evaluation.SEVERITY_KIND_OF_TASK[task.name], truth, predicted)
-    if task.kind == "regression":
-        return evaluation.regression_metrics(truth.ravel(), predicted.ravel())
-    return evaluation.classification_metrics(truth.ravel(), predicted.ravel(), task.n_classes)
-
-
-def evaluate_test(
+def write_predictions(
     model: torch.nn.Module, tasks: list[Task], data: RunData, caches: dict[str, ImageCache], config: Config,
     spec: RunSpec, run_dir: Path,
-) -> dict[str, dict[str, float]]:
-    """Predictions on each test set for the tasks its dataset labels → ``predictions_<task>.csv``; the metrics."""
+) -> None:
+    """``predictions_<task>.csv``: every test image of every dataset that labels the task."""
     device = resolve_device(config.train.device)
-    metrics: dict[str, dict[str, float]] = {}
+    tables: dict[str, list[pd.DataFrame]] = {task.name: [] for task in tasks}
     for source, loader in data.test.items():
         outputs, rows = predict(model, loader, device, config.model.input_size)
         records = caches[source].records.iloc[rows].reset_index(drop=True)
         for task in tasks:
             targets, present = task.encode(records)
-            if not present.any():
-                continue
-            decoded = decode(task, outputs[task.name][torch.from_numpy(present)])
-            table = prediction_table(task, records[present], targets[present], decoded, spec.fold)
-            atomic_write_text(table.to_csv(index=False), run_dir / f"predictions_{task.name}.csv")
-            metrics[task.name] = metrics_of(task, table)
-    return metrics
+            if present.any():
+                decoded = decode(task, outputs[task.name][torch.from_numpy(present)])
+                tables[task.name].append(prediction_table(task, records[present], targets[present], decoded,
+                                                          spec.fold))
+    for name, parts in tables.items():
+        if parts:
+            atomic_write_text(pd.concat(parts, ignore_index=True).to_csv(index=False), run_dir / predictions_file(name))
 
 
-# --------------------------------------------------------------------------------------------- the run
-def run_tasks(strategy: Strategy, config: Config) -> list[Task]:
-    """The strategy's tasks, then each ``model.extra_tasks`` head whose dataset the strategy trains on."""
-    unknown = [t.name for t in config.model.extra_tasks if t.dataset not in (AIFORCOVID, BRIXIA)]
-    if unknown:
-        raise ConfigError(f"model.extra_tasks {unknown}: dataset must be {AIFORCOVID!r} or {BRIXIA!r}")
-    extra = [
-        make_task(t.name, t.column, t.kind, t.classes) for t in config.model.extra_tasks if t.dataset in strategy.sources
-    ]
-    return [get_task(name) for name in strategy.task_names(config)] + extra
-
-
+# --------------------------------------------------------------------------------------------- inputs
 def resolved_config(config: Config, spec: RunSpec) -> Config:
-    """``config`` with the spec written into it (backbone, run section, seed): what the run directory records."""
+    """``config`` with the spec written into it (backbone, run section, seed): what the run folder records."""
+    backbone = next((b for b in map(PluginRef.of, config.grid.backbones) if b.name == spec.backbone),
+                    PluginRef.of(config.model.backbone))
+    if backbone.name != spec.backbone:
+        backbone = PluginRef(spec.backbone)
     return dataclasses.replace(
         config,
-        model=dataclasses.replace(config.model, backbone=spec.backbone),
-        run=RunConfig(strategy=spec.strategy, protocol=spec.protocol, fold=spec.fold),
+        model=dataclasses.replace(config.model, backbone=backbone),
+        run=dataclasses.replace(config.run, strategy=spec.strategy, protocol=spec.protocol, fold=spec.fold),
         seed=spec.seed,
     )
 
 
-def _fingerprint(config: Config) -> dict[str, Any]:
+def fingerprint(config: Config) -> dict[str, Any]:
+    """The config keys a run's result depends on (not where things are, not machine settings)."""
     values = to_dict(config)
-    for section in ("grid", "synth"):
+    for section in ("grid", "synth", "results_dir", "plugins"):
         values.pop(section, None)
-    values.pop("results_dir", None)
+    values["run"].pop("rerun_changed", None)
+    values["data"].pop("datasets", None)  # the data enter through the cache keys and split ids
     for section, keys in RUNTIME_KEYS.items():
         for key in keys:
             values[section].pop(key, None)
     return values
 
 
-def _check_same_run(config: Config, run_dir: Path) -> None:
-    """Refuse to resume a run directory trained under a different config."""
-    saved = run_dir / CONFIG_FILE
-    if saved.is_file() and _fingerprint(load_config(saved)) != _fingerprint(config):
-        raise ConfigError(f"{run_dir} holds an unfinished run with a different config ({saved}); "
-                          f"delete the folder or use another results_dir")
+def run_inputs(config: Config, caches: dict[str, ImageCache], splits: dict[str, Split]) -> dict[str, Any]:
+    """What the run's result depends on: the config fingerprint, each cache key, a hash of each split's ids."""
+    ids = split_ids(splits)
+    return {
+        "config": fingerprint(config),
+        "caches": {name: cache.key for name, cache in caches.items()},
+        "splits": {name: hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+                   for name, parts in ids.items()},
+    }
 
 
-def _check_spec(spec: RunSpec, strategy: Strategy, config: Config) -> None:
-    if config.train.curriculum:
-        raise ConfigError("train.curriculum is not implemented (method.md §11 is not part of the paper)")
-    if BRIXIA in strategy.sources and AIFORCOVID not in strategy.sources:
-        paired = severity_pairing(spec.protocol, spec.fold, config)
-        if paired != (spec.protocol, spec.fold):
-            raise ConfigError(f"{spec.strategy} runs on BrixIA CV folds only: use protocol {paired[0]} "
-                              f"(run {spec.key} would duplicate fold {paired[1]})")
+def changed_inputs(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """Dotted names of what differs between two ``run_inputs`` (config keys, ``caches.<dataset>``, ``splits.…``)."""
+
+    def walk(a: Any, b: Any, prefix: str) -> list[str]:
+        if isinstance(a, dict) and isinstance(b, dict):
+            return [d for k in sorted(set(a) | set(b)) for d in walk(a.get(k), b.get(k), f"{prefix}{k}.")]
+        return [] if a == b else [prefix.rstrip(".")]
+
+    return walk(saved, current, "")
 
 
+def _saved_inputs(run_dir: Path) -> dict[str, Any] | None:
+    path = run_dir / INPUTS_FILE
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (ValueError, OSError):
+        return {}
+
+
+def check_inputs(run_dir: Path, inputs: dict[str, Any], rerun: bool) -> bool:
+    """Whether ``run_dir`` is finished with the same inputs. A run folder with other inputs is refused (ConfigError
+    naming what changed) or, with ``rerun``, emptied so the run trains again from scratch."""
+    saved = _saved_inputs(run_dir)
+    if saved is None:
+        if (run_dir / DONE_FILE).is_file():
+            raise ConfigError(f"{run_dir} is finished but records no {INPUTS_FILE} (made by an older mdmt): delete "
+                              f"it or use another results_dir")
+        return False
+    changed = changed_inputs(saved, inputs)
+    if not changed:
+        return (run_dir / DONE_FILE).is_file()
+    state = "finished" if (run_dir / DONE_FILE).is_file() else "unfinished"
+    if not rerun:
+        shown = ", ".join(changed[:8]) + (" …" if len(changed) > 8 else "")
+        raise ConfigError(f"{run_dir} holds a {state} run with other inputs ({shown} changed); use --rerun-changed "
+                          f"(run.rerun_changed) to train it again, or another results_dir")
+    shutil.rmtree(run_dir)
+    return False
+
+
+# --------------------------------------------------------------------------------------------- the run
 def train_run(config: Config, spec: RunSpec, progress: bool = True) -> Path:
-    """Run ``spec`` end to end under ``config.results_dir`` and return its run directory.
+    """Run ``spec`` end to end under ``config.results_dir`` and return its run folder.
 
     Under torchrun (``WORLD_SIZE`` > 1) every rank calls this; training is data-parallel and rank 0 writes.
+    A run that raises leaves ``FAILED`` with the error in its folder.
     """
     results_dir = Path(config.results_dir)
     run_dir = spec.run_dir(results_dir)
-    if (run_dir / DONE_FILE).is_file():
-        return run_dir
-    strategy = get_strategy(spec.strategy)
-    _check_spec(spec, strategy, config)
-    missing = [d.key for d in strategy.dependencies(spec, config) if not (d.run_dir(results_dir) / DONE_FILE).is_file()]
+    strategy = get_strategy(spec.strategy, config)
+    strategy.check(spec, config)
+    missing = [d.key for d in strategy.dependencies(spec, config)
+               if not (d.run_dir(results_dir) / DONE_FILE).is_file()]
     if missing:
         raise ConfigError(f"run {spec.key} starts from run(s) that are not finished: {', '.join(missing)}")
     config = resolved_config(config, spec)
     ctx, device = init_distributed(config.train.device)
     try:
-        check_weighting(config.loss.weighting, ctx)
+        check_weighting(PluginRef.of(config.loss.weighting).name, ctx)
         _train(config, spec, strategy, run_dir, ctx, device, progress and ctx.is_main)
+    except Exception as exc:
+        if ctx.is_main and run_dir.is_dir() and not (run_dir / DONE_FILE).is_file():
+            atomic_write_text("".join(traceback.format_exception(exc)), run_dir / FAILED_FILE)
+        raise
     finally:
         shutdown(ctx)
     return run_dir
@@ -358,35 +298,67 @@ def _train(
     config: Config, spec: RunSpec, strategy: Strategy, run_dir: Path, ctx: DistContext, device: torch.device | None,
     progress: bool,
 ) -> None:
-    """Caches → splits → loaders → model → strategy init → fit → test predictions, metrics, DONE."""
+    """Caches → splits → inputs check → loaders → model → start → fit → predictions, metrics, DONE."""
+    datasets = select(config, strategy.datasets)
     if ctx.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        _check_same_run(config, run_dir)
-        save_config(config, run_dir / CONFIG_FILE)
-        atomic_write_text(json.dumps(dataclasses.asdict(spec), indent=2), run_dir / SPEC_FILE)
-        caches = prepare(config, progress=progress)  # rank 0 builds the caches; the others then open them
+        caches = prepare(config, strategy.datasets, progress=progress)  # rank 0 builds; the others then open
     barrier(ctx)
     if not ctx.is_main:
-        caches = prepare(config, progress=False)
+        caches = prepare(config, strategy.datasets, progress=False)
+    splits = build_splits(config, datasets, caches, spec.protocol, spec.fold, spec.seed)
+    empty = empty_parts(splits)
+    if empty:
+        raise DataError(f"run {spec.key}: empty split part(s) {', '.join(empty)}")
+    inputs = run_inputs(config, caches, splits)
+    if ctx.is_main:
+        check_inputs(run_dir, inputs, config.run.rerun_changed)
+    barrier(ctx)
+    if (run_dir / DONE_FILE).is_file():  # finished with the same inputs
+        return
+    if ctx.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / FAILED_FILE).unlink(missing_ok=True)
+        save_config(config, run_dir / CONFIG_FILE)
+        atomic_write_text(spec.to_json(), run_dir / SPEC_FILE)
+        write_json(inputs, run_dir / INPUTS_FILE)
     if config.train.threads > 0:
         torch.set_num_threads(config.train.threads)
     seed_everything(spec.seed)
-    splits = build_splits(config, caches, spec.protocol, spec.fold, spec.seed)
-    tasks = run_tasks(strategy, config)
-    data = build_data(config, strategy, caches, splits, tasks, spec.seed, ctx)
+    tasks = run_tasks(strategy, config, datasets)
+    if ctx.is_main:
+        entries = {}
+        for task in tasks:
+            names, home = labelling(task, datasets, config)
+            entries[task.name] = task_entry(task, names, home)
+        write_json(entries, run_dir / TASKS_FILE)
+    data = build_data(config, strategy, datasets, caches, splits, tasks, spec.seed, ctx)
     model = build_model(config.model, tasks)
     strategy.init(model, spec, config, Path(config.results_dir))
     fit(
         model, tasks, data.train, data.val, dataclasses.replace(config.train, max_epochs=strategy.max_epochs(config)),
         BatchAugmenter(config.augment, tasks) if config.augment.enabled else None,
-        build_weighting(config.loss.weighting, tasks, config.loss, seed=spec.seed),
+        build_weighting(config.loss.weighting, tasks, config.loss.task_weights, seed=spec.seed),
         run_dir, strategy.select_task(config), progress,
         loss_variant=config.loss.variant, seed=spec.seed, input_size=config.model.input_size, description=spec.key,
         dist=ctx, device=device,
     )
     if ctx.is_main:
         model.load_state_dict(load_model_state(run_dir, BEST_CHECKPOINT))
-        metrics = evaluate_test(model, tasks, data, caches, config, spec, run_dir)
-        atomic_write_text(json.dumps(metrics, indent=2, sort_keys=True), run_dir / METRICS_FILE)
+        write_predictions(model, tasks, data, caches, config, spec, run_dir)
+        write_metrics(run_dir)
         atomic_write_text("done\n", run_dir / DONE_FILE)
     barrier(ctx)
+
+
+def finished_run(config: Config, spec: RunSpec, caches: dict[str, ImageCache]) -> bool:
+    """Whether ``spec`` is finished with the inputs ``config`` and ``caches`` give now (``check_inputs``' rules:
+    a finished run with other inputs is refused, or removed with ``run.rerun_changed``)."""
+    run_dir = spec.run_dir(config.results_dir)
+    if not (run_dir / DONE_FILE).is_file():
+        return False
+    config = resolved_config(config, spec)
+    strategy = get_strategy(spec.strategy, config)
+    datasets = select(config, strategy.datasets)
+    used = {name: caches[name] for name in datasets}
+    splits = build_splits(config, datasets, used, spec.protocol, spec.fold, spec.seed)
+    return check_inputs(run_dir, run_inputs(config, used, splits), config.run.rerun_changed)

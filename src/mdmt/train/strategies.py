@@ -1,175 +1,184 @@
-"""The four training strategies: which tasks and datasets a run uses, what it depends on, how it starts.
+"""Strategies described by data: which datasets and tasks a run trains, and which runs it starts from.
 
-- ``stl_prognosis``: AIforCOVID only, the prognosis head.
-- ``stl_severity``: BrixIA only, the severity head (``config.model.severity_task``); BrixIA has CV splits only.
-- ``ft``: the ``stl_severity`` backbone of the paired BrixIA fold, fine-tuned on prognosis with a fresh head.
-- ``mdmt``: both datasets and both heads in one loop; starts from ``config.train.mdmt_init``
-  (``imagenet`` = whatever ``config.model.weights`` gives, or ``stl_average`` = β·STL-prognosis + (1−β)·STL-severity
-  backbones, method.md §4.3).
+A strategy is an entry of ``config.strategies`` (name → ``{name: <plug-in>, params}``); the built-in plug-in
+``train`` takes ``StageParams``. The paper's strategies are entries (``mdmt.config.PAPER_STRATEGIES``):
+
+- ``stl_prognosis``: AIforCOVID, the prognosis head; ``stl_severity``: BrixIA, the severity head;
+- ``ft``: a chain of stages: prognosis on AIforCOVID starting from ``stl_severity``'s backbone (fresh head);
+- ``mdmt``: both datasets and both heads in one loop, from the configured weights or, with
+  ``start_from: [stl_prognosis, stl_severity]``, from the weighted average of their backbones;
+- ``mdmt_permuted``: the control: as ``mdmt`` with BrixIA's labels permuted among its training images.
+
+Any number of datasets works the same way: a sample adds the loss of each task its dataset labels.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
+import pandas as pd
 
-from mdmt.config import Config
+from mdmt.config import Config, PluginRef
+from mdmt.data.datasets import paired_fold
 from mdmt.errors import ConfigError
 from mdmt.models.multitask import MultiTaskModel, average_backbones, load_backbone_state
-from mdmt.tasks import REGION_COLUMNS
-from mdmt.train.engine import BEST_CHECKPOINT, load_model_state
+from mdmt.registry import Registry
+from mdmt.runs import BEST_CHECKPOINT, RunSpec
+from mdmt.train.checkpoints import load_model_state
 
-if TYPE_CHECKING:
-    import pandas as pd
+SEVERITY_ALIAS = "severity"
+"""In a strategy's task list, the task ``model.severity_task`` names."""
 
-    from mdmt.train.run import RunSpec
 
-AIFORCOVID = "aiforcovid"
-BRIXIA = "brixia"
-SEVERITY_CV_PROTOCOLS = {"cv5": "cv5", "loco": "cv5", "official-cv5": "official-cv5", "official-loco": "official-cv5"}
-"""The BrixIA protocol a run of each AIforCOVID protocol pairs with (BrixIA has CV splits only)."""
-SEVERITY_LABEL_COLUMNS: tuple[str, ...] = (*REGION_COLUMNS, "brixia_global")
+@dataclass
+class StageParams:
+    """One training stage: its datasets and tasks, and the runs it starts from."""
 
-InitFn = Callable[[MultiTaskModel, "RunSpec", Config, Path], None]
-DepsFn = Callable[["RunSpec", Config], list["RunSpec"]]
+    datasets: list[str] = field(default_factory=list)
+    tasks: list[str] = field(default_factory=list)
+    """Task names; ``severity`` stands for ``model.severity_task``."""
+    start_from: list[str] = field(default_factory=list)
+    """Strategies whose best backbones (same backbone, fold and seed) this one starts from: one is loaded, several
+    are averaged with ``start_weights``. Empty: the backbone as ``model.weights`` builds it."""
+    start_weights: list[float] | None = None
+    """Weights of the averaged backbones (default equal); they must sum to 1."""
+    permute: list[str] = field(default_factory=list)
+    """Datasets whose label columns are permuted among their training images (validation and test keep theirs)."""
+    select: str | None = None
+    """The task whose validation loss selects the model (default: the first task)."""
+    max_epochs: int | None = None
+    """Epochs of this stage (default ``train.max_epochs``)."""
+    summary: str = ""
 
 
 @dataclass(frozen=True)
 class Strategy:
-    """A way of training: tasks, datasets, the task that selects the model, dependencies and initialisation."""
+    """A resolved strategy: its name and stage."""
 
     name: str
-    summary: str
-    task_names: Callable[[Config], tuple[str, ...]]
-    sources: tuple[str, ...]
-    select_task: Callable[[Config], str]
-    dependencies: DepsFn
-    init: InitFn
-    max_epochs: Callable[[Config], int]
+    stage: StageParams
+
+    @property
+    def datasets(self) -> tuple[str, ...]:
+        """The datasets the run trains on, in order (the order of the mixed batches)."""
+        return tuple(self.stage.datasets)
+
+    def task_names(self, config: Config) -> tuple[str, ...]:
+        """The tasks, with ``severity`` resolved."""
+        return tuple(config.model.severity_task if t == SEVERITY_ALIAS else t for t in self.stage.tasks)
+
+    def select_task(self, config: Config) -> str:
+        """The task that selects the model."""
+        if self.stage.select is None:
+            return self.task_names(config)[0]
+        return config.model.severity_task if self.stage.select == SEVERITY_ALIAS else self.stage.select
+
+    def max_epochs(self, config: Config) -> int:
+        """Epochs of this stage."""
+        return config.train.max_epochs if self.stage.max_epochs is None else self.stage.max_epochs
+
+    def dependencies(self, spec: RunSpec, config: Config) -> list[RunSpec]:
+        """The runs whose ``best.pt`` this run starts from (each on the fold its datasets use)."""
+        out = []
+        for name in self.stage.start_from:
+            other = get_strategy(name, config)
+            protocol, fold = spec.protocol, spec.fold
+            if config.protocol.dataset not in other.datasets:
+                protocol, fold = paired_fold(protocol, fold, config)
+            out.append(dataclasses.replace(spec, strategy=name, protocol=protocol, fold=fold))
+        return out
+
+    def start_weights(self) -> list[float]:
+        """The averaging weights of ``start_from``."""
+        n = len(self.stage.start_from)
+        return list(self.stage.start_weights) if self.stage.start_weights is not None else [1.0 / n] * n
+
+    def init(self, model: MultiTaskModel, spec: RunSpec, config: Config, results_dir: Path) -> None:
+        """Load the starting backbone: one dependency's, or the weighted average of several (paired by name)."""
+        needed = self.dependencies(spec, config)
+        if not needed:
+            return
+        states = []
+        for dependency in needed:
+            run_dir = dependency.run_dir(results_dir)
+            if not (run_dir / BEST_CHECKPOINT).is_file():
+                raise ConfigError(f"run {dependency.key} has no {BEST_CHECKPOINT} in {run_dir}; train it first")
+            states.append(load_model_state(run_dir))
+        load_backbone_state(model, states[0] if len(states) == 1 else average_backbones(states, self.start_weights()))
+
+    def check(self, spec: RunSpec, config: Config) -> None:
+        """Errors naming the key for a strategy that cannot run as configured."""
+        where = f"strategies.{self.name}.params"
+        if not self.stage.datasets or not self.stage.tasks:
+            raise ConfigError(f"{where}: a strategy needs at least one dataset and one task")
+        for key, names in (("datasets", self.stage.datasets), ("permute", self.stage.permute)):
+            unknown = [d for d in names if d not in config.data.datasets]
+            if unknown:
+                raise ConfigError(f"{where}.{key}: dataset(s) {unknown} are not in data.datasets "
+                                  f"({', '.join(config.data.datasets) or 'none configured'})")
+        stray = [d for d in self.stage.permute if d not in self.stage.datasets]
+        if stray:
+            raise ConfigError(f"{where}.permute: {stray} are not datasets of this strategy")
+        if self.stage.start_weights is not None:
+            weights = self.stage.start_weights
+            if len(weights) != len(self.stage.start_from) or abs(sum(weights) - 1.0) > 1e-6:
+                raise ConfigError(f"{where}.start_weights: {weights} must give one weight per start_from entry "
+                                  f"and sum to 1")
+        select = self.select_task(config)
+        if select not in self.task_names(config):
+            raise ConfigError(f"{where}.select: {select!r} is not one of its tasks {list(self.task_names(config))}")
+        if config.protocol.dataset not in self.datasets:
+            paired = paired_fold(spec.protocol, spec.fold, config)
+            if paired != (spec.protocol, spec.fold):
+                raise ConfigError(f"{self.name} does not train on {config.protocol.dataset}, so it runs on the "
+                                  f"folds its datasets follow: use protocol {paired[0]} fold {paired[1]} "
+                                  f"(run {spec.key} would duplicate that run)")
 
 
-def severity_pairing(protocol: str, fold: int, config: Config) -> tuple[str, int]:
-    """The BrixIA (protocol, fold) paired with an AIforCOVID (protocol, fold).
-
-    CV fold i pairs with BrixIA fold i; every LOCO fold pairs with BrixIA CV fold
-    ``config.protocol.severity_loco_fold`` (explicit, unlike the official ``os.listdir`` pairing).
-    """
-    if protocol not in SEVERITY_CV_PROTOCOLS:
-        raise ConfigError(f"unknown protocol {protocol!r}; choose one of {', '.join(SEVERITY_CV_PROTOCOLS)}")
-    paired = SEVERITY_CV_PROTOCOLS[protocol]
-    return paired, fold if paired == protocol else config.protocol.severity_loco_fold
+STRATEGIES: Registry[Strategy] = Registry("strategy")
 
 
-def _severity_spec(spec: RunSpec, config: Config) -> RunSpec:
-    protocol, fold = severity_pairing(spec.protocol, spec.fold, config)
-    return dataclasses.replace(spec, strategy="stl_severity", protocol=protocol, fold=fold)
+@STRATEGIES.register("train", StageParams, "train a stage: datasets, tasks, optional start from other strategies")
+def train_stage(params: StageParams, name: str) -> Strategy:
+    """A strategy of one training stage (chains through ``start_from``)."""
+    return Strategy(name, params)
 
 
-def _no_dependencies(spec: RunSpec, config: Config) -> list[RunSpec]:
-    return []
-
-
-def _ft_dependencies(spec: RunSpec, config: Config) -> list[RunSpec]:
-    return [_severity_spec(spec, config)]
-
-
-def _mdmt_dependencies(spec: RunSpec, config: Config) -> list[RunSpec]:
-    if config.train.mdmt_init == "imagenet":
-        return []
-    if config.train.mdmt_init == "stl_average":
-        return [dataclasses.replace(spec, strategy="stl_prognosis"), _severity_spec(spec, config)]
-    raise ConfigError(f"train.mdmt_init: {config.train.mdmt_init!r} is not one of 'imagenet', 'stl_average'")
-
-
-def _dependency_state(dependency: RunSpec, results_dir: Path) -> dict[str, Any]:
-    run_dir = dependency.run_dir(results_dir)
-    if not (run_dir / BEST_CHECKPOINT).is_file():
-        raise ConfigError(f"run {dependency.key} has no {BEST_CHECKPOINT} in {run_dir}; train it first")
-    return load_model_state(run_dir)
-
-
-def _init_nothing(model: MultiTaskModel, spec: RunSpec, config: Config, results_dir: Path) -> None:
-    """Keep the backbone as built (``config.model.weights``) and fresh heads."""
-
-
-def _init_from_severity(model: MultiTaskModel, spec: RunSpec, config: Config, results_dir: Path) -> None:
-    """Load the paired ``stl_severity`` backbone; the prognosis head stays fresh."""
-    load_backbone_state(model, _dependency_state(_severity_spec(spec, config), results_dir))
-
-
-def _init_mdmt(model: MultiTaskModel, spec: RunSpec, config: Config, results_dir: Path) -> None:
-    """``stl_average``: β·θ_prognosis + (1−β)·θ_severity over the backbone parameters, paired by name;
-    ``imagenet``: nothing (the backbone as ``config.model.weights`` built it)."""
-    needed = _mdmt_dependencies(spec, config)
-    if needed:
-        prognosis, severity = (_dependency_state(d, results_dir) for d in needed)
-        load_backbone_state(model, average_backbones(prognosis, severity, config.train.stl_beta))
-
-
-def _prognosis(config: Config) -> str:
-    return "prognosis"
-
-
-def _severity(config: Config) -> str:
-    return config.model.severity_task
-
-
-def _max_epochs(config: Config) -> int:
-    return config.train.max_epochs
-
-
-def _ft_max_epochs(config: Config) -> int:
-    return config.train.ft_epochs if config.train.ft_epochs is not None else config.train.max_epochs
-
-
-STRATEGIES: dict[str, Strategy] = {
-    "stl_prognosis": Strategy(
-        "stl_prognosis", "single task: prognosis on AIforCOVID",
-        lambda c: (_prognosis(c),), (AIFORCOVID,), _prognosis, _no_dependencies, _init_nothing, _max_epochs,
-    ),
-    "stl_severity": Strategy(
-        "stl_severity", "single task: severity on BrixIA",
-        lambda c: (_severity(c),), (BRIXIA,), _severity, _no_dependencies, _init_nothing, _max_epochs,
-    ),
-    "ft": Strategy(
-        "ft", "stl_severity backbone fine-tuned on prognosis (fresh head)",
-        lambda c: (_prognosis(c),), (AIFORCOVID,), _prognosis, _ft_dependencies, _init_from_severity, _ft_max_epochs,
-    ),
-    "mdmt": Strategy(
-        "mdmt", "multi-dataset multi-task: both datasets, both heads, one backbone pass",
-        lambda c: (_prognosis(c), _severity(c)), (AIFORCOVID, BRIXIA), _prognosis, _mdmt_dependencies, _init_mdmt,
-        _max_epochs,
-    ),
-}
-
-
-def get_strategy(name: str) -> Strategy:
-    """A strategy by name (ConfigError listing the valid ones otherwise)."""
-    try:
-        return STRATEGIES[name]
-    except KeyError:
-        raise ConfigError(f"unknown strategy {name!r}; choose one of {', '.join(STRATEGIES)}") from None
+def get_strategy(name: str, config: Config) -> Strategy:
+    """The strategy ``name`` of ``config.strategies`` (ConfigError listing the configured ones otherwise)."""
+    if name not in config.strategies:
+        raise ConfigError(f"unknown strategy {name!r}; configured strategies: {', '.join(config.strategies)}")
+    ref = PluginRef.of(config.strategies[name])
+    return STRATEGIES.build(ref.named("train") if not ref.name else ref, f"strategies.{name}.params", name=name)
 
 
 def dependencies(spec: RunSpec, config: Config) -> list[RunSpec]:
-    """The runs whose ``best.pt`` this run starts from (they must be DONE first)."""
-    return get_strategy(spec.strategy).dependencies(spec, config)
+    """The runs ``spec`` starts from (they must be DONE first)."""
+    return get_strategy(spec.strategy, config).dependencies(spec, config)
 
 
-def permute_severity_labels(records: pd.DataFrame, rows: np.ndarray, seed: int) -> pd.DataFrame:
-    """Negative control: a copy of ``records`` whose BrixIA label columns are permuted across ``rows``.
+def permute_labels(records: pd.DataFrame, rows: np.ndarray, columns: tuple[str, ...], seed: int) -> pd.DataFrame:
+    """A copy of ``records`` whose ``columns`` are permuted together across ``rows`` (drawn with ``seed``).
 
-    Each image of ``rows`` gets the complete label set (six regions and the global score) of another image of
-    ``rows``, drawn with ``seed``; images outside ``rows`` (validation, test) keep their own labels.
+    Each image of ``rows`` gets the whole label set of another image of ``rows``; other rows keep theirs.
     """
     rows = np.asarray(rows)
-    columns = [c for c in SEVERITY_LABEL_COLUMNS if c in records.columns]
+    present = [c for c in columns if c in records.columns]
     out = records.copy()
     order = np.random.default_rng(seed).permutation(len(rows))
-    out.loc[out.index[rows], columns] = records.iloc[rows[order]][columns].to_numpy()
+    out.loc[out.index[rows], present] = records.iloc[rows[order]][present].to_numpy()
+    return out
+
+
+def describe(config: Config) -> list[tuple[str, str]]:
+    """(name, summary) of every configured strategy, for ``mdmt info``."""
+    out: list[tuple[str, str]] = []
+    for name in config.strategies:
+        strategy = get_strategy(name, config)
+        detail: Any = strategy.stage.summary or f"{list(strategy.datasets)} × {strategy.stage.tasks}"
+        out.append((name, str(detail)))
     return out

@@ -1,0 +1,91 @@
+"""Seeds, RNG states and checkpoints.
+
+Checkpoints hold tensors, numbers, strings and containers only (the RNG states as tensors), and load with
+``torch.load(weights_only=True)``: a checkpoint from elsewhere cannot run code. A file that is not a
+checkpoint of this project is refused with an error naming it.
+"""
+
+from __future__ import annotations
+
+import pickle
+import random
+import zipfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from mdmt.errors import DataError
+from mdmt.runs import BEST_CHECKPOINT, atomic_target
+
+CHECKPOINT_FORMAT = 2
+"""Bumped when the checkpoint layout changes; older checkpoints are refused with a clear error."""
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def derived_seed(*parts: int) -> int:
+    """A 63-bit seed mixed from integers (e.g. run seed and epoch) via numpy's SeedSequence."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, np.uint64)[0] >> np.uint64(1))
+
+
+def rng_states() -> dict[str, Any]:
+    """The global RNG states (python, numpy, torch CPU and CUDA) as tensors and numbers."""
+    version, python_state, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    states: dict[str, Any] = {
+        "python": {"version": version, "state": torch.tensor(python_state, dtype=torch.int64), "gauss": gauss},
+        "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached": float(cached)},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states: Mapping[str, Any]) -> None:
+    """Restore what ``rng_states`` captured."""
+    python = states["python"]
+    random.setstate((python["version"], tuple(int(v) for v in python["state"].tolist()), python["gauss"]))
+    numpy = states["numpy"]
+    np.random.set_state((numpy["name"], numpy["keys"].numpy().astype(np.uint32), numpy["pos"], numpy["has_gauss"],
+                         numpy["cached"]))
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def save_checkpoint(values: dict[str, Any], path: Path) -> None:
+    """``torch.save`` of ``values`` (with the format number) through a temporary file, an fsync and a rename."""
+    with atomic_target(path) as tmp:
+        torch.save({"format": CHECKPOINT_FORMAT, **values}, tmp)
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """A checkpoint written by ``save_checkpoint`` (CPU tensors, ``weights_only=True``); DataError otherwise."""
+    path = Path(path)
+    try:
+        values = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise DataError(f"{path}: checkpoint not found") from None
+    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DataError(f"{path}: not a readable mdmt checkpoint (truncated, empty or foreign; "
+                        f"only tensors and plain values are loaded): {reason}") from None
+    if not isinstance(values, dict) or values.get("format") != CHECKPOINT_FORMAT or "model" not in values:
+        raise DataError(f"{path}: not an mdmt checkpoint of format {CHECKPOINT_FORMAT} (written by another "
+                        f"version or program); delete the run folder and train it again")
+    return values
+
+
+def load_model_state(run_dir: Path, name: str = BEST_CHECKPOINT) -> dict[str, torch.Tensor]:
+    """The model ``state_dict`` stored in ``run_dir/name``."""
+    return load_checkpoint(Path(run_dir) / name)["model"]
