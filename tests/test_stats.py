@@ -1,4 +1,9 @@
-"""Statistics: paired tests against scipy, pairing by name, Holm, Nemenyi CD, Friedman, bootstrap, CD diagram."""
+"""Statistics: paired tests against scipy, pairing by name, Holm, Nemenyi CD, Friedman, bootstrap, CD diagram.
+
+Holm (statsmodels), the bootstrap (scipy) and the Nemenyi cliques (scikit-posthocs) replaced hand-written code;
+the ``REFERENCE_*`` numbers below were computed with that earlier code on the same inputs, and the tests check
+that the libraries give them back.
+"""
 
 from __future__ import annotations
 
@@ -15,7 +20,7 @@ from mdmt.evaluate.stats import (
     critical_difference,
     friedman_holm,
     holm,
-    nemenyi_groups,
+    nemenyi_cliques,
     one_tailed_paired_tests,
     paired_by_name,
     plot_critical_difference,
@@ -24,6 +29,16 @@ from mdmt.evaluate.stats import (
 )
 
 BACKBONES = [f"net{i:02d}" for i in range(18)]
+
+# --- reference values of the hand-written implementation these functions replaced (same inputs as below)
+REFERENCE_HOLM_INPUT = [0.012, 0.2, 0.001, 0.04, 0.04, 0.5, 0.03, 0.0004, 0.07, 0.9]
+REFERENCE_HOLM = [0.096, 0.6, 0.009, 0.24, 0.24, 1.0, 0.21, 0.004, 0.28, 1.0]
+REFERENCE_BOOTSTRAP_30 = (0.019707061417987504, 0.016848718138581718, 0.02271242015604193)
+REFERENCE_BOOTSTRAP_5 = (0.034, 0.004, 0.064)
+REFERENCE_FRIEDMAN = {"statistic": 10.3, "p": 0.016180836829565795, "cd": 1.3539986304310858,
+                      "ranks": {"mdmt": 1.75, "perm": 2.0833333333333335, "ft": 3.0, "stl": 3.1666666666666665},
+                      "p_holm": [0.6787109375, 0.0556640625, 0.0556640625, 0.064453125, 0.15673828125, 0.6787109375],
+                      "groups": [("mdmt", "perm", "ft"), ("perm", "ft", "stl")]}
 
 
 def test_paired_by_name_ignores_order():
@@ -122,6 +137,30 @@ def test_holm_textbook_example():
     assert holm([0.9, 0.6, 0.7]).max() == 1.0
 
 
+def test_holm_from_statsmodels_gives_the_earlier_values():
+    np.testing.assert_allclose(holm(REFERENCE_HOLM_INPUT), REFERENCE_HOLM, rtol=1e-12)
+
+
+def test_lower_is_better_flips_the_mean_test():
+    frame = _per_backbone_frame(np.random.default_rng(0))
+    errors = frame.assign(mean=1 - frame["mean"])  # an error metric: MDMT now lower, i.e. better
+    table = significance_table(errors, lower_is_better={"accuracy", "f1_weighted", "gmean"})
+    assert (table.loc["Mean (μ↑) MDMT vs STL", (slice(None), slice(None), "stars")] == "***").all()
+    pick = errors[(errors.protocol == "cv5") & (errors.metric == "accuracy")].set_index(["strategy", "backbone"])
+    expected = scipy_stats.ttest_rel(pick.loc["mdmt", "mean"], pick.loc["stl_prognosis", "mean"], alternative="less")
+    assert table.loc["Mean (μ↑) MDMT vs STL", ("cv5", "accuracy", "p")] == pytest.approx(expected.pvalue)
+    pd.testing.assert_frame_equal(table.loc[table.index.str.startswith("Std")],
+                                  significance_table(frame).loc[lambda t: t.index.str.startswith("Std")])
+
+
+def test_significance_table_takes_any_pairs():
+    frame = _per_backbone_frame(np.random.default_rng(3))
+    permuted = frame[frame.strategy == "stl_prognosis"].assign(strategy="mdmt_permuted")
+    table = significance_table(pd.concat([frame, permuted]), comparisons=[("mdmt", "mdmt_permuted"), ("ft", "mdmt")])
+    assert list(table.index) == ["Mean (μ↑) MDMT vs permuted MDMT", "Mean (μ↑) FT vs MDMT",
+                                 "Std (σ↓) MDMT vs permuted MDMT", "Std (σ↓) FT vs MDMT"]
+
+
 def test_critical_difference_matches_demsar_table():
     # Demšar (2006) Table 5a, q_0.05 for k = 2..10
     table = [1.960, 2.343, 2.569, 2.728, 2.850, 2.949, 3.031, 3.102, 3.164]
@@ -148,12 +187,52 @@ def test_friedman_holm_on_a_strict_ordering():
     assert result.n_blocks == 10
     lower_better = friedman_holm(-scores, higher_is_better=False)
     assert lower_better.avg_ranks.to_dict() == result.avg_ranks.to_dict()
+    # CD = 1.05: neighbours (rank distance 1) are not told apart, mdmt and stl (distance 2) are
+    assert result.cliques == [("mdmt", "ft"), ("ft", "stl")]
     with pytest.raises(ValueError, match="at least 3"):
         friedman_holm(scores[["stl", "ft"]])
     incomplete = scores.copy()
     incomplete.loc["net03", "ft"] = np.nan
     with pytest.raises(ValueError, match="net03"):
         friedman_holm(incomplete)
+
+
+def _reference_scores() -> pd.DataFrame:
+    rng = np.random.default_rng(7)
+    base = rng.uniform(0.5, 0.7, 12)
+    return pd.DataFrame({"stl": base, "ft": base + rng.normal(0.01, 0.02, 12),
+                         "mdmt": base + rng.normal(0.03, 0.02, 12), "perm": base + rng.normal(0.015, 0.02, 12)},
+                        index=BACKBONES[:12])
+
+
+def test_friedman_and_cliques_give_the_earlier_values():
+    result = friedman_holm(_reference_scores())
+    assert result.statistic == pytest.approx(REFERENCE_FRIEDMAN["statistic"], rel=1e-12)
+    assert result.p_value == pytest.approx(REFERENCE_FRIEDMAN["p"], rel=1e-12)
+    assert result.critical_difference == pytest.approx(REFERENCE_FRIEDMAN["cd"], rel=1e-12)
+    assert result.avg_ranks.to_dict() == pytest.approx(REFERENCE_FRIEDMAN["ranks"])
+    np.testing.assert_allclose(result.pairwise["p_holm"], REFERENCE_FRIEDMAN["p_holm"], rtol=1e-12)
+    # scikit-posthocs' cliques (groups sharing a letter of the compact letter display of the Nemenyi p-values)
+    # are the earlier runs of methods whose average ranks differ by less than the CD
+    assert result.cliques == REFERENCE_FRIEDMAN["groups"]
+    ranks = result.avg_ranks
+    for a in ranks.index:
+        for b in ranks.index:
+            if a != b:
+                assert (result.nemenyi.loc[a, b] < 0.05) == (abs(ranks[a] - ranks[b]) > result.critical_difference)
+
+
+def test_bootstrap_from_scipy_gives_the_earlier_intervals():
+    # scipy's percentile bootstrap draws the same resamples from the same seeded generator as the earlier
+    # hand-written loop, so the intervals agree to rounding; BCa (scipy's default) would move these bounds by
+    # about 1e-4 on the 30-pair example, which is why the percentile method is kept
+    rng = np.random.default_rng(4)
+    b = rng.uniform(0.55, 0.7, 30)
+    a = b + 0.02 + rng.normal(0, 0.01, 30)
+    np.testing.assert_allclose(bootstrap_mean_diff_ci(a, b), REFERENCE_BOOTSTRAP_30, rtol=1e-9)
+    five = bootstrap_mean_diff_ci([0.71, 0.66, 0.69, 0.74, 0.62], [0.65, 0.66, 0.61, 0.70, 0.63])
+    np.testing.assert_allclose(five, REFERENCE_BOOTSTRAP_5, atol=1e-12)
+    assert bootstrap_mean_diff_ci([0.7, 0.6, 0.5], [0.6, 0.5, 0.4]) == pytest.approx((0.1, 0.1, 0.1))
 
 
 def test_bootstrap_ci_contains_truth_and_is_seeded():
@@ -172,19 +251,27 @@ def test_bootstrap_ci_contains_truth_and_is_seeded():
     assert lower < narrower[1] < narrower[2] < upper
 
 
-def test_nemenyi_groups():
+def _rank_distance_pvalues(ranks: dict[str, float], cd: float) -> pd.DataFrame:
+    """Nemenyi-like p-values: 0.01 where the average ranks differ by the CD or more, else 0.5."""
+    names = list(ranks)
+    return pd.DataFrame([[0.01 if abs(ranks[a] - ranks[b]) >= cd else 0.5 for b in names] for a in names],
+                        index=names, columns=names)
+
+
+def test_nemenyi_cliques():
+    # the cases of the earlier hand-written grouping, with the same answers
     ranks = {"a": 1.0, "b": 1.5, "c": 3.0, "d": 3.2}
-    assert nemenyi_groups(ranks, 1.0) == [("a", "b"), ("c", "d")]
-    assert nemenyi_groups(ranks, 1.6) == [("a", "b"), ("b", "c"), ("c", "d")]
-    assert nemenyi_groups(ranks, 0.1) == []
-    assert nemenyi_groups(ranks, 5.0) == [("a", "b", "c", "d")]
+    for cd, expected in [(1.0, [("a", "b"), ("c", "d")]), (1.6, [("a", "b"), ("b", "c"), ("c", "d")]), (0.1, []),
+                         (5.0, [("a", "b", "c", "d")])]:
+        assert nemenyi_cliques(_rank_distance_pvalues(ranks, cd), ranks) == expected, cd
 
 
 def test_cd_diagram_renders_png(tmp_path: Path):
     ranks = {"mdmt": 1.4, "ft": 2.1, "stl_prognosis": 2.9, "stl_severity": 3.6}
-    figure = plot_critical_difference(ranks, critical_difference(4, 18))
+    cd = critical_difference(4, 18)
+    figure = plot_critical_difference(ranks, _rank_distance_pvalues(ranks, cd), cd)
     out = tmp_path / "cd.png"
     figure.savefig(out, dpi=80)
     assert out.stat().st_size > 1000 and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     labels = [t.get_text() for t in figure.axes[0].texts]
-    assert "mdmt (1.40)" in labels and any(label.startswith("CD = 1.1") for label in labels)
+    assert "mdmt (1.40)" in labels and "CD = 1.11" in labels

@@ -204,22 +204,29 @@ def _index_bytes(path: Path) -> bytes:
     return path.read_bytes() if path.exists() else b""
 
 
+def make_read_only(folder: Path, monkeypatch: pytest.MonkeyPatch) -> list[Path]:
+    """Make a folder read-only (and, as root, who may write anyway, open the index read-only as well); returns
+    the paths to make writable again."""
+    paths = [folder, *folder.rglob("*")]
+    for path in paths:
+        path.chmod(path.stat().st_mode & ~(stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH))
+    if os.geteuid() == 0:
+        monkeypatch.setattr(store_module, "_open",
+                            lambda path: sqlite3.connect(f"{Path(path).resolve().as_uri()}?mode=ro", uri=True))
+    return paths
+
+
+def make_writable(paths: list[Path]) -> None:
+    for path in paths:
+        path.chmod(path.stat().st_mode | stat.S_IWUSR)
+
+
 @pytest.fixture
 def read_only(monkeypatch):
-    """Make a folder read-only (and, as root, who may write anyway, open the index read-only as well)."""
-    folders = []
-
-    def apply(folder: Path) -> None:
-        for path in [folder, *folder.rglob("*")]:
-            path.chmod(path.stat().st_mode & ~(stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH))
-            folders.append(path)
-        if os.geteuid() == 0:
-            monkeypatch.setattr(store_module, "_open",
-                                lambda path: sqlite3.connect(f"{Path(path).resolve().as_uri()}?mode=ro", uri=True))
-
-    yield apply
-    for path in folders:
-        path.chmod(path.stat().st_mode | stat.S_IWUSR)
+    """``read_only(folder)`` makes the folder read-only until the test ends."""
+    changed: list[Path] = []
+    yield lambda folder: changed.extend(make_read_only(folder, monkeypatch))
+    make_writable(changed)
 
 
 def test_a_read_only_results_folder_is_indexed_in_memory(tmp_path, read_only):

@@ -1,28 +1,38 @@
-"""Statistics over backbones: the paper's one-tailed paired tests (method.md §9.3), and beyond the paper a Friedman
-test with Holm-corrected pairwise Wilcoxon tests, the Nemenyi critical difference, a paired bootstrap CI and the
+"""Statistics over backbones: the paper's one-tailed paired tests, and beyond the paper a Friedman test with
+Holm-corrected pairwise Wilcoxon tests, the Nemenyi critical difference, a paired bootstrap CI and the
 critical-difference diagram.
 
-Pairs are always matched by backbone name (the official code paired by ``os.listdir`` order, method.md §12.7).
+Pairs are always matched by backbone name (the paper's official code paired them by directory listing order,
+which pairs the wrong backbones whenever the listings differ). Holm's correction comes from statsmodels, the
+bootstrap from scipy, the Nemenyi p-values, cliques and the diagram from scikit-posthocs.
 """
 
 from __future__ import annotations
 
 import itertools
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
 import pandas as pd
+import scikit_posthocs
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
+from matplotlib.transforms import offset_copy
 from numpy.typing import ArrayLike
 from scipy import stats as scipy_stats
+from statsmodels.stats.multitest import multipletests
 
 Alternative = Literal["greater", "less"]
-STRATEGY_LABELS: dict[str, str] = {"mdmt": "MDMT", "stl_prognosis": "STL", "ft": "FT"}
-"""Names the significance table prints for the paper's strategies (others print as given)."""
+STRATEGY_LABELS: dict[str, str] = {
+    "mdmt": "MDMT", "stl_prognosis": "STL", "stl_severity": "STL (severity)", "ft": "FT",
+    "mdmt_permuted": "permuted MDMT", "mdmt3": "MDMT (3 datasets)",
+}
+"""Names the tables print for the built-in strategies (others print as given)."""
+PAPER_COMPARISONS: tuple[tuple[str, str], ...] = (("mdmt", "stl_prognosis"), ("mdmt", "ft"))
+"""The paper's (proposed, baseline) pairs."""
 TABLE_FIELDS: tuple[str, ...] = ("p", "stars", "p_wilcoxon", "n")
 """Per-cell fields of ``significance_table``: t-test p, its stars, Wilcoxon p, number of paired backbones."""
 PER_BACKBONE_COLUMNS: tuple[str, ...] = ("strategy", "backbone", "protocol", "metric", "mean", "std")
@@ -98,25 +108,31 @@ def one_tailed_paired_tests(
     }
 
 
-def _label(strategy: str) -> str:
+def strategy_label(strategy: str) -> str:
+    """The printed name of a strategy (``STRATEGY_LABELS``, else the name itself)."""
     return STRATEGY_LABELS.get(strategy, strategy)
+
+
+def better_alternative(metric: str, lower_is_better: Collection[str]) -> Alternative:
+    """The one-tailed alternative of "the first is better" for ``metric``: ``greater`` unless lower is better."""
+    return "less" if metric in lower_is_better else "greater"
 
 
 def significance_table(
     per_backbone: pd.DataFrame,
-    reference: str = "mdmt",
-    comparisons: Sequence[str] = ("stl_prognosis", "ft"),
+    comparisons: Sequence[tuple[str, str]] = PAPER_COMPARISONS,
     metrics: Sequence[str] = ("accuracy", "f1_weighted", "gmean"),
     protocols: Sequence[str] = ("cv5", "loco"),
+    lower_is_better: Collection[str] = (),
 ) -> pd.DataFrame:
-    """The paper's significance table (README2): is ``reference`` better than each comparison strategy?
+    """The paper's significance table: is the proposed strategy of each (proposed, baseline) pair the better one?
 
     Input: a long frame with columns strategy, backbone, protocol, metric, mean, std — one row per
     strategy × backbone × protocol × metric, ``mean``/``std`` taken over that backbone's folds.
-    Rows: "Mean (μ↑) MDMT vs STL", "Mean (μ↑) MDMT vs FT", "Std (σ↓) MDMT vs STL", "Std (σ↓) MDMT vs FT" —
-    one-tailed paired tests over backbones (paired by name) of the means (H1: reference higher) and of the
-    stds (H1: reference lower). Columns: (protocol, metric, field) with fields ``TABLE_FIELDS``. A comparison with
-    no rows for a protocol × metric holds p = NaN, stars "n/a", n = 0.
+    Rows: "Mean (μ↑) MDMT vs STL", …, then "Std (σ↓) MDMT vs STL", … — one-tailed paired tests over backbones
+    (paired by name) of the means (H1: proposed better: higher, or lower for a metric in ``lower_is_better``)
+    and of the stds (H1: proposed lower). Columns: (protocol, metric, field) with fields ``TABLE_FIELDS``. A pair
+    with no rows for a protocol × metric holds p = NaN, stars "n/a", n = 0.
     """
     missing = [c for c in PER_BACKBONE_COLUMNS if c not in per_backbone.columns]
     if missing:
@@ -127,21 +143,22 @@ def significance_table(
         raise ValueError(f"per_backbone has several rows for {duplicated[keys].drop_duplicates().values.tolist()[:5]}")
     indexed = per_backbone.set_index(keys)[["mean", "std"]].sort_index()
     available = set(indexed.index.droplevel("backbone"))
-    statistics = {"Mean (μ↑)": ("mean", "greater"), "Std (σ↓)": ("std", "less")}
+    statistics = {"Mean (μ↑)": "mean", "Std (σ↓)": "std"}
     rows: dict[str, dict[tuple[str, str, str], object]] = {}
-    for (title, (column, alternative)), other in itertools.product(statistics.items(), comparisons):
+    for (title, column), (proposed, baseline) in itertools.product(statistics.items(), comparisons):
         cells: dict[tuple[str, str, str], object] = {}
         for protocol, metric in itertools.product(protocols, metrics):
-            sides = [(s, protocol, metric) for s in (reference, other)]
+            sides = [(s, protocol, metric) for s in (proposed, baseline)]
             if not all(side in available for side in sides):
                 values: dict[str, object] = {"p": float("nan"), "stars": MISSING, "p_wilcoxon": float("nan"), "n": 0}
             else:
-                _, ref, cmp_ = paired_by_name(indexed.loc[sides[0], column], indexed.loc[sides[1], column])
-                result = one_tailed_paired_tests(ref, cmp_, alternative)
+                _, first, second = paired_by_name(indexed.loc[sides[0], column], indexed.loc[sides[1], column])
+                alternative = better_alternative(metric, lower_is_better) if column == "mean" else "less"
+                result = one_tailed_paired_tests(first, second, alternative)
                 values = {"p": result["p"], "stars": stars(result["p"]), "p_wilcoxon": result["p_wilcoxon"],
                           "n": int(result["n"])}
             cells |= {(protocol, metric, field): values[field] for field in TABLE_FIELDS}
-        rows[f"{title} {_label(reference)} vs {_label(other)}"] = cells
+        rows[f"{title} {strategy_label(proposed)} vs {strategy_label(baseline)}"] = cells
     table = pd.DataFrame.from_dict(rows, orient="index")
     table.columns = pd.MultiIndex.from_tuples(table.columns, names=["protocol", "metric", "field"])
     return table
@@ -150,12 +167,7 @@ def significance_table(
 # --------------------------------------------------------------------------------------------- beyond the paper
 def holm(pvalues: ArrayLike) -> np.ndarray:
     """Holm step-down adjusted p-values, in the input order (monotone, capped at 1)."""
-    p = np.asarray(pvalues, dtype=np.float64)
-    order = np.argsort(p, kind="stable")
-    scaled = p[order] * (p.size - np.arange(p.size))
-    adjusted = np.empty_like(p)
-    adjusted[order] = np.minimum(np.maximum.accumulate(scaled), 1.0)
-    return adjusted
+    return np.asarray(multipletests(np.asarray(pvalues, dtype=np.float64), method="holm")[1], dtype=np.float64)
 
 
 def critical_difference(k: int, n: int, alpha: float = 0.05) -> float:
@@ -168,24 +180,30 @@ def critical_difference(k: int, n: int, alpha: float = 0.05) -> float:
 
 @dataclass(frozen=True)
 class FriedmanResult:
-    """Friedman test over blocks with average ranks (1 = best), Holm-corrected pairwise Wilcoxon tests and the
-    Nemenyi critical difference."""
+    """Friedman test over blocks with average ranks (1 = best), Holm-corrected pairwise Wilcoxon tests, the
+    Nemenyi p-values (strategy × strategy) and critical difference."""
 
     statistic: float
     p_value: float
     avg_ranks: pd.Series  # strategy → average rank, best first
     pairwise: pd.DataFrame  # a, b, mean_diff (a − b), p, p_holm
+    nemenyi: pd.DataFrame  # strategy × strategy Nemenyi p-values
     critical_difference: float
     n_blocks: int
     alpha: float
+
+    @property
+    def cliques(self) -> list[tuple[str, ...]]:
+        """Groups of two or more strategies that no Nemenyi test at ``alpha`` tells apart."""
+        return nemenyi_cliques(self.nemenyi, self.avg_ranks.to_dict(), self.alpha)
 
 
 def friedman_holm(scores: pd.DataFrame, higher_is_better: bool = True, alpha: float = 0.05) -> FriedmanResult:
     """Friedman test of ``scores`` (rows = blocks such as backbones or backbone × fold, columns = strategies).
 
     Ranks within each block (ties share the average rank), pairwise two-sided Wilcoxon signed-rank p-values with
-    Holm's correction over all pairs (a pair with identical scores in every block gets p = 1), and the Nemenyi
-    CD at ``alpha``.
+    Holm's correction over all pairs (a pair with identical scores in every block gets p = 1), the Nemenyi
+    post-hoc p-values (scikit-posthocs) and the Nemenyi CD at ``alpha``.
     """
     if scores.shape[1] < 3:
         raise ValueError(f"the Friedman test needs at least 3 strategies, got {list(scores.columns)}; "
@@ -208,77 +226,64 @@ def friedman_holm(scores: pd.DataFrame, higher_is_better: bool = True, alpha: fl
         "mean_diff": [float((scores[a] - scores[b]).mean()) for a, b in pairs],
         "p": p_pairs, "p_holm": holm(p_pairs),
     })
-    return FriedmanResult(float(statistic), float(p_value), ranks, pairwise,
+    nemenyi = scikit_posthocs.posthoc_nemenyi_friedman(values)
+    nemenyi.index = nemenyi.columns = list(scores.columns)
+    return FriedmanResult(float(statistic), float(p_value), ranks, pairwise, nemenyi,
                           critical_difference(scores.shape[1], scores.shape[0], alpha), scores.shape[0], alpha)
 
 
 def bootstrap_mean_diff_ci(
     a: ArrayLike, b: ArrayLike, n_boot: int = 10000, confidence: float = 0.95, seed: int = 0
 ) -> tuple[float, float, float]:
-    """Paired percentile bootstrap of mean(a − b) → (observed mean difference, lower, upper); seeded."""
+    """Paired percentile bootstrap of mean(a − b) (``scipy.stats.bootstrap`` on the differences) → (observed mean
+    difference, lower, upper); seeded."""
     diff = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
     if diff.ndim != 1 or diff.size < 2 or np.isnan(diff).any():
         raise ValueError(f"bootstrap needs two paired 1-D vectors of >= 2 values without NaN, got {diff.shape}")
-    rng = np.random.default_rng(seed)
-    means = diff[rng.integers(0, diff.size, size=(n_boot, diff.size))].mean(axis=1)
-    tail = (1 - confidence) / 2
-    lower, upper = np.quantile(means, [tail, 1 - tail])
-    return float(diff.mean()), float(lower), float(upper)
+    with warnings.catch_warnings():  # identical differences: a zero-width interval is the answer
+        warnings.simplefilter("ignore", scipy_stats.DegenerateDataWarning)
+        interval = scipy_stats.bootstrap((diff,), np.mean, n_resamples=n_boot, confidence_level=confidence,
+                                         method="percentile", rng=np.random.default_rng(seed)).confidence_interval
+    return float(diff.mean()), float(interval.low), float(interval.high)
 
 
 # --------------------------------------------------------------------------------------------- CD diagram
-def nemenyi_groups(avg_ranks: Mapping[str, float], cd: float) -> list[tuple[str, ...]]:
-    """Maximal runs of methods (ordered by rank) whose average ranks differ by less than ``cd`` (≥ 2 members)."""
-    names = sorted(avg_ranks, key=lambda name: (avg_ranks[name], name))
-    ranks = [avg_ranks[name] for name in names]
-    groups: list[tuple[str, ...]] = []
-    last_end = 0
-    for start in range(len(names)):
-        end = start
-        while end + 1 < len(names) and ranks[end + 1] - ranks[start] < cd:
-            end += 1
-        if end > start and end > last_end:
-            groups.append(tuple(names[start:end + 1]))
-            last_end = end
-    return groups
+def nemenyi_cliques(
+    pvalues: pd.DataFrame, avg_ranks: Mapping[str, float], alpha: float = 0.05
+) -> list[tuple[str, ...]]:
+    """Groups (≥ 2 members, each ordered by rank, groups by best rank) that share a letter in scikit-posthocs'
+    compact letter display of ``pvalues``: no pair inside a group differs at ``alpha``."""
+    letters = scikit_posthocs.compact_letter_display(pvalues, alpha=alpha)
+    width = max(len(text) for text in letters)
+    groups = []
+    for position in range(width):
+        members = [name for name, text in letters.items() if len(text) > position and text[position] != " "]
+        if len(members) > 1:
+            groups.append(tuple(sorted(members, key=lambda name: (avg_ranks[name], name))))
+    return sorted(set(groups), key=lambda group: [avg_ranks[name] for name in group])
 
 
-def plot_critical_difference(avg_ranks: Mapping[str, float], cd: float, ax: Axes | None = None) -> Figure:
-    """The critical-difference diagram (Demšar 2006): a rank axis (1 = best, on the left), each method a line to its
-    name, the CD as a bar above the axis, and thick bars joining methods not significantly different."""
+def plot_critical_difference(
+    avg_ranks: Mapping[str, float], pvalues: pd.DataFrame, cd: float, alpha: float = 0.05, ax: Axes | None = None
+) -> Figure:
+    """The critical-difference diagram (Demšar 2006, drawn by scikit-posthocs): each method on the rank axis
+    (1 = best) with its name, thick bars joining methods whose Nemenyi ``pvalues`` are not below ``alpha``, and
+    the CD as a bar above the axis."""
     if len(avg_ranks) < 2:
         raise ValueError("a critical-difference diagram needs at least two methods")
-    names = sorted(avg_ranks, key=lambda name: (avg_ranks[name], name))
-    k = len(names)
-    low, high = 1, max(k, int(np.ceil(max(avg_ranks.values()))))
-    groups = nemenyi_groups(avg_ranks, cd)
-    half = (k + 1) // 2
-    label_top = 0.3 + 0.15 * len(groups)
-    axis_inches = max(3.0, 0.8 * (high - low))
-    label_inches = 0.45 + 0.085 * max(len(f"{name} (0.00)") for name in names)  # ~0.085 in per 9-pt character
     if ax is None:
-        figure = Figure(figsize=(axis_inches + 2 * label_inches, 1.4 + 0.3 * half))
-        ax = figure.add_axes((0.0, 0.0, 1.0, 1.0))
-    margin = (high - low) * label_inches / axis_inches
-    ax.set_xlim(low - margin, high + margin)
-    ax.set_ylim(label_top + 0.25 * half + 0.2, -0.9)
-    ax.axis("off")
-    ax.hlines(0, low, high, color="black", lw=1)
-    for tick in range(low, high + 1):
-        ax.vlines(tick, -0.08, 0, color="black", lw=1)
-        ax.text(tick, -0.12, str(tick), ha="center", va="bottom", fontsize=9)
-    ax.hlines(-0.6, low, low + cd, color="black", lw=1.5)
-    ax.vlines([low, low + cd], -0.65, -0.55, color="black", lw=1.5)
-    ax.text(low + cd / 2, -0.68, f"CD = {cd:.2f}", ha="center", va="bottom", fontsize=9)
-    for position, name in enumerate(names):
-        rank = avg_ranks[name]
-        left = position < half
-        depth = label_top + 0.25 * (position if left else k - 1 - position)
-        edge = low - 0.3 * (high - low) / axis_inches if left else high + 0.3 * (high - low) / axis_inches
-        ax.plot([rank, rank, edge], [0, depth, depth], color="black", lw=0.8)
-        ax.text(edge + (-0.05 if left else 0.05), depth, f"{name} ({rank:.2f})", ha="right" if left else "left",
-                va="center", fontsize=9)
-    for level, group in enumerate(groups):
-        y = 0.2 + 0.15 * level
-        ax.hlines(y, avg_ranks[group[0]] - 0.03, avg_ranks[group[-1]] + 0.03, color="black", lw=3)
-    return ax.figure
+        width = 3.0 + 0.9 * len(avg_ranks) + 0.12 * max(len(name) for name in avg_ranks)
+        ax = Figure(figsize=(width, 1.4 + 0.3 * len(avg_ranks)), layout="constrained").add_subplot()
+    names = list(avg_ranks)
+    scikit_posthocs.critical_difference_diagram(
+        pd.Series(avg_ranks, dtype=np.float64), pvalues.loc[names, names], alpha=alpha, ax=ax,
+        label_fmt_left="{label} ({rank:.2f})", label_fmt_right="({rank:.2f}) {label}",
+        label_props={"fontsize": 9}, text_h_margin=0.3,
+    )
+    best = min(avg_ranks.values())
+    figure = ax.figure
+    above_ticks = offset_copy(ax.transData, fig=figure, y=26, units="points")  # clear of the rank labels
+    ax.plot([best, best + cd], [0, 0], color="black", lw=1.5, transform=above_ticks, clip_on=False)
+    ax.text(best + cd / 2, 0, f"CD = {cd:.2f}", ha="center", va="bottom", fontsize=9, clip_on=False,
+            transform=offset_copy(ax.transData, fig=figure, y=29, units="points"))
+    return figure
