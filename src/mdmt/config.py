@@ -63,7 +63,7 @@ class DataConfig:
 
 @dataclass
 class AugmentConfig:
-    """Training-time augmentation (method.md §3.3); each operation fires with probability ``p``."""
+    """Training-time augmentation (shift, zoom, rotation, flip, elastic); each fires with probability ``p``."""
 
     enabled: bool = True
     p: float = 50 / 101

@@ -128,7 +128,7 @@ def kfold_splits(
     strata: Sequence[str] = ("label", "center"),
     group: str = "patient_id",
 ) -> list[Split]:
-    """Stratified patient-level k-fold with the paper's rotation (method.md §2.3).
+    """Stratified patient-level k-fold with the paper's rotation (fold i tests on part i, validates on part i − 1).
 
     Patients (sorted by id; stratum = label × center of their first image in table order) are shuffled per
     stratum (strata in sorted order) with ``numpy.random.default_rng(seed)`` and cut into ``k`` chunks.

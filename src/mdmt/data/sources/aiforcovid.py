@@ -1,4 +1,4 @@
-"""AIforCOVID reader (datasets.md §2): three release sheets + flat DICOM folders → records table."""
+"""AIforCOVID reader: three release sheets + flat DICOM folders → records table."""
 
 from __future__ import annotations
 
@@ -29,7 +29,8 @@ RELEASES: tuple[tuple[int, str, str], ...] = (
 KNOWN_BAD_IDS = frozenset(
     {"P_3_391", "P_3_377", "P_3_20", "P_3_108", "P_1_16", "P_3_341", "P_3_411", "P_3_208", "P_1_47", "P_1_118"}
 )
-"""Official exclusion list (datasets.md §2.5), with the ``.dcm``-suffix bug of the official code fixed."""
+"""The official exclusion list (images the authors found unusable), matched by id: the official code compared them
+with a ``.dcm`` suffix and so excluded none."""
 PROGNOSIS_CLASSES = {"MILD": 0.0, "SEVERE": 1.0}
 KEY_COLUMNS = ("ImageFile", "Hospital", "Prognosis")
 

@@ -1,4 +1,4 @@
-"""BrixIA reader (datasets.md §1): ``dicom_clean/`` + ``metadata_global_v2.csv`` → records table."""
+"""BrixIA reader: ``dicom_clean/`` + ``metadata_global_v2.csv`` → records table."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ IMAGE_DIR = "dicom_clean"
 METADATA_FILES = ("metadata_global_v2.csv", "metadata_global_v1.csv")
 CONSENSUS_FILE = "metadata_consensus_v1.csv"
 KNOWN_BAD_IDS = frozenset({"1773596264454332092"})
-"""Official exclusion list (datasets.md §2.5)."""
+"""The official exclusion list of BrixIA images (unusable films named by the dataset's authors)."""
 MANUFACTURER_GROUPS = {
     "AGFA-GEVAERT": "AGFA",
     "CARESTREAM HEALTH": "CARESTREAM",
