@@ -48,6 +48,10 @@ DATA_OPTIONS = (
     _opt("--crop", key="data.crop", help="lungs | none | masks | boxes"),
     _opt("--prepare-workers", key="data.workers", type=int, help="processes decoding images (0 = in-process)"),
 )
+PREPARE_OPTIONS = (
+    _opt("--qc", key="data.qc", type=None, action="store_true",
+         help="write contact sheets (each film with its crop box) into <cache>/qc/"),
+)
 RUN_OPTIONS = (
     _opt("--strategy", key="run.strategy", help="a strategy of the config (mdmt info lists them)"),
     _opt("--backbone", key="model.backbone", help="backbone name (mdmt info lists them)"),
@@ -137,10 +141,20 @@ def cmd_synth(args: argparse.Namespace) -> int:
 def cmd_prepare(args: argparse.Namespace) -> int:
     from mdmt.data.datasets import prepare
 
-    config = resolve_config(args, DATA_OPTIONS)
+    from mdmt.data.crop_qc import crop_issue_lines, write_contact_sheets
+
+    config = resolve_config(args, DATA_OPTIONS + PREPARE_OPTIONS)
     caches = prepare(config)
     for name, cache in caches.items():
-        console.print(f"{name}: {len(cache.records)} images cached, {len(cache.failed)} failed → {cache.path}")
+        for line in crop_issue_lines(cache.records, name):
+            console.print(line, markup=False, highlight=False)
+        for row in cache.failed.itertuples():
+            console.print(f"{name}: {row.image_id}: unreadable, left out: {row.reason}", markup=False, highlight=False)
+        console.print(f"{name}: {len(cache.records)} images cached, {len(cache.failed)} failed → {cache.path} "
+                      f"(crops: {cache.path / 'crops.csv'})", markup=False, highlight=False)
+        if config.data.qc:
+            sheets = write_contact_sheets(cache.records, cache.path / "qc")
+            console.print(f"{name}: {len(sheets)} contact sheet(s) in {cache.path / 'qc'}", markup=False)
     return 0
 
 
@@ -251,7 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("prepare", help="preprocess each dataset once into the image cache")
     _add_config(p)
-    _add_options(p, DATA_OPTIONS)
+    _add_options(p, DATA_OPTIONS + PREPARE_OPTIONS)
     p.set_defaults(func=cmd_prepare)
 
     p = sub.add_parser("train", help="one run: strategy × backbone × protocol × fold × seed")

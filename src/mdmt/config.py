@@ -58,6 +58,8 @@ class DataConfig:
     masks_dir: str | None = None
     boxes_file: str | None = None
     skip_unreadable: bool = True
+    qc: bool = False
+    """``mdmt prepare`` also writes contact sheets (each film with its crop box) into ``<cache>/qc/``."""
     workers: int = 0
 
 

@@ -1,7 +1,8 @@
 """Preprocess each image once into a memory-mapped uint8 cache keyed by its inputs and parameters.
 
 Layout of ``<root>/<dataset>-<key[:16]>/``: ``images.u8`` (N × S × S uint8, row i = image i),
-``records.csv`` (the records of the cached images plus crop columns), ``failed.csv`` (unreadable images),
+``records.csv`` (the records of the cached images plus crop columns), ``crops.csv`` (each film's crop box, method
+and quality flag, to open in a spreadsheet), ``failed.csv`` (unreadable images),
 ``dropped.csv`` (rows the reader dropped), ``meta.json`` and the ``COMPLETE`` marker, written last.
 A build happens in ``<dir>.tmp-<pid>`` and is renamed into place only when complete.
 """
@@ -29,19 +30,22 @@ import pandas as pd
 from PIL import Image
 
 from mdmt.config import DataConfig
+from mdmt.data.crop_qc import crop_table
 from mdmt.data.dicom import normalize_intensity, read_image
 from mdmt.data.lungs import LungBox, crop_to_box, find_mask, resolve_box
 from mdmt.data.sources import SourceTable
 from mdmt.errors import DataError, ImageReadError
 from mdmt.progress import progress_bar
 
-PREPROCESS_VERSION = 1
+PREPROCESS_VERSION = 2
 """Bump when the preprocessing changes in a way the parameters do not show (invalidates every cache)."""
 
 IMAGES_FILE = "images.u8"
 RECORDS_FILE = "records.csv"
 FAILED_FILE = "failed.csv"
 DROPPED_FILE = "dropped.csv"
+CROPS_FILE = "crops.csv"
+"""Every film's crop: id, path, status (ok, doubtful, fallback), method, reason, box and its share of the film."""
 META_FILE = "meta.json"
 COMPLETE_FILE = "COMPLETE"
 STRING_COLUMNS = ("image_id", "patient_id", "center", "path", "dataset", "reason", "crop_method", "crop_note")
@@ -134,6 +138,10 @@ def preprocess_params(cfg: DataConfig) -> dict[str, Any]:
         "crop": cfg.crop,
         "crop_margin": cfg.crop_margin,
     }
+    if cfg.crop == "lungs":
+        from mdmt.data.lung_unet import weights_fingerprint
+
+        params["segmenter"] = weights_fingerprint()
     if cfg.crop == "masks":
         params["masks_dir"] = str(Path(cfg.masks_dir or "").resolve())
     if cfg.crop == "boxes":
@@ -276,6 +284,7 @@ def _build(
         cached = records.iloc[kept].reset_index(drop=True)
         cached = pd.concat([cached, pd.DataFrame(crops, columns=CROP_COLUMNS)], axis=1)
         cached.to_csv(tmp / RECORDS_FILE, index=False)
+        crop_table(cached).to_csv(tmp / CROPS_FILE, index=False)
         pd.DataFrame(failures, columns=ISSUE_COLUMNS).to_csv(tmp / FAILED_FILE, index=False)
         dropped.reindex(columns=ISSUE_COLUMNS).to_csv(tmp / DROPPED_FILE, index=False)
         meta = {
