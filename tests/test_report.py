@@ -24,7 +24,7 @@ from test_store import PROGNOSIS_STRATEGIES, fake_metric_values, make_read_only,
 from mdmt.errors import DataError
 from mdmt.evaluate.report import build_report, headline_table_text
 from mdmt.evaluate.scoring import task_entry, write_metrics
-from mdmt.experiments.store import FAILED_FILE, INDEX_FILE
+from mdmt.store import FAILED_FILE, INDEX_FILE
 from mdmt.runs import RunSpec
 from mdmt.tasks import get_task, prediction_columns
 
@@ -397,6 +397,6 @@ def test_a_read_only_results_folder_reports_elsewhere(tmp_path, monkeypatch):
 
 
 def test_report_and_store_import_no_torch():
-    code = ("import sys, mdmt.evaluate.report, mdmt.experiments.store; "
+    code = ("import sys, mdmt.evaluate.report, mdmt.store; "
             "assert 'torch' not in sys.modules; assert not any(m.startswith('mdmt.train') for m in sys.modules)")
     subprocess.run([sys.executable, "-c", code], check=True)

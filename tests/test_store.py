@@ -20,8 +20,8 @@ import pandas as pd
 import pytest
 
 from mdmt.evaluate.scoring import task_entry
-from mdmt.experiments import store as store_module
-from mdmt.experiments.store import FAILED_FILE, INDEX_FILE, ResultsStore
+from mdmt import store as store_module
+from mdmt.store import FAILED_FILE, INDEX_FILE, ResultsStore
 from mdmt.runs import RunSpec
 from mdmt.tasks import get_task
 
@@ -282,8 +282,8 @@ def test_an_index_of_an_older_schema_is_rebuilt(tmp_path):
 
 
 def test_the_store_imports_only_the_run_contract():
-    code = ("import sys, mdmt.experiments.store; "
+    code = ("import sys, mdmt.store; "
             "mine = sorted(m for m in sys.modules if m.startswith('mdmt')); print(mine); "
             "assert 'torch' not in sys.modules; "
-            "assert set(mine) <= {'mdmt', 'mdmt.runs', 'mdmt.experiments', 'mdmt.experiments.store'}, mine")
+            "assert set(mine) <= {'mdmt', 'mdmt.runs', 'mdmt.store'}, mine")
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
