@@ -400,3 +400,13 @@ def test_report_and_store_import_no_torch():
     code = ("import sys, mdmt.evaluate.report, mdmt.store; "
             "assert 'torch' not in sys.modules; assert not any(m.startswith('mdmt.train') for m in sys.modules)")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_mdmt_report_on_a_missing_folder_is_an_error_without_torch(tmp_path):
+    missing = tmp_path / "absent-results"
+    code = ("import sys; from mdmt.cli import main; code = main(['report', sys.argv[1]]); "
+            "assert 'torch' not in sys.modules; sys.exit(code)")
+    result = subprocess.run([sys.executable, "-c", code, str(missing)], capture_output=True, text=True)
+    assert result.returncode == 2, result.stderr
+    assert "absent-results" in result.stdout and "does not exist" in result.stdout
+    assert list(tmp_path.iterdir()) == []
