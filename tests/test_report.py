@@ -24,8 +24,8 @@ from test_store import PROGNOSIS_STRATEGIES, fake_metric_values, make_read_only,
 from mdmt.errors import DataError
 from mdmt.evaluate.report import build_report, headline_table_text
 from mdmt.evaluate.scoring import task_entry, write_metrics
-from mdmt.store import FAILED_FILE, INDEX_FILE
 from mdmt.runs import RunSpec
+from mdmt.store import FAILED_FILE, INDEX_FILE
 from mdmt.tasks import get_task, prediction_columns
 
 BACKBONES = ("resnet18", "densenet121", "vgg11", "mobilenet_v2", "googlenet")

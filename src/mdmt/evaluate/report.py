@@ -31,8 +31,8 @@ from mdmt.evaluate import report_figures as figures
 from mdmt.evaluate import report_stats
 from mdmt.evaluate import report_tables as tables
 from mdmt.evaluate.scoring import run_entries, scorer_of
-from mdmt.store import ResultsStore
 from mdmt.runs import atomic_write_text
+from mdmt.store import ResultsStore
 from mdmt.tasks import get_task
 
 REPORT_DIR = "report"
