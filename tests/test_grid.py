@@ -15,8 +15,8 @@ from test_store import write_fake_run
 from mdmt.config import Config, load_config, parse_override
 from mdmt.errors import ConfigError
 from mdmt.experiments.grid import cpu_count, expand_grid, run_grid
-from mdmt.experiments.store import FAILED_FILE, ResultsStore
 from mdmt.runs import RunSpec
+from mdmt.store import FAILED_FILE, ResultsStore
 from mdmt.train.strategies import dependencies
 
 CALLS = "calls.log"

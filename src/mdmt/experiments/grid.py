@@ -4,7 +4,7 @@
 runs each one starts from (``mdmt.train.strategies.dependencies``) and orders them so that a dependency always
 comes first. ``run_grid`` skips runs whose ``DONE`` exists, runs the rest on a backend (in this process, a pool
 of spawned processes, or Ray tasks) with at most ``workers`` at once, starts a run only when its dependencies are
-done, and records each start, success and failure in the :class:`~mdmt.experiments.store.ResultsStore`. A failed
+done, and records each start, success and failure in the :class:`~mdmt.store.ResultsStore`. A failed
 run does not stop the others; the runs that depend on it are skipped and reported. After a crash the same call
 skips what finished and the engine resumes the interrupted run from its ``last.pt``.
 """
@@ -28,10 +28,10 @@ from rich.table import Table
 from mdmt.config import Config, PluginRef
 from mdmt.data.datasets import paired_fold, prepare, protocol_folds
 from mdmt.errors import ConfigError
-from mdmt.experiments.store import ResultsStore
 from mdmt.plugins import load_plugins
 from mdmt.progress import make_progress
 from mdmt.runs import DONE_FILE, RunSpec
+from mdmt.store import ResultsStore
 from mdmt.train.run import finished_run, train_run
 from mdmt.train.strategies import dependencies, get_strategy
 
