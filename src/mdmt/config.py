@@ -58,6 +58,8 @@ class DataConfig:
     masks_dir: str | None = None
     boxes_file: str | None = None
     skip_unreadable: bool = True
+    max_drop_fraction: float = 0.1
+    """``prepare`` fails when more than this share of a dataset's images is dropped or unreadable (1.0 allows any)."""
     qc: bool = False
     """``mdmt prepare`` also writes contact sheets (each film with its crop box) into ``<cache>/qc/``."""
     workers: int = 0
