@@ -350,8 +350,8 @@ def test_manifest_defaults_and_config_mapping(manifest_dir: Path):
 
 
 @pytest.mark.parametrize(("column", "value", "fragment"), [
-    ("outcome", "MODERATE", "row 3: prognosis value 'MODERATE'"),
-    ("score_a", "two", "row 3: brixia_A value 'two'"),
+    ("outcome", "MODERATE", "row 6: prognosis value 'MODERATE'"),
+    ("score_a", "two", "row 6: brixia_A value 'two'"),
 ])
 def test_table_labels_that_do_not_parse_name_the_row_and_value(manifest_dir: Path, column, value, fragment):
     frame = pd.read_csv(manifest_dir / "manifest.csv", dtype=str)
@@ -364,7 +364,7 @@ def test_table_labels_that_do_not_parse_name_the_row_and_value(manifest_dir: Pat
     records = read_table_dataset(params, "t").records
     assert records["prognosis"].tolist() == [1.0, 0.0, 1.0, 0.0]  # names in any case, or 0/1
     assert records["brixia_A"].tolist() == [0.0, 3.0, 2.0, 0.0]
-    frame.loc[1, column] = value
+    frame.loc[4, column] = value  # file row 6, after the row of a missing file (dropped)
     frame.to_csv(path, index=False)
     with pytest.raises(DataError, match=fragment):
         read_table_dataset(params, "t")

@@ -24,6 +24,7 @@ from mdmt.config import Config, PluginRef
 from mdmt.data import splits as split_lib
 from mdmt.data.cache import ImageCache, build_cache, print_summary
 from mdmt.data.sources import LABEL_COLUMNS, SourceTable, read_aiforcovid, read_brixia, read_manifest
+from mdmt.data.sources.manifest import ROW_COLUMN
 from mdmt.data.splits import Split
 from mdmt.errors import ConfigError, DataError
 from mdmt.registry import Registry
@@ -113,7 +114,7 @@ class TableParams:
     """Record column the CV folds are stratified by (default: prognosis, else the global Brixia bin, else none)."""
 
 
-def _prognosis_codes(values: pd.Series, where: str) -> pd.Series:
+def _prognosis_codes(values: pd.Series, rows: pd.Series, where: str) -> pd.Series:
     """Prognosis cells as 0/1: numbers 0/1 or the class names MILD/SEVERE (any case); anything else is an error."""
     names = {name.upper(): float(i) for i, name in enumerate(get_task("prognosis").class_names)}
     out = []
@@ -125,17 +126,17 @@ def _prognosis_codes(values: pd.Series, where: str) -> pd.Series:
         number = pd.to_numeric(text, errors="coerce")
         code = names.get(text, float(number) if number in (0, 1) else None)
         if code is None:
-            raise DataError(f"{where} row {int(row) + 2}: prognosis value {value!r} is not MILD/SEVERE or 0/1")
+            raise DataError(f"{where} row {rows[row]}: prognosis value {value!r} is not MILD/SEVERE or 0/1")
         out.append(code)
     return pd.Series(out, index=values.index, dtype=float)
 
 
-def _numeric_labels(values: pd.Series, column: str, where: str) -> pd.Series:
+def _numeric_labels(values: pd.Series, rows: pd.Series, column: str, where: str) -> pd.Series:
     numbers = pd.to_numeric(values, errors="coerce")
     bad = numbers.isna() & values.notna()
     if bad.any():
         row = bad.idxmax()
-        raise DataError(f"{where} row {int(row) + 2}: {column} value {values[row]!r} is not a number")
+        raise DataError(f"{where} row {rows[row]}: {column} value {values[row]!r} is not a number")
     return numbers.astype(float)
 
 
@@ -148,10 +149,10 @@ def read_table_dataset(params: TableParams, dataset_id: str) -> SourceTable:
     records = table.records.copy()
     where = f"{Path(params.path).name} ({dataset_id})"
     if "prognosis" in records and records["prognosis"].notna().any():
-        records["prognosis"] = _prognosis_codes(records["prognosis"], where)
+        records["prognosis"] = _prognosis_codes(records["prognosis"], records[ROW_COLUMN], where)
     for column in (*REGION_COLUMNS, "brixia_global"):
         if column in records and records[column].notna().any():
-            records[column] = _numeric_labels(records[column], column, where)
+            records[column] = _numeric_labels(records[column], records[ROW_COLUMN], column, where)
     return SourceTable(records, table.dropped)
 
 

@@ -20,6 +20,8 @@ from mdmt.data.sources import (
 from mdmt.errors import ConfigError, DataError
 
 DEFAULT_CENTER = "all"
+ROW_COLUMN = "manifest_row"
+"""Extra column: the row of the manifest file each record comes from."""
 OPTIONS = ("image_column", "patient_column", "center_column", "id_column", "label_columns")
 """Keyword options of ``read_manifest`` (also accepted as the ``columns`` mapping, e.g. a ManifestConfig)."""
 
@@ -70,6 +72,7 @@ def read_manifest(
                         "manifest options or rename them")
 
     records = pd.DataFrame(index=table.index)
+    records[ROW_COLUMN] = table.index + 2  # the file row (header = row 1), for messages about a cell
     records["path"] = [str(p if Path(p).is_absolute() else manifest.parent / p) if pd.notna(p) else p
                        for p in table[found["path"]]]
     records["image_id"] = table[found["image_id"]] if "image_id" in found else records["path"].map(
