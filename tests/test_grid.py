@@ -202,3 +202,23 @@ def test_ray_backend_completes_the_grid(tmp_path):
         ray.shutdown()
     assert summary.ok and sorted(summary.completed) == sorted(s.key for s in expand_grid(config))
     assert {c["threads"] for c in calls(tmp_path)} == {1}  # 2 CPUs / 2 workers
+
+
+# --------------------------------------------------------------------------------------------- the lock
+def test_a_second_grid_on_the_same_results_folder_stops_at_once(tmp_path):
+    from mdmt.experiments.grid import grid_lock
+
+    config = small_config(tmp_path)
+    with grid_lock(tmp_path):
+        with pytest.raises(ConfigError, match=f"another mdmt grid is running on {tmp_path} \\(pid {os.getpid()}\\)"):
+            run_grid(config, run_fn=fake_run, progress=False)
+        assert calls(tmp_path) == []
+    summary = run_grid(config, run_fn=fake_run, progress=False)  # released: the next grid runs
+    assert summary.ok and len(calls(tmp_path)) == len(expand_grid(config))
+
+
+def test_loco_folds_come_from_the_centers_in_the_data(tmp_path):
+    config = make_config(tmp_path, "grid.strategies=[stl_prognosis]", "grid.protocols=[loco]",
+                         "protocol.loco_centers=[A, B]")
+    assert [s.fold for s in expand_grid(config)] == [0, 1]
+    assert [s.fold for s in expand_grid(config, centers=["A", "B", "Z"])] == [0, 1, 2]

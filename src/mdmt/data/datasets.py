@@ -289,13 +289,14 @@ def build_splits(config: Config, datasets: dict[str, Dataset], caches: dict[str,
     return {i: dataset_split(d, caches[i].records, protocol, fold, config, seed) for i, d in datasets.items()}
 
 
-def protocol_folds(protocol: str, config: Config) -> list[int]:
-    """The fold indices of ``protocol``, from the config alone (LOCO: one per ``protocol.loco_centers``)."""
+def protocol_folds(protocol: str, config: Config, centers: list[str] | None = None) -> list[int]:
+    """The fold indices of ``protocol``. LOCO has one fold per center: ``centers`` (those in the data, from
+    ``loco_centers``) when given, else one per ``protocol.loco_centers``."""
     _check_protocol(protocol)
     if protocol == "cv5":
         return list(range(config.protocol.cv_folds))
     if protocol == "loco":
-        return list(range(len(config.protocol.loco_centers)))
+        return list(range(len(centers if centers is not None else config.protocol.loco_centers)))
     kind = "AFC"
     if config.protocol.dataset in config.data.datasets:
         kind = select(config, [config.protocol.dataset])[config.protocol.dataset].official_kind or kind

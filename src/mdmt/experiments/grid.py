@@ -11,6 +11,7 @@ skips what finished and the engine resumes the interrupted run from its ``last.p
 
 from __future__ import annotations
 
+import fcntl
 import itertools
 import multiprocessing
 import os
@@ -26,7 +27,8 @@ from pathlib import Path
 from rich.table import Table
 
 from mdmt.config import Config, PluginRef
-from mdmt.data.datasets import paired_fold, prepare, protocol_folds
+from mdmt.data.cache import ImageCache
+from mdmt.data.datasets import loco_centers, paired_fold, prepare, protocol_folds
 from mdmt.errors import ConfigError
 from mdmt.plugins import load_plugins
 from mdmt.progress import make_progress
@@ -41,12 +43,12 @@ BACKENDS = ("local", "ray")
 
 
 # --------------------------------------------------------------------------------------------- expansion
-def grid_folds(protocol: str, config: Config) -> list[int]:
+def grid_folds(protocol: str, config: Config, centers: list[str] | None = None) -> list[int]:
     """The folds of ``protocol`` the grid runs: ``config.grid.folds`` (checked) or all of them.
 
-    Computed from the config alone: LOCO has one fold per center of ``config.protocol.loco_centers``.
+    LOCO has one fold per center of the data (``centers``), or of ``protocol.loco_centers`` without data.
     """
-    available = protocol_folds(protocol, config)
+    available = protocol_folds(protocol, config, centers)
     if config.grid.folds is None:
         return available
     unknown = [f for f in config.grid.folds if f not in available]
@@ -56,18 +58,18 @@ def grid_folds(protocol: str, config: Config) -> list[int]:
     return list(config.grid.folds)
 
 
-def _requested(config: Config) -> Iterator[RunSpec]:
+def _requested(config: Config, centers: list[str] | None) -> Iterator[RunSpec]:
     """The runs the grid names; a strategy without ``protocol.dataset`` runs on the folds its datasets follow."""
     grid = config.grid
     backbones = [PluginRef.of(b).name for b in grid.backbones]
     for backbone, name, protocol, seed in itertools.product(backbones, grid.strategies, grid.protocols, grid.seeds):
         follows = config.protocol.dataset not in get_strategy(name, config).datasets
-        for fold in grid_folds(protocol, config):
+        for fold in grid_folds(protocol, config, centers):
             run_protocol, run_fold = paired_fold(protocol, fold, config) if follows else (protocol, fold)
             yield RunSpec(name, backbone, run_protocol, run_fold, seed)
 
 
-def expand_grid(config: Config) -> list[RunSpec]:
+def expand_grid(config: Config, centers: list[str] | None = None) -> list[RunSpec]:
     """Every run of the study plus the runs they depend on, de-duplicated, dependencies first.
 
     Runs are ordered by depth in the dependency graph (runs without dependencies first), then by the order the
@@ -85,7 +87,7 @@ def expand_grid(config: Config) -> list[RunSpec]:
             order.append(spec)
         return depth[spec]
 
-    for spec in _requested(config):
+    for spec in _requested(config, centers):
         visit(spec, ())
     return sorted(order, key=depth.__getitem__)
 
@@ -120,6 +122,35 @@ class GridSummary:
         table.add_row("[yellow]skipped", str(len(self.skipped)),
                       "\n".join(f"{k} (needs {', '.join(d)})" for k, d in self.skipped.items()))
         return table
+
+
+# --------------------------------------------------------------------------------------------- the lock
+LOCK_FILE = "grid.lock"
+
+
+@contextmanager
+def grid_lock(results_dir: Path) -> Iterator[None]:
+    """Hold ``<results_dir>/grid.lock`` (an exclusive ``flock``) for one grid: a second ``mdmt grid`` on the same
+    folder stops at once with an error instead of training the same runs. The kernel drops the lock when the
+    holder dies, so a killed grid never leaves the folder locked."""
+    results_dir.mkdir(parents=True, exist_ok=True)
+    path = results_dir / LOCK_FILE
+    with open(path, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            raise ConfigError(f"another mdmt grid is running on {results_dir} (pid {holder}); wait for it to finish "
+                              f"or use another results_dir") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 # --------------------------------------------------------------------------------------------- backends
@@ -204,15 +235,14 @@ def _backend(backend: str, workers: int, run_fn: RunFn, config: Config, progress
 
 
 # --------------------------------------------------------------------------------------------- the runner
-def _finished(config: Config, specs: list[RunSpec], run_fn: RunFn, summary: GridSummary, progress: bool
+def _finished(config: Config, specs: list[RunSpec], caches: dict[str, ImageCache] | None, summary: GridSummary
               ) -> set[RunSpec]:
     """The runs already finished with the same inputs; a finished run with other inputs is recorded as failed
-    (refused) unless ``run.rerun_changed`` (then it runs again). The caches are built here, once."""
+    (refused) unless ``run.rerun_changed`` (then it runs again). Without caches (a test's fake runs) DONE counts."""
     results_dir = Path(config.results_dir)
     marked = [spec for spec in specs if (spec.run_dir(results_dir) / DONE_FILE).is_file()]
-    if run_fn is not train_run:
+    if caches is None:
         return set(marked)
-    caches = prepare(config, progress=progress)
     done = set()
     for spec in marked:
         try:
@@ -249,17 +279,20 @@ def run_grid(
         raise ConfigError(f"grid.backend {backend!r} is not one of {', '.join(BACKENDS)}")
     workers = max(1, int(workers))
     start = time.perf_counter()
-    specs = expand_grid(config)
     results_dir = Path(config.results_dir)
-    store = ResultsStore(results_dir)
-    store.rescan()
-    needs = {spec: dependencies(spec, config) for spec in specs}
-    summary = GridSummary(total=len(specs))
-    done = _finished(config, specs, run_fn, summary, progress)
-    pending = [spec for spec in specs if spec not in done and spec.key not in summary.failed]
-    summary.already_done = [s.key for s in specs if s in done]
-
     with ExitStack() as stack:
+        stack.enter_context(grid_lock(results_dir))
+        caches = prepare(config, progress=progress) if run_fn is train_run else None  # built once, here
+        home = caches.get(config.protocol.dataset) if caches else None
+        specs = expand_grid(config, loco_centers(config, home.records) if home is not None else None)
+        store = ResultsStore(results_dir)
+        store.rescan()
+        needs = {spec: dependencies(spec, config) for spec in specs}
+        summary = GridSummary(total=len(specs))
+        done = _finished(config, specs, caches, summary)
+        pending = [spec for spec in specs if spec not in done and spec.key not in summary.failed]
+        summary.already_done = [s.key for s in specs if s in done]
+
         submit = stack.enter_context(_backend(backend, workers, run_fn, config, progress))
         bar = stack.enter_context(make_progress()) if progress else None
         bar_task = bar.add_task("grid", total=len(specs), completed=len(done), status="") if bar else None

@@ -318,6 +318,8 @@ def _train(
     if ctx.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / FAILED_FILE).unlink(missing_ok=True)
+        for leftover in run_dir.glob("*.tmp-*"):  # a write cut short by a kill
+            leftover.unlink(missing_ok=True)
         save_config(config, run_dir / CONFIG_FILE)
         atomic_write_text(spec.to_json(), run_dir / SPEC_FILE)
         write_json(inputs, run_dir / INPUTS_FILE)
