@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -12,6 +13,7 @@ from typing import Any, Literal
 import yaml
 
 from mdmt.errors import ConfigError
+from mdmt.validation import validate
 
 
 @dataclass
@@ -179,6 +181,8 @@ class SynthConfig:
     faults: list[str] = field(default_factory=list)
     cohort: bool = False
     """Also write a third dataset: a cohort from hospitals G and H as a manifest, with both labels."""
+    overwrite: bool = False
+    """``mdmt synth`` may write into a non-empty folder and replace a twin written with other parameters."""
 
 
 @dataclass
@@ -231,6 +235,10 @@ class Config:
     backbones, heads, weightings or strategies."""
 
 
+FLOAT_TEXT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+"""Exponent notation without a dot, which YAML 1.1 leaves a string."""
+
+
 def _convert(value: Any, tp: Any, where: str) -> Any:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
@@ -276,6 +284,8 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
         return value
     if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str) and FLOAT_TEXT.fullmatch(value):
+        return float(value)  # YAML 1.1 reads 1e-5 (no dot) as a string
     if tp is int and isinstance(value, int) and not isinstance(value, bool):
         return value
     if tp is bool and isinstance(value, bool):
@@ -287,9 +297,11 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
 
 def from_dict(cls: type, values: dict[str, Any], where: str = "config") -> Any:
     """Build dataclass ``cls`` from a mapping; unknown keys are an error naming the key."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {values!r}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - names)
+    unknown = sorted(str(k) for k in set(values) - names)
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(sorted(names))}")
     kwargs = {k: _convert(v, hints[k], f"{where}.{k}") for k, v in values.items()}
@@ -325,30 +337,51 @@ def parse_override(text: str) -> dict[str, Any]:
     if "=" not in text:
         raise ConfigError(f"override {text!r} must look like section.key=value")
     dotted, raw = text.split("=", 1)
-    value: Any = yaml.safe_load(raw) if raw else ""
+    try:
+        value: Any = yaml.safe_load(raw) if raw else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {text}: the value is not valid YAML: {_yaml_problem(exc)}") from exc
     for part in reversed(dotted.strip().split(".")):
         value = {part: value}
     return value
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """The short reason of a YAML error (without the file excerpt PyYAML adds)."""
+    return (str(getattr(exc, "problem", None) or exc) or type(exc).__name__).splitlines()[0]
+
+
+def read_yaml(path: Path) -> Any:
+    """Parse a YAML file; a syntax error is a ConfigError ``<file>:<line>:<col>: YAML syntax error: <problem>``."""
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not a UTF-8 text file (byte {exc.start})") from exc
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+        raise ConfigError(f"{where}: YAML syntax error: {_yaml_problem(exc)}") from exc
 
 
 def load_config(path: str | Path | None = None, overrides: list[dict[str, Any]] | None = None) -> Config:
     """Defaults, then the YAML file, then each override mapping in order.
 
     ``strategies`` entries merge into the built-in ones (``PAPER_STRATEGIES``), so a config changes or adds
-    strategies without restating the others.
+    strategies without restating the others. The result is checked against ``mdmt.validation.RULES``.
     """
     values: dict[str, Any] = {"strategies": {k: dataclasses.asdict(v) for k, v in PAPER_STRATEGIES.items()}}
     if path is not None:
         path = Path(path)
         if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        loaded = yaml.safe_load(path.read_text()) or {}
+            raise ConfigError(f"config file not found: {path}" if not path.exists() else f"{path}: not a file")
+        loaded = read_yaml(path) or {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: the top level must be a mapping")
         values = merge(values, loaded)
     for override in overrides or []:
         values = merge(values, override)
     config = from_dict(Config, values)
+    validate(config)
     if config.plugins:
         from mdmt.plugins import load_plugins
 
