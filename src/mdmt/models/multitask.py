@@ -70,6 +70,28 @@ def build_model(model_cfg: ModelConfig, tasks: Sequence[Task]) -> MultiTaskModel
     return MultiTaskModel(backbone, heads)
 
 
+def check_input_size(model: MultiTaskModel, size: int) -> None:
+    """Raise a ConfigError when ``size``×``size`` inputs are too small for the model's backbone.
+
+    One dry forward pass of a zero image in eval mode without gradients (the model's mode is restored).
+    """
+    parameter = next(model.parameters(), None)
+    device = parameter.device if parameter is not None else None
+    training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, 3, size, size, device=device))
+    except torch.cuda.OutOfMemoryError:
+        raise  # a full device, not a small input
+    except RuntimeError as exc:
+        reason = (str(exc).strip() or type(exc).__name__).splitlines()[0]
+        raise ConfigError(f"model.input_size {size} is too small for backbone {model.backbone_name}: "
+                          f"{reason}") from exc
+    finally:
+        model.train(training)
+
+
 # ----------------------------------------------------------------------------------------- backbone states
 def backbone_part(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The backbone entries of a whole-model state dict, prefix removed (a backbone-only dict is returned as is)."""
