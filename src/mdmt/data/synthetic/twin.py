@@ -28,13 +28,29 @@ from mdmt.data.synthetic.layout import (
     Stream,
     stream_rng,
 )
-from mdmt.data.synthetic.plans import ImagePlan, plan_aiforcovid, plan_brixia, plan_cohort
-from mdmt.data.synthetic.presets import SynthPreset, check_preset, cohort_sizes, resolve_preset
-from mdmt.data.synthetic.sheets import write_aiforcovid_sheets, write_brixia_tables, write_cohort_manifest
+from mdmt.data.synthetic.plans import (
+    ImagePlan,
+    plan_aiforcovid,
+    plan_brixia,
+    plan_cohort,
+)
+from mdmt.data.synthetic.presets import (
+    SynthPreset,
+    check_preset,
+    cohort_sizes,
+    resolve_preset,
+)
+from mdmt.data.synthetic.sheets import (
+    write_aiforcovid_sheets,
+    write_brixia_tables,
+    write_cohort_manifest,
+)
 from mdmt.data.synthetic.writers import write_image
 from mdmt.errors import ConfigError
 from mdmt.progress import progress_bar
 
+INTERCEPTS_KEY = "prognosis_intercepts"
+"""The one entry of the params file that the generator computes rather than takes as input."""
 RENDER_STREAMS = {"brixia": Stream.BRIXIA_RENDER, "aiforcovid": Stream.AIFORCOVID_RENDER,
                   "cohort": Stream.COHORT_RENDER}
 
@@ -72,10 +88,35 @@ class SynthSummary:
         return table
 
 
-def _prepare_out(out: Path) -> None:
-    """Remove a previous synthetic twin in ``out``; refuse to write over anything else."""
+def _changed_params(stamp: Path, wanted: dict[str, object]) -> list[str]:
+    """The generator inputs in which the twin stamped by ``stamp`` (its params file) differs from ``wanted``."""
+    try:
+        stored = json.loads(stamp.read_text())
+    except (OSError, ValueError):
+        return [f"{PARAMS_FILE} unreadable"]
+    if not isinstance(stored, dict):
+        return [f"{PARAMS_FILE} not a mapping"]
+    wanted = json.loads(json.dumps(wanted))
+    keys = sorted((set(stored) | set(wanted)) - {INTERCEPTS_KEY})
+    return [key if isinstance(wanted.get(key), dict) else f"{key} {stored.get(key)!r} → {wanted.get(key)!r}"
+            for key in keys if stored.get(key) != wanted.get(key)]
+
+
+def _prepare_out(out: Path, wanted: dict[str, object], overwrite: bool) -> None:
+    """Make ``out`` ready for a twin with the inputs ``wanted``, removing a previous twin there.
+
+    Refused: ``out`` being a file, and data under the twin's folder names that the generator did not write;
+    unless ``overwrite``, also a non-empty folder without a twin and a twin written with other inputs.
+    """
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{out}: exists and is not a folder; the synthetic twin needs a folder")
     names = (BRIXIA_DIR, AIFORCOVID_DIR, COHORT_DIR, TRUTH_DIR)
-    if (out / TRUTH_DIR / PARAMS_FILE).is_file():
+    stamp = out / TRUTH_DIR / PARAMS_FILE
+    if stamp.is_file():
+        changed = _changed_params(stamp, wanted)
+        if changed and not overwrite:
+            raise ConfigError(f"{out}: holds a synthetic twin with other parameters ({'; '.join(changed)}); "
+                              "use --overwrite (synth.overwrite) to replace it")
         for name in names:
             shutil.rmtree(out / name, ignore_errors=True)
     else:
@@ -83,12 +124,15 @@ def _prepare_out(out: Path) -> None:
         if clashes:
             raise ConfigError(f"{out}: {clashes} exist but were not written by the synthetic generator "
                               f"(no {TRUTH_DIR}/{PARAMS_FILE}); choose an empty folder")
+        if not overwrite and out.is_dir() and any(out.iterdir()):
+            raise ConfigError(f"{out}: not empty and holds no synthetic twin; choose an empty folder or use "
+                              "--overwrite (synth.overwrite) to write beside its files")
     out.mkdir(parents=True, exist_ok=True)
 
 
 def generate(out: str | Path, preset: str | SynthPreset = "small", seed: int = 0, decoupled: bool = False,
              faults: Sequence[str] = (), opacity: float | None = None, progress: bool = True,
-             cohort: bool = False) -> SynthSummary:
+             cohort: bool = False, overwrite: bool = True) -> SynthSummary:
     """Write the synthetic BrixIA + AIforCOVID twin under ``out`` (``BRIXIA/``, ``AIforCOVID/``, truth).
 
     ``preset`` is a name of ``PRESETS`` or a ``SynthPreset``; ``opacity`` overrides its opacity strength
@@ -98,7 +142,8 @@ def generate(out: str | Path, preset: str | SynthPreset = "small", seed: int = 0
     ``COHORT/manifest.csv`` and ``COHORT/images/``: hospitals G and H, half as many patients as
     AIforCOVID, one film each, labelled with both the outcome and the Brixia scores; it is drawn from
     streams of its own, so the other files stay the same. A previous twin in ``out`` is replaced;
-    other data there is never overwritten.
+    other data there is never overwritten. Without ``overwrite`` (``mdmt synth`` without ``--overwrite``),
+    ``out`` must be missing, empty or a twin written with the same inputs.
     """
     start = time.perf_counter()
     spec = resolve_preset(preset)
@@ -112,7 +157,10 @@ def generate(out: str | Path, preset: str | SynthPreset = "small", seed: int = 0
     if strength < 0:
         raise ConfigError(f"synthetic opacity must be >= 0, got {strength}")
     seed, out = int(seed), Path(out)
-    _prepare_out(out)
+    inputs = {"generator_version": GENERATOR_VERSION, "preset": asdict(spec), "seed": seed, "decoupled": decoupled,
+              "opacity": strength, "faults": sorted(set(faults))}
+    cohort_part = {"cohort": cohort_sizes(spec)} if cohort else {}
+    _prepare_out(out, inputs | cohort_part, overwrite)
     folders = [f"{BRIXIA_DIR}/{IMAGE_DIR}", *(f"{AIFORCOVID_DIR}/{f}" for f in RELEASE_FOLDERS.values())]
     if cohort:
         folders.append(f"{COHORT_DIR}/{COHORT_IMAGES}")
@@ -145,11 +193,7 @@ def generate(out: str | Path, preset: str | SynthPreset = "small", seed: int = 0
     profile_table = pd.DataFrame([asdict(p) | {"manufacturers": "|".join(p.manufacturers)} for p in profiles.values()])
     profile_table.round(4).to_csv(truth_dir / "profiles.csv", index=False)
 
-    params = {"generator_version": GENERATOR_VERSION, "preset": asdict(spec),
-              "seed": seed, "decoupled": decoupled, "opacity": strength, "faults": sorted(set(faults)),
-              "prognosis_intercepts": {c: round(b, 4) for c, b in intercepts.items()}}
-    if cohort:
-        params["cohort"] = cohort_sizes(spec)
+    params = inputs | {INTERCEPTS_KEY: {c: round(b, 4) for c, b in intercepts.items()}} | cohort_part
     (truth_dir / PARAMS_FILE).write_text(json.dumps(params, indent=2) + "\n")
 
     labelled = pd.concat([t[t["prognosis"] != ""] for name, t in truths.items() if name != "brixia"])
