@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
-import pandas as pd
+import errno
+import os
+import subprocess
+import sys
 
-from mdmt.cli import main
+import pandas as pd
+import pytest
+
+from mdmt.cli import main, os_error_message
 
 
 def test_info_lists_the_papers_backbones(capsys):
@@ -35,3 +41,152 @@ def test_synth_writes_both_datasets(tmp_path):
 def test_prepare_reports_missing_root(tmp_path, capsys):
     assert main(["prepare", "--aiforcovid-root", str(tmp_path / "nowhere"), "--cache-dir", str(tmp_path / "c")]) == 2
     assert "nowhere" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------------------ no tracebacks
+def run(capsys, *argv: str) -> tuple[int, str]:
+    """``main(argv)``: its exit code and everything it printed, which never holds a traceback."""
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    text = captured.out + captured.err
+    assert "Traceback" not in text
+    return code, text
+
+
+def test_a_yaml_syntax_error_is_one_line_naming_file_line_and_column(tmp_path, capsys):
+    path = tmp_path / "broken.yaml"
+    path.write_text("train:\n  lr: 0.1\n   batch_size: 4\n")
+    code, text = run(capsys, "config", "--config", str(path))
+    assert code == 2
+    assert f"{path}:3:14: YAML syntax error: mapping values are not allowed here" in text
+    assert len(text.strip().splitlines()) == 1
+
+
+def test_a_yaml_syntax_error_gives_no_traceback_from_the_process(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("train: {lr: 0.1\n")
+    done = subprocess.run([sys.executable, "-m", "mdmt.cli", "train", "--config", str(path)],
+                          check=False, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert "broken.yaml:2:1: YAML syntax error" in done.stdout
+    assert "Traceback" not in done.stdout + done.stderr
+
+
+@pytest.mark.parametrize(
+    "argv, fragment",
+    [
+        (["config", "--set", "train.lr=[1,"], "--set train.lr=[1,: the value is not valid YAML"),
+        (["config", "--set", "train.lr=.nan"], "train.lr = nan is not allowed: must be > 0"),
+        (["config", "--set", "data.clip_percentiles=[98, 2]"], "data.clip_percentiles = (98.0, 2.0)"),
+        (["train", "--epochs", "0"], "train.max_epochs = 0 is not allowed: must be >= 1"),
+        (["train", "--device", "gpu"], "train.device = 'gpu' is not allowed"),
+        (["prepare", "--image-size", "-8"], "data.image_size = -8 is not allowed"),
+        (["grid", "--workers", "0"], "grid.workers = 0 is not allowed"),
+        (["synth", "--opacity", "nan"], "synth.opacity = nan is not allowed"),
+    ],
+)
+def test_bad_values_exit_2_naming_the_key(capsys, argv, fragment):
+    code, text = run(capsys, *argv)
+    assert code == 2 and fragment in text
+
+
+def test_an_error_is_printed_as_is_on_one_line(tmp_path, capsys):
+    missing = tmp_path / ("[/red]" + "x" * 120) / "config.yaml"  # markup and a line longer than the terminal
+    code, text = run(capsys, "config", "--config", str(missing))
+    assert code == 2 and text.strip() == f"error: config file not found: {missing}"
+
+
+# ---------------------------------------------------------------------------------- folders and disks
+def test_a_path_under_a_file_exits_2_naming_it(tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    code, text = run(capsys, "synth", str(tmp_path / "file" / "twin"), "--preset", "tiny")
+    assert code == 2 and f"{tmp_path / 'file' / 'twin'}: not a directory" in text
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_a_read_only_folder_exits_2_naming_it(tmp_path, capsys):
+    folder = tmp_path / "results"
+    folder.mkdir()
+    folder.chmod(0o555)
+    try:
+        code, text = run(capsys, "synth", str(folder / "twin"), "--preset", "tiny")
+    finally:
+        folder.chmod(0o755)
+    assert code == 2 and f"{folder / 'twin'}: permission denied" in text
+
+
+@pytest.mark.parametrize("number, reason", [(errno.ENOSPC, "no space left on device"),
+                                            (errno.EACCES, "permission denied"),
+                                            (errno.EROFS, "read-only file system")])
+def test_a_full_or_read_only_disk_exits_2_naming_the_file(tmp_path, capsys, monkeypatch, number, reason):
+    def failing_write(plan, rendered, out, seed):
+        raise OSError(number, os.strerror(number), str(out / "BRIXIA" / "x.dcm"))
+
+    monkeypatch.setattr("mdmt.data.synthetic.twin.write_image", failing_write)
+    code, text = run(capsys, "synth", str(tmp_path / "twin"), "--preset", "tiny")
+    assert code == 2 and f"{tmp_path / 'twin' / 'BRIXIA' / 'x.dcm'}: {reason}" in text
+
+
+def test_os_errors_without_a_path_still_give_the_reason():
+    assert os_error_message(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))) == "no space left on device (ENOSPC)"
+    assert os_error_message(OSError(errno.EXDEV, os.strerror(errno.EXDEV), "/a", None, "/b")).startswith("/a → /b: ")
+
+
+# ------------------------------------------------------------------------------------------------ synth
+def test_synth_onto_a_file_exits_2_naming_it(tmp_path, capsys):
+    target = tmp_path / "twin.txt"
+    target.write_text("keep")
+    code, text = run(capsys, "synth", str(target), "--preset", "tiny")
+    assert code == 2 and f"{target}: exists and is not a folder" in text
+    assert target.read_text() == "keep"
+
+
+def test_synth_into_a_non_empty_folder_needs_overwrite(tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("keep")
+    code, text = run(capsys, "synth", str(tmp_path), "--preset", "tiny")
+    assert code == 2 and f"{tmp_path}: not empty" in text and "--overwrite" in text
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+    assert run(capsys, "synth", str(tmp_path), "--preset", "tiny", "--overwrite")[0] == 0
+    assert (tmp_path / "notes.txt").read_text() == "keep" and (tmp_path / "BRIXIA").is_dir()
+
+
+def test_synth_over_a_twin_with_other_parameters_needs_overwrite(tmp_path, capsys):
+    out = tmp_path / "twin"
+    assert run(capsys, "synth", str(out), "--preset", "tiny", "--seed", "0")[0] == 0
+    assert run(capsys, "synth", str(out), "--preset", "tiny", "--seed", "0")[0] == 0  # same inputs: rewritten
+    sheet = (out / "AIforCOVID" / "AIforCOVID.xlsx").read_bytes()
+    code, text = run(capsys, "synth", str(out), "--preset", "tiny", "--seed", "1")
+    assert code == 2 and f"{out}: holds a synthetic twin with other parameters (seed 0 → 1)" in text
+    assert (out / "AIforCOVID" / "AIforCOVID.xlsx").read_bytes() == sheet
+    assert run(capsys, "synth", str(out), "--preset", "tiny", "--seed", "1", "--overwrite")[0] == 0
+    assert (out / "AIforCOVID" / "AIforCOVID.xlsx").read_bytes() != sheet
+
+
+# ----------------------------------------------------------------------------------------------- report
+def test_report_on_a_file_exits_2_naming_it(tmp_path, capsys):
+    (tmp_path / "results.txt").write_text("x")
+    code, text = run(capsys, "report", str(tmp_path / "results.txt"))
+    assert code == 2 and f"{tmp_path / 'results.txt'}: is a file, not a results folder" in text
+    (tmp_path / "results").mkdir()
+    code, text = run(capsys, "report", str(tmp_path / "results"), "--out", str(tmp_path / "results.txt"))
+    assert code == 2 and f"{tmp_path / 'results.txt'}: is a file, not a report folder" in text
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results", "results.txt"]
+    assert not any((tmp_path / "results").iterdir())
+
+
+# ---------------------------------------------------------------------------------------- exit codes
+def test_an_interrupt_exits_130(capsys, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("mdmt.cli.load_config", interrupted)
+    code, text = run(capsys, "config")
+    assert code == 130 and "interrupted" in text
+
+
+@pytest.mark.parametrize("argv", [["fly"], ["train", "--epochz", "3"], ["train", "--epochs", "three"]])
+def test_unknown_commands_and_options_exit_2(argv, capsys):
+    with pytest.raises(SystemExit) as caught:
+        main(argv)
+    assert caught.value.code == 2
+    assert "Traceback" not in capsys.readouterr().err

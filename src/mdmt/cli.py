@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -12,6 +13,7 @@ from typing import Any
 
 import yaml
 from rich.console import Console
+from rich.markup import escape
 
 from mdmt.config import Config, load_config, parse_override
 from mdmt.errors import ConfigError, DataError
@@ -61,7 +63,7 @@ RUN_OPTIONS = (
     _opt("--seed", key="seed", type=int, help="random seed"),
     _opt("--epochs", key="train.max_epochs", type=int, help="maximum epochs"),
     _opt("--batch-size", key="train.batch_size", type=int, help="batch size"),
-    _opt("--device", key="train.device", help="auto | cpu | cuda"),
+    _opt("--device", key="train.device", help="auto | cpu | cuda | cuda:N | mps"),
     _opt("--results-dir", key="results_dir", help="where run directories are written"),
     _opt("--rerun-changed", key="run.rerun_changed", type=None, action="store_true",
          help="train again a run whose folder holds one with other inputs"),
@@ -80,6 +82,10 @@ SYNTH_OPTIONS = (
          help="prognosis independent of severity (negative control)"),
     _opt("--opacity", key="synth.opacity", type=float, help="opacity strength (default: the preset's)"),
     _opt("--fault", key="synth.faults", type=None, action="append", help="inject a fault (repeatable)"),
+)
+SYNTH_OUT_OPTIONS = (
+    _opt("--overwrite", key="synth.overwrite", type=None, action="store_true",
+         help="write into a non-empty folder, or replace a twin written with other parameters"),
 )
 
 
@@ -129,19 +135,19 @@ def _nested(key: str, value: Any) -> dict[str, Any]:
 def cmd_synth(args: argparse.Namespace) -> int:
     from mdmt.data.synthetic import generate
 
-    config = resolve_config(args, SYNTH_OPTIONS)
+    config = resolve_config(args, SYNTH_OPTIONS + SYNTH_OUT_OPTIONS)
     out = args.out or config.synth.out
     s = config.synth
-    summary = generate(out, preset=s.preset, seed=s.seed, decoupled=s.decoupled, faults=s.faults, opacity=s.opacity)
+    summary = generate(out, preset=s.preset, seed=s.seed, decoupled=s.decoupled, faults=s.faults, opacity=s.opacity,
+                       cohort=s.cohort, overwrite=s.overwrite)
     console.print(summary.table() if hasattr(summary, "table") else summary)
     console.print(f"[green]synthetic data written to {Path(out).resolve()}")
     return 0
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from mdmt.data.datasets import prepare
-
     from mdmt.data.crop_qc import crop_issue_lines, write_contact_sheets
+    from mdmt.data.datasets import prepare
 
     config = resolve_config(args, DATA_OPTIONS + PREPARE_OPTIONS)
     caches = prepare(config)
@@ -184,6 +190,9 @@ def cmd_grid(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from mdmt.evaluate.report import build_report, headline_table_text
 
+    for path, what in ((args.results, "results folder"), (args.out, "report folder (--out)")):
+        if path is not None and path.exists() and not path.is_dir():
+            raise ConfigError(f"{path}: is a file, not a {what}")
     if args.rescore:
         from mdmt.evaluate.scoring import rescore
 
@@ -260,7 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("synth", help="write the synthetic AIforCOVID + BrixIA twin in the real formats")
     _add_config(p)
     p.add_argument("out", nargs="?", default=None, help="output folder [synth.out]")
-    _add_options(p, SYNTH_OPTIONS)
+    _add_options(p, SYNTH_OPTIONS + SYNTH_OUT_OPTIONS)
     p.set_defaults(func=cmd_synth)
 
     p = sub.add_parser("prepare", help="preprocess each dataset once into the image cache")
@@ -295,16 +304,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def os_error_message(exc: OSError) -> str:
+    """One line naming the path(s) and the reason: ``/x/y: permission denied``, ``/x/y: no space left on device``."""
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    reason = reason[:1].lower() + reason[1:]
+    paths = " → ".join(str(p) for p in (exc.filename, exc.filename2) if p is not None)
+    return f"{paths}: {reason}" if paths else f"{reason} ({errno.errorcode.get(exc.errno or 0, type(exc).__name__)})"
+
+
+def _error(message: str) -> int:
+    """Print ``error: <message>`` as one line (no markup, no wrapping) and return exit code 2."""
+    console.print(f"[red]error:[/red] {escape(message)}", soft_wrap=True, highlight=False)
+    return 2
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``mdmt`` console script."""
+    """Entry point of the ``mdmt`` console script: bad config, data, paths or disks exit 2 with one line."""
     # No hub downloads unless the user opts in with HF_HUB_OFFLINE=0 (timm retries for ~46 s offline).
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, DataError, FileNotFoundError) as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        return 2
+    except (ConfigError, DataError) as exc:
+        return _error(str(exc))
+    except OSError as exc:
+        return _error(os_error_message(exc))
     except KeyboardInterrupt:
         console.print("[yellow]interrupted: finished runs are kept; the same command resumes")
         return 130
