@@ -1,10 +1,15 @@
 """Preprocess each image once into a memory-mapped uint8 cache keyed by its inputs and parameters.
 
 Layout of ``<root>/<dataset>-<key[:16]>/``: ``images.u8`` (N × S × S uint8, row i = image i),
-``records.csv`` (the records of the cached images plus crop columns), ``crops.csv`` (each film's crop box, method
-and quality flag, to open in a spreadsheet), ``failed.csv`` (unreadable images),
-``dropped.csv`` (rows the reader dropped), ``meta.json`` and the ``COMPLETE`` marker, written last.
-A build happens in ``<dir>.tmp-<pid>`` and is renamed into place only when complete.
+``records.csv`` (the records of the cached images plus crop columns and ``content_sha256``, the sha256 of the
+source file), ``crops.csv`` (each film's crop box, method and quality flag, to open in a spreadsheet),
+``failed.csv`` (unreadable images), ``dropped.csv`` (rows the reader dropped), ``duplicates.csv`` (ids whose
+file is byte-identical to an earlier id's), ``meta.json`` (with the sha256 of every table) and the ``COMPLETE``
+marker, written last.
+
+A build happens in ``<dir>.tmp-<pid>``: the free space is checked first, the images are streamed to disk (never
+written through a memory map), every file is fsynced, and the folder is renamed into place only when complete;
+on any failure it is removed. A cache whose files do not match ``meta.json`` is rebuilt.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -36,21 +42,33 @@ from mdmt.data.lungs import LungBox, crop_to_box, find_mask, resolve_box
 from mdmt.data.sources import SourceTable
 from mdmt.errors import DataError, ImageReadError
 from mdmt.progress import progress_bar
+from mdmt.runs import atomic_write_text
 
-PREPROCESS_VERSION = 2
+log = logging.getLogger(__name__)
+
+PREPROCESS_VERSION = 3
 """Bump when the preprocessing changes in a way the parameters do not show (invalidates every cache)."""
 
 IMAGES_FILE = "images.u8"
 RECORDS_FILE = "records.csv"
 FAILED_FILE = "failed.csv"
 DROPPED_FILE = "dropped.csv"
+DUPLICATES_FILE = "duplicates.csv"
 CROPS_FILE = "crops.csv"
 """Every film's crop: id, path, status (ok, doubtful, fallback), method, reason, box and its share of the film."""
 META_FILE = "meta.json"
 COMPLETE_FILE = "COMPLETE"
-STRING_COLUMNS = ("image_id", "patient_id", "center", "path", "dataset", "reason", "crop_method", "crop_note")
+CONTENT_HASH = "content_sha256"
+"""Records column: sha256 of the image file's bytes (byte-identical files under two ids share it)."""
+STRING_COLUMNS = ("image_id", "patient_id", "center", "path", "dataset", "reason", "crop_method", "crop_note",
+                  CONTENT_HASH, "duplicate_of")
 """Columns always re-read as strings (20-digit ids must not become numbers)."""
 ISSUE_COLUMNS = ["image_id", "path", "reason"]
+DUPLICATE_COLUMNS = ["image_id", "duplicate_of", CONTENT_HASH]
+SPACE_MARGIN = 64 * 2**20
+"""Free bytes a build needs beyond its images (tables, metadata, the file system's own)."""
+SHOWN_DUPLICATES = 10
+"""Duplicate pairs named one per line in the build's warning; the rest are in ``duplicates.csv``."""
 CROP_COLUMNS = [
     "crop_ok",
     "crop_method",
@@ -75,6 +93,7 @@ class ImageCache:
     failed: pd.DataFrame
     meta: dict[str, Any]
     dropped: pd.DataFrame
+    duplicates: pd.DataFrame
 
     def __len__(self) -> int:
         return len(self.records)
@@ -85,12 +104,13 @@ class ImageCache:
 
 
 class Preprocessed(NamedTuple):
-    """One preprocessed image, the box it was cropped to and the original image size."""
+    """One preprocessed image, the box it was cropped to, the original image size and the file's sha256."""
 
     image: np.ndarray
     box: LungBox
     height: int
     width: int
+    sha256: str = ""
 
 
 def resize_square(img: np.ndarray, size: int) -> np.ndarray:
@@ -112,13 +132,24 @@ def preprocess_image(path: str | Path, image_id: str, cfg: DataConfig) -> Prepro
     return Preprocessed(to_uint8(resize_square(crop, cfg.image_size)), box, int(img.shape[0]), int(img.shape[1]))
 
 
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a file's bytes (hex)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(2**20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def _try_preprocess(item: tuple[str, str], cfg: DataConfig) -> Preprocessed | str:
-    """``preprocess_image`` with an unreadable file turned into its reason (picklable across processes)."""
+    """``preprocess_image`` plus the file's sha256, an unreadable file turned into its reason (picklable)."""
     path, image_id = item
     try:
-        return preprocess_image(path, image_id, cfg)
+        return preprocess_image(path, image_id, cfg)._replace(sha256=file_sha256(path))
     except ImageReadError as exc:
         return exc.reason
+    except OSError as exc:  # the file vanished or became unreadable between decoding and hashing
+        return f"cannot read: {exc.strerror or exc}"
 
 
 def _file_identity(path: str | Path) -> tuple[int, int]:
@@ -176,29 +207,70 @@ def _read_table(path: Path, text_columns: Iterable[str] = ()) -> pd.DataFrame:
     return pd.read_csv(path, converters=exact, dtype=text)
 
 
+def _read_meta(path: Path) -> dict[str, Any]:
+    """``meta.json`` with the fields ``open_cache`` relies on checked (DataError naming the file)."""
+    file = path / META_FILE
+    try:
+        meta = json.loads(file.read_text())
+        meta["shape"] = [int(n) for n in meta["shape"]]
+        if len(meta["shape"]) != 3 or not isinstance(meta["key"], str) or not isinstance(meta["tables"], dict):
+            raise ValueError("shape, key or tables malformed")
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise DataError(f"{file}: unreadable cache metadata ({type(exc).__name__}: {exc})") from exc
+    return meta
+
+
+def _check_files(path: Path, meta: dict[str, Any]) -> None:
+    """DataError naming the first file that is missing, of the wrong size (images) or not as written (tables)."""
+    images = path / IMAGES_FILE
+    expected = int(np.prod(meta["shape"]))
+    try:
+        size = images.stat().st_size
+    except OSError as exc:
+        raise DataError(f"{images}: cannot read the cached images ({exc.strerror or exc})") from exc
+    if size != expected:
+        raise DataError(f"{images}: {size} bytes, expected {expected} ({meta['shape'][0]} images of "
+                        f"{meta['shape'][1]}×{meta['shape'][2]}): truncated or corrupt")
+    for name, digest in meta["tables"].items():
+        table = path / name
+        try:
+            actual = file_sha256(table)
+        except OSError as exc:
+            raise DataError(f"{table}: cannot read the cache table ({exc.strerror or exc})") from exc
+        if actual != digest:
+            raise DataError(f"{table}: contents differ from what {META_FILE} recorded (truncated or corrupt)")
+
+
 def open_cache(path: str | Path) -> ImageCache:
-    """Open a complete cache directory (images memory-mapped read-only)."""
+    """Open a complete cache directory (images memory-mapped read-only).
+
+    DataError naming the file when the marker is missing, ``meta.json`` is unreadable, ``images.u8`` has the
+    wrong size or a table is not the one the build wrote.
+    """
     path = Path(path)
     if not (path / COMPLETE_FILE).is_file():
         raise DataError(f"{path}: not a complete image cache (no {COMPLETE_FILE} marker)")
-    meta = json.loads((path / META_FILE).read_text())
+    meta = _read_meta(path)
+    missing = [name for name in (RECORDS_FILE, FAILED_FILE, DROPPED_FILE, DUPLICATES_FILE)
+               if name not in meta["tables"]]
+    if missing:
+        raise DataError(f"{path / META_FILE}: no checksum for {', '.join(missing)} (written by an older mdmt)")
+    _check_files(path, meta)
     shape = tuple(meta["shape"])
     images = (
         np.memmap(path / IMAGES_FILE, dtype=np.uint8, mode="r", shape=shape)
         if shape[0] > 0
         else np.zeros(shape, dtype=np.uint8)
     )
-    records = _read_table(path / RECORDS_FILE, meta.get("text_columns", ()))
-    if len(records) != shape[0]:
-        raise DataError(f"{path / RECORDS_FILE}: {len(records)} rows for {shape[0]} cached images")
     return ImageCache(
         path=path,
         key=meta["key"],
         images=images,
-        records=records,
+        records=_read_table(path / RECORDS_FILE, meta.get("text_columns", ())),
         failed=_read_table(path / FAILED_FILE),
         meta=meta,
         dropped=_read_table(path / DROPPED_FILE),
+        duplicates=_read_table(path / DUPLICATES_FILE),
     )
 
 
@@ -243,17 +315,27 @@ def _preprocessed(items: list[tuple[str, str]], cfg: DataConfig, stack: ExitStac
     return pool.map(work, items, chunksize=chunk)
 
 
+def _check_space(folder: Path, n_images: int, size: int) -> None:
+    """DataError naming ``folder`` when its disk cannot hold ``n_images`` images of ``size × size`` bytes."""
+    needed = n_images * size * size + SPACE_MARGIN
+    free = shutil.disk_usage(folder).free
+    if free < needed:
+        raise DataError(f"{folder}: not enough free disk space for the image cache: {needed} bytes needed "
+                        f"({n_images} images of {size}×{size} plus {SPACE_MARGIN} spare), {free} free")
+
+
 def _write_images(
     records: pd.DataFrame, cfg: DataConfig, images_path: Path, name: str, progress: bool
 ) -> tuple[list[int], list[dict[str, Any]], list[dict[str, str]]]:
-    """Preprocess every row into ``images_path``; returns kept row numbers, their crop info and failures."""
-    size = cfg.image_size
+    """Preprocess every row and stream the images to ``images_path`` (fsynced).
+
+    Returns the kept row numbers, their crop columns and file hash, and the failures.
+    """
     items = [(str(p), str(i)) for p, i in zip(records["path"], records["image_id"], strict=True)]
-    images = np.memmap(images_path, dtype=np.uint8, mode="w+", shape=(max(1, len(items)), size, size))
     kept: list[int] = []
-    crops: list[dict[str, Any]] = []
+    added: list[dict[str, Any]] = []
     failures: list[dict[str, str]] = []
-    with ExitStack() as stack:
+    with open(images_path, "wb") as out, ExitStack() as stack:
         results: Iterator[Preprocessed | str] = iter(_preprocessed(items, cfg, stack))
         for row, result in enumerate(progress_bar(results, f"caching {name}", total=len(items), enabled=progress)):
             path, image_id = items[row]
@@ -262,31 +344,50 @@ def _write_images(
                     raise ImageReadError(path, result)
                 failures.append({"image_id": image_id, "path": path, "reason": result})
                 continue
-            images[len(kept)] = result.image
+            out.write(np.ascontiguousarray(result.image, dtype=np.uint8).tobytes())
             box = result.box
-            values = [box.ok, box.method, box.note, box.x0, box.y0, box.x1, box.y1, result.height, result.width]
-            crops.append(dict(zip(CROP_COLUMNS, values, strict=True)))
+            values = [box.ok, box.method, box.note, box.x0, box.y0, box.x1, box.y1, result.height, result.width,
+                      result.sha256]
+            added.append(dict(zip([*CROP_COLUMNS, CONTENT_HASH], values, strict=True)))
             kept.append(row)
-    images.flush()
-    del images
-    os.truncate(images_path, len(kept) * size * size)
-    return kept, crops, failures
+        out.flush()
+        os.fsync(out.fileno())
+    return kept, added, failures
+
+
+def duplicate_table(records: pd.DataFrame) -> pd.DataFrame:
+    """One row per image whose file is byte-identical to an earlier image's: image_id, duplicate_of, sha256."""
+    first = records.groupby(CONTENT_HASH, sort=False)["image_id"].transform("first")
+    table = pd.DataFrame({"image_id": records["image_id"], "duplicate_of": first, CONTENT_HASH: records[CONTENT_HASH]})
+    return table[records[CONTENT_HASH].duplicated()].reset_index(drop=True)
+
+
+def _write_table(table: pd.DataFrame, path: Path) -> str:
+    """``table`` written as CSV through an fsync and a rename; returns the sha256 of its bytes."""
+    data = table.to_csv(index=False)
+    atomic_write_text(data, path)
+    return hashlib.sha256(data.encode("utf-8")).hexdigest()
 
 
 def _build(
     records: pd.DataFrame, dropped: pd.DataFrame, cfg: DataConfig, key: str, final: Path, progress: bool
 ) -> None:
+    """Build the cache in ``<final>.tmp-<pid>`` and rename it to ``final``; the temp folder never outlives a failure."""
     tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     try:
-        kept, crops, failures = _write_images(records, cfg, tmp / IMAGES_FILE, final.name, progress)
+        tmp.mkdir(parents=True)
+        _check_space(tmp, len(records), cfg.image_size)
+        kept, added, failures = _write_images(records, cfg, tmp / IMAGES_FILE, final.name, progress)
         cached = records.iloc[kept].reset_index(drop=True)
-        cached = pd.concat([cached, pd.DataFrame(crops, columns=CROP_COLUMNS)], axis=1)
-        cached.to_csv(tmp / RECORDS_FILE, index=False)
-        crop_table(cached).to_csv(tmp / CROPS_FILE, index=False)
-        pd.DataFrame(failures, columns=ISSUE_COLUMNS).to_csv(tmp / FAILED_FILE, index=False)
-        dropped.reindex(columns=ISSUE_COLUMNS).to_csv(tmp / DROPPED_FILE, index=False)
+        cached = pd.concat([cached, pd.DataFrame(added, columns=[*CROP_COLUMNS, CONTENT_HASH])], axis=1)
+        tables = {
+            RECORDS_FILE: cached,
+            CROPS_FILE: crop_table(cached),
+            FAILED_FILE: pd.DataFrame(failures, columns=ISSUE_COLUMNS),
+            DROPPED_FILE: dropped.reindex(columns=ISSUE_COLUMNS),
+            DUPLICATES_FILE: duplicate_table(cached),
+        }
         meta = {
             "key": key,
             "dataset": final.name.rsplit("-", 1)[0],
@@ -296,28 +397,57 @@ def _build(
             "n_input": len(records),
             "n_failed": len(failures),
             "n_dropped": len(dropped),
-            "n_crop_failsoft": int(sum(not c["crop_ok"] for c in crops)),
+            "n_duplicates": len(tables[DUPLICATES_FILE]),
+            "n_crop_failsoft": int(sum(not c["crop_ok"] for c in added)),
+            "tables": {name: _write_table(table, tmp / name) for name, table in tables.items()},
             "versions": _versions(),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
-        (tmp / COMPLETE_FILE).write_text(key + "\n")
+        atomic_write_text(json.dumps(meta, indent=2), tmp / META_FILE)
+        atomic_write_text(key + "\n", tmp / COMPLETE_FILE)
         try:
             os.replace(tmp, final)
         except OSError:
             if not (final / COMPLETE_FILE).is_file():
                 raise
             shutil.rmtree(tmp)  # another process finished the same cache first
+    except OSError as exc:  # read-only folder, full disk, a file that vanished
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise DataError(f"{final.parent}: cannot write the image cache ({exc})") from exc
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _open_existing(final: Path) -> ImageCache | None:
+    """The cache at ``final`` if it opens; a folder there that does not is removed with a warning (to rebuild)."""
+    if not final.exists():
+        return None
+    try:
+        return open_cache(final)
+    except DataError as exc:
+        log.warning("%s; rebuilding the cache", exc)
+        shutil.rmtree(final, ignore_errors=True)
+        return None
+
+
+def _warn_duplicates(cache: ImageCache) -> None:
+    """One warning line per byte-identical pair (the first few), naming both ids."""
+    name = cache.meta["dataset"]
+    for row in cache.duplicates.head(SHOWN_DUPLICATES).itertuples(index=False):
+        log.warning("%s: %s and %s are byte-identical files (sha256 %s…); every split keeps them on one side",
+                    name, row.duplicate_of, row.image_id, str(getattr(row, CONTENT_HASH))[:12])
+    if len(cache.duplicates) > SHOWN_DUPLICATES:
+        log.warning("%s: %d more byte-identical file(s) listed in %s", name,
+                    len(cache.duplicates) - SHOWN_DUPLICATES, cache.path / DUPLICATES_FILE)
 
 
 def build_cache(source: SourceTable, cfg: DataConfig, root: str | Path, progress: bool = True) -> ImageCache:
     """Preprocess ``source.records`` into ``<root>/<dataset>-<key[:16]>/``, reusing a complete cache with that key.
 
     ``source`` is a ``SourceTable`` (``records``, ``dropped``). Unreadable images are listed in ``failed``
-    when ``cfg.skip_unreadable``; otherwise the first one raises ``ImageReadError`` naming the file.
+    when ``cfg.skip_unreadable``; otherwise the first one raises ``ImageReadError`` naming the file. A cache
+    folder that does not open (corrupt or truncated files) is rebuilt with a warning.
     """
     records = source.records.reset_index(drop=True)
     missing = [c for c in ("image_id", "path") if c not in records.columns]
@@ -329,24 +459,32 @@ def build_cache(source: SourceTable, cfg: DataConfig, root: str | Path, progress
     records["image_id"] = records["image_id"].astype(str)
     key = cache_key(records, cfg)
     final = Path(root) / f"{_dataset_name(records)}-{key[:16]}"
-    final.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DataError(f"{final.parent}: cannot create the cache folder ({exc})") from exc
     _remove_dead_builds(final.parent)
-    if not (final / COMPLETE_FILE).is_file():
-        shutil.rmtree(final, ignore_errors=True)
+    cache = _open_existing(final)
+    if cache is None:
         _build(records, source.dropped, cfg, key, final, progress)
-    cache = open_cache(final)
+        cache = open_cache(final)
+        _warn_duplicates(cache)
     if not cfg.skip_unreadable and len(cache.failed):
         first = cache.failed.iloc[0]
         raise ImageReadError(first["path"], first["reason"])
     return cache
 
 
-def _counts_by_reason(table: pd.DataFrame) -> str:
-    """``"3 (2× file not found; 1× invalid DICOM)"``: counts by the reason's text before its first colon."""
+def counts_by_reason(table: pd.DataFrame, top: int | None = None) -> str:
+    """``"3 (2× file not found; 1× invalid DICOM)"``: counts by the reason's text before its first colon.
+
+    ``top`` keeps the most frequent reasons only (the others are counted as ``…``).
+    """
     if table.empty:
         return "0"
-    counts = table["reason"].str.split(":").str[0].value_counts()
-    return f"{len(table)} (" + "; ".join(f"{n}× {reason}" for reason, n in counts.items()) + ")"
+    counts = table["reason"].astype(str).str.split(":").str[0].value_counts()
+    shown = [f"{n}× {reason}" for reason, n in counts.head(top).items()]
+    return f"{len(table)} (" + "; ".join(shown) + ("; …" if len(shown) < len(counts) else "") + ")"
 
 
 def summary_table(caches: dict[str, ImageCache]) -> pd.DataFrame:
@@ -355,8 +493,9 @@ def summary_table(caches: dict[str, ImageCache]) -> pd.DataFrame:
         {
             "dataset": name,
             "cached": len(cache.records),
-            "dropped": _counts_by_reason(cache.dropped),
-            "failed": _counts_by_reason(cache.failed),
+            "dropped": counts_by_reason(cache.dropped),
+            "failed": counts_by_reason(cache.failed),
+            "duplicates": len(cache.duplicates),
             "crop_failsoft": int((~cache.records["crop_ok"].astype(bool)).sum()),
             "path": str(cache.path),
         }

@@ -22,8 +22,21 @@ import pandas as pd
 
 from mdmt.config import Config, PluginRef
 from mdmt.data import splits as split_lib
-from mdmt.data.cache import ImageCache, build_cache, print_summary
-from mdmt.data.sources import LABEL_COLUMNS, SourceTable, read_aiforcovid, read_brixia, read_manifest
+from mdmt.data.cache import (
+    CONTENT_HASH,
+    ImageCache,
+    build_cache,
+    counts_by_reason,
+    print_summary,
+)
+from mdmt.data.sources import (
+    KNOWN_BAD_REASON,
+    LABEL_COLUMNS,
+    SourceTable,
+    read_aiforcovid,
+    read_brixia,
+    read_manifest,
+)
 from mdmt.data.sources.manifest import ROW_COLUMN
 from mdmt.data.splits import Split
 from mdmt.errors import ConfigError, DataError
@@ -56,8 +69,33 @@ class Dataset:
         return set(columns) <= set(self.label_columns)
 
     def cache(self, config: Config, progress: bool = True) -> ImageCache:
-        """Read the records and build (or reuse) the image cache under ``data.cache_dir``."""
-        return build_cache(self.read(), config.data, config.data.cache_dir, progress=progress)
+        """Read the records and build (or reuse) the image cache under ``data.cache_dir``.
+
+        DataError (``check_losses``) before caching when the reader's drops alone are too many, and after it
+        when no image is readable or the drops and unreadable images together are too many.
+        """
+        source = self.read()
+        seen = len(source.records) + len(source.dropped)
+        limit = config.data.max_drop_fraction
+        check_losses(self.id, seen, len(source.records), source.dropped, limit)
+        cache = build_cache(source, config.data, config.data.cache_dir, progress=progress)
+        check_losses(self.id, seen, len(cache), pd.concat([cache.dropped, cache.failed]), limit)
+        return cache
+
+
+def check_losses(dataset_id: str, seen: int, kept: int, lost: pd.DataFrame, limit: float) -> None:
+    """DataError naming the dataset, the counts and the top reasons when ``kept`` is 0, or when the ``lost`` rows
+    (``image_id``, ``reason``; the official exclusion list does not count) are more than ``limit`` of the
+    ``seen`` input rows."""
+    counted = lost[lost["reason"].astype(str) != KNOWN_BAD_REASON]
+    first = "; ".join(f"{r.image_id}: {r.reason}" for r in counted.head(3).itertuples()) or "none"
+    if kept == 0:
+        raise DataError(f"dataset {dataset_id!r}: no readable image ({seen} input row(s); first reasons: {first})")
+    if seen and len(counted) > limit * seen:
+        raise DataError(
+            f"dataset {dataset_id!r}: {len(counted)} of {seen} input rows lost ({len(counted) / seen:.0%}), more "
+            f"than data.max_drop_fraction = {limit:g} (1.0 allows any); by reason: "
+            f"{counts_by_reason(counted, top=5)}; first: {first}")
 
 
 DATASETS: Registry[Dataset] = Registry("dataset")
@@ -153,7 +191,17 @@ def read_table_dataset(params: TableParams, dataset_id: str) -> SourceTable:
     for column in (*REGION_COLUMNS, "brixia_global"):
         if column in records and records[column].notna().any():
             records[column] = _numeric_labels(records[column], records[ROW_COLUMN], column, where)
+    _stratify_column(params, dataset_id, records)
     return SourceTable(records, table.dropped)
+
+
+def _stratify_column(params: TableParams, dataset_id: str, records: pd.DataFrame) -> str | None:
+    """``params.stratify``; ConfigError naming it and the dataset when the records have no such column."""
+    column = params.stratify
+    if column is not None and column not in records:
+        raise ConfigError(f"data.datasets.{dataset_id}.params.stratify: no column {column!r} in the records of "
+                          f"{Path(params.path).name} (columns: {', '.join(map(str, records.columns))})")
+    return column
 
 
 def _table_label_columns(params: TableParams) -> tuple[str, ...]:
@@ -161,17 +209,15 @@ def _table_label_columns(params: TableParams) -> tuple[str, ...]:
     return tuple(dict.fromkeys([*targets, *LABEL_COLUMNS]))
 
 
-def _table_stratify(params: TableParams) -> Callable[[pd.DataFrame], np.ndarray]:
+def _table_stratify(params: TableParams, dataset_id: str) -> Callable[[pd.DataFrame], np.ndarray]:
     def stratify(records: pd.DataFrame) -> np.ndarray:
-        column = params.stratify
+        column = _stratify_column(params, dataset_id, records)
         if column is None:
             if records["prognosis"].notna().any():
                 return _prognosis_label(records)
             if records["brixia_global"].notna().any():
                 return _severity_label(records)
             return np.zeros(len(records))
-        if column not in records:
-            raise ConfigError(f"data.datasets.{records['dataset'].iloc[0]}.params.stratify: no column {column!r}")
         return pd.factorize(records[column])[0].astype(float)
 
     return stratify
@@ -181,7 +227,7 @@ def _table_stratify(params: TableParams) -> Callable[[pd.DataFrame], np.ndarray]
 def table(params: TableParams, dataset_id: str) -> Dataset:
     """A manifest dataset; LOCO needs its center column."""
     return Dataset(dataset_id, lambda: read_table_dataset(params, dataset_id), _table_label_columns(params),
-                   _table_stratify(params), supports_loco=params.center_column is not None)
+                   _table_stratify(params, dataset_id), supports_loco=params.center_column is not None)
 
 
 # --------------------------------------------------------------------------------------------- the study
@@ -254,32 +300,47 @@ def _cv(dataset: Dataset, records: pd.DataFrame, config: Config, seed: int) -> l
     return split_lib.kfold_splits(labelled, k=config.protocol.cv_folds, seed=seed, label=STRATUM)
 
 
+def split_groups(records: pd.DataFrame) -> pd.DataFrame:
+    """``records`` as the splits see them: patients sharing a byte-identical image merged into one patient."""
+    return split_lib.merge_duplicate_patients(records, CONTENT_HASH)
+
+
 def dataset_folds(dataset: Dataset, records: pd.DataFrame, protocol: str, config: Config, seed: int) -> list[Split]:
-    """Every fold of ``protocol`` for ``dataset`` (a following dataset gets its follower protocol's folds)."""
+    """Every fold of ``protocol`` for ``dataset`` (a following dataset gets its follower protocol's folds).
+
+    Byte-identical images never fall on two sides: k-fold and LOCO split ``split_groups(records)``; an official
+    fold is limited to the ids of ``records`` (the others in ``Split.missing``) and a copy the files put on
+    another side than its twin is left out (``Split.dropped``).
+    """
     _check_protocol(protocol)
+    grouped = split_groups(records)
     defines = dataset.id == config.protocol.dataset
     if not defines:
         protocol = FOLLOWER_PROTOCOL[protocol]
     if protocol.startswith("official-") and dataset.official_kind is None:
         protocol = "cv5"
     if protocol == "cv5":
-        return _cv(dataset, records, config, seed)
+        return _cv(dataset, grouped, config, seed)
     if protocol == "loco":
         if not dataset.supports_loco:
             raise ConfigError(f"dataset {dataset.id!r} has no centers for leave-one-center-out")
-        labelled = records.assign(**{STRATUM: dataset.stratify(records)})
-        return split_lib.loco_splits(labelled, centers=loco_centers(config, records),
+        labelled = grouped.assign(**{STRATUM: dataset.stratify(grouped)})
+        return split_lib.loco_splits(labelled, centers=loco_centers(config, grouped),
                                      val_fraction=config.protocol.loco_val_fraction, seed=seed, label=STRATUM)
-    return split_lib.official_splits(_official_dir(config), protocol, dataset.official_kind or "")
+    folds = [split_lib.restrict(split, records)
+             for split in split_lib.official_splits(_official_dir(config), protocol, dataset.official_kind or "")]
+    for split in folds:
+        split.check(records)  # a patient the files put in two parts is an error, not a duplicate to drop
+    return [split_lib.keep_groups_apart(split, grouped) for split in folds]
 
 
 def dataset_split(dataset: Dataset, records: pd.DataFrame, protocol: str, fold: int, config: Config, seed: int
                   ) -> Split:
-    """The split of ``dataset`` in run (protocol, fold), checked at patient level."""
+    """The split of ``dataset`` in run (protocol, fold), checked at patient level (duplicate images merged)."""
     if dataset.id != config.protocol.dataset:
         protocol, fold = paired_fold(protocol, fold, config)
     split = _pick(dataset_folds(dataset, records, protocol, config, seed), fold, f"{dataset.id} {protocol}")
-    split.check(records)
+    split.check(split_groups(records))
     return split
 
 

@@ -2,7 +2,10 @@
 
 A ``Split`` holds arrays of ``image_id`` strings. Every constructor checks that no patient (AIforCOVID:
 the image; BrixIA: the ``Subject``) falls in two parts of a fold, and reports by id the rows it leaves out
-(``Split.dropped`` and a logged warning) instead of losing them silently.
+(``Split.dropped`` and a logged warning) instead of losing them silently. Ids an official split file lists
+but the records lack are kept by part in ``Split.missing``. Byte-identical images under two ids are kept on
+one side: ``merge_duplicate_patients`` groups their patients before k-fold or LOCO, ``keep_groups_apart``
+drops the copies an official split puts on another side.
 """
 
 from __future__ import annotations
@@ -58,6 +61,8 @@ class Split:
     val: np.ndarray
     test: np.ndarray
     dropped: pd.DataFrame = field(default_factory=_empty_dropped)
+    missing: dict[str, list[str]] = field(default_factory=dict)
+    """Part → ids the split file lists that are not in the records (set by ``restrict``)."""
 
     def parts(self) -> dict[str, np.ndarray]:
         """``{"train": ids, "val": ids, "test": ids}``."""
@@ -328,15 +333,64 @@ def official_labels(directory: str | Path, kind: str = "AFC") -> pd.DataFrame:
 
 
 def restrict(split: Split, records: pd.DataFrame) -> Split:
-    """``split`` limited to the ids in ``records``; the others are logged and added to ``dropped``."""
+    """``split`` limited to the ids in ``records``; the others are logged, added to ``dropped`` and kept by part
+    in ``missing``."""
     _require(records, ["image_id"])
-    known = set(records["image_id"].astype(str))
-    kept = {part: ids[np.isin(ids, list(known))] for part, ids in split.parts().items()}
-    missing = [i for ids in split.parts().values() for i in ids if i not in known]
-    if missing:
+    known = list(set(records["image_id"].astype(str)))
+    kept = {part: ids[np.isin(ids, known)] for part, ids in split.parts().items()}
+    missing = {part: ids[~np.isin(ids, known)].tolist() for part, ids in split.parts().items()}
+    absent = [i for ids in missing.values() for i in ids]
+    if absent:
         log.warning("%s fold %d: %d split id(s) not in the records left out: %s",
-                    split.protocol, split.fold, len(missing), _show(missing))
-    dropped = pd.concat([split.dropped, pd.DataFrame({"image_id": missing, "reason": "not in the records"})])
+                    split.protocol, split.fold, len(absent), _show(absent))
+    dropped = pd.concat([split.dropped, pd.DataFrame({"image_id": absent, "reason": "not in the records"})])
+    return replace(split, **kept, dropped=dropped.reset_index(drop=True), missing=missing)
+
+
+def merge_duplicate_patients(records: pd.DataFrame, column: str, group: str = "patient_id") -> pd.DataFrame:
+    """``records`` with every patient sharing an equal ``column`` value (a file hash) with another patient, directly
+    or through a chain, given the ``group`` of the first such patient in table order (a copy; for splitting only).
+
+    Rows without a ``column`` value, or a table without that column, are left as they are.
+    """
+    if column not in records.columns:
+        return records
+    patients = records[group].astype(str)
+    order = {p: i for i, p in enumerate(dict.fromkeys(patients))}
+    parent = {p: p for p in order}
+
+    def root(patient: str) -> str:
+        while parent[patient] != patient:
+            patient = parent[patient]
+        return patient
+
+    shared = records[column].notna() & records[column].duplicated(keep=False)
+    for _, members in patients[shared].groupby(records.loc[shared, column], sort=False):
+        roots = sorted({root(p) for p in members}, key=order.__getitem__)
+        for other in roots[1:]:
+            parent[other] = roots[0]
+    return records.assign(**{group: patients.map(root)})
+
+
+def keep_groups_apart(split: Split, records: pd.DataFrame, group: str = "patient_id") -> Split:
+    """``split`` with each ``group`` in one part only: images outside the group's most held-out part (test, then
+    val, then train) are moved to ``dropped`` (logged). For fixed splits whose groups are merged duplicates."""
+    _require(records, ["image_id", group])
+    group_of = dict(zip(records["image_id"].astype(str), records[group].astype(str), strict=True))
+    home: dict[str, str] = {}
+    for part in reversed(PARTS):
+        for image_id in split.parts()[part]:
+            home.setdefault(group_of.get(image_id, image_id), part)
+    kept, moved = {}, []
+    for part, ids in split.parts().items():
+        stays = np.array([home[group_of.get(i, i)] == part for i in ids], dtype=bool)
+        kept[part] = ids[stays]
+        moved += [(i, f"byte-identical to an image in {home[group_of.get(i, i)]}") for i in ids[~stays]]
+    if not moved:
+        return split
+    log.warning("%s fold %d: %d image(s) byte-identical to an image in another part left out: %s",
+                split.protocol, split.fold, len(moved), _show([i for i, _ in moved]))
+    dropped = pd.concat([split.dropped, pd.DataFrame(moved, columns=DROPPED_COLUMNS)])
     return replace(split, **kept, dropped=dropped.reset_index(drop=True))
 
 
