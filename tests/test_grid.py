@@ -28,8 +28,8 @@ def make_config(results: Path | str, *overrides: str) -> Config:
 
 
 def small_config(results: Path) -> Config:
-    """One backbone, 2 CV folds, 2 LOCO centers, MDMT from the STL average: 14 runs."""
-    return make_config(results, "protocol.cv_folds=2", "protocol.loco_centers=[A, B]",
+    """One backbone, 3 CV folds, 2 LOCO centers, MDMT from the STL average: 18 runs."""
+    return make_config(results, "protocol.cv_folds=3", "protocol.loco_centers=[A, B]",
                        "strategies.mdmt.params.start_from=[stl_prognosis, stl_severity]", "grid.backbones=[net_a]")
 
 
@@ -110,7 +110,7 @@ def test_a_fold_the_protocol_lacks_is_a_config_error(tmp_path):
 def test_runs_everything_once_and_skips_done_runs(tmp_path):
     config = small_config(tmp_path)
     specs = expand_grid(config)
-    assert len(specs) == 14
+    assert len(specs) == 18
     summary = run_grid(config, run_fn=fake_run, progress=False)
     assert summary.ok and summary.completed == [s.key for s in specs]
     assert [c["key"] for c in calls(tmp_path)] == [s.key for s in specs]

@@ -33,7 +33,7 @@ from mdmt.data.splits import Split
 from mdmt.errors import ConfigError, DataError
 from mdmt.evaluate.scoring import task_entry, write_metrics
 from mdmt.losses import build_weighting, decode
-from mdmt.models.multitask import build_model
+from mdmt.models.multitask import build_model, check_input_size
 from mdmt.runs import (
     CONFIG_FILE,
     DONE_FILE,
@@ -335,6 +335,7 @@ def _train(
         write_json(entries, run_dir / TASKS_FILE)
     data = build_data(config, strategy, datasets, caches, splits, tasks, spec.seed, ctx)
     model = build_model(config.model, tasks)
+    check_input_size(model, config.model.input_size)
     strategy.init(model, spec, config, Path(config.results_dir))
     fit(
         model, tasks, data.train, data.val, dataclasses.replace(config.train, max_epochs=strategy.max_epochs(config)),
