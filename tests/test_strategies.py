@@ -312,3 +312,16 @@ def test_an_extra_head_from_a_sheet_column_trains_beside_prognosis(tiny_config, 
     assert np.array_equal(truth.to_numpy(dtype=float), table["y_true"].to_numpy(dtype=float))
     history = pd.read_csv(run_dir / "history.csv")
     assert history["train_death_loss"].notna().all()
+
+
+def test_ids_the_split_files_list_but_the_cache_lacks_are_listed():
+    from mdmt.data.splits import Split
+    from mdmt.train.run import missing_split_ids
+
+    ids = np.array(["a"])
+    splits = {"aiforcovid": Split("official-cv5", 0, ids, ids, ids, missing={"train": ["P_9"], "test": ["P_7", "P_8"]}),
+              "brixia": Split("official-cv5", 0, ids, ids, ids)}
+    table = missing_split_ids(splits)
+    assert table.values.tolist() == [["aiforcovid", "train", "P_9"], ["aiforcovid", "test", "P_7"],
+                                     ["aiforcovid", "test", "P_8"]]
+    assert missing_split_ids({"brixia": splits["brixia"]}).empty

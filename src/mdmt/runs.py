@@ -10,6 +10,7 @@ A run folder ``<results>/runs/<strategy>/<backbone>/<protocol>/fold<k>/seed<s>/`
 | ``config.yaml`` | train | the resolved config of the run |
 | ``spec.json`` | train | the RunSpec |
 | ``inputs.json`` | train | fingerprint of the run's inputs: config, cache keys, split ids |
+| ``split_ids_missing.csv`` | train | ids the official split files list that the cache lacks (only when some are) |
 | ``tasks.json`` | train | each head's task: kind, scorer, groups, classes (what scoring needs) |
 | ``history.csv`` | train | one row per epoch |
 | ``last.pt`` / ``best.pt`` | train | checkpoints (tensors only) |
@@ -34,6 +35,7 @@ RUNS_DIR = "runs"
 CONFIG_FILE = "config.yaml"
 SPEC_FILE = "spec.json"
 INPUTS_FILE = "inputs.json"
+MISSING_IDS_FILE = "split_ids_missing.csv"
 TASKS_FILE = "tasks.json"
 HISTORY_FILE = "history.csv"
 LAST_CHECKPOINT = "last.pt"

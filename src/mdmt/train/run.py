@@ -39,6 +39,7 @@ from mdmt.runs import (
     DONE_FILE,
     FAILED_FILE,
     INPUTS_FILE,
+    MISSING_IDS_FILE,
     SPEC_FILE,
     TASKS_FILE,
     RunSpec,
@@ -184,6 +185,13 @@ def write_predictions(
             atomic_write_text(pd.concat(parts, ignore_index=True).to_csv(index=False), run_dir / predictions_file(name))
 
 
+def missing_split_ids(splits: dict[str, Split]) -> pd.DataFrame:
+    """dataset, part, image_id of every id a split file lists that the cache does not hold."""
+    rows = [(name, part, image_id) for name, split in splits.items()
+            for part, ids in split.missing.items() for image_id in ids]
+    return pd.DataFrame(rows, columns=["dataset", "part", "image_id"])
+
+
 # --------------------------------------------------------------------------------------------- inputs
 def resolved_config(config: Config, spec: RunSpec) -> Config:
     """``config`` with the spec written into it (backbone, run section, seed): what the run folder records."""
@@ -323,6 +331,11 @@ def _train(
         save_config(config, run_dir / CONFIG_FILE)
         atomic_write_text(spec.to_json(), run_dir / SPEC_FILE)
         write_json(inputs, run_dir / INPUTS_FILE)
+        missing = missing_split_ids(splits)
+        if len(missing):
+            atomic_write_text(missing.to_csv(index=False), run_dir / MISSING_IDS_FILE)
+            console.print(f"[yellow]{spec.key}: {len(missing)} id(s) of the split files are not in the image cache "
+                          f"(listed in {run_dir / MISSING_IDS_FILE})")
     if config.train.threads > 0:
         torch.set_num_threads(config.train.threads)
     seed_everything(spec.seed)
