@@ -329,9 +329,13 @@ def _jpeg_bytes() -> bytes:
     return out.getvalue()
 
 
-def _truncated_dicom(folder: Path) -> bytes:
-    data = write_dicom(folder / "whole.dcm", pixels(0)).read_bytes()
-    return data[: len(data) // 2]
+def _cut_dicom(keep: Callable[[int], int]) -> Callable[[Path], bytes]:
+    """A valid DICOM's first ``keep(length)`` bytes."""
+    def make(folder: Path) -> bytes:
+        data = write_dicom(folder / "whole.dcm", pixels(0)).read_bytes()
+        return data[: keep(len(data))]
+
+    return make
 
 
 BAD_FILES = {
@@ -340,7 +344,8 @@ BAD_FILES = {
                    "not a DICOM file (no DICM preamble and not an image)"),
     "png.dcm": (lambda folder: _png_bytes(), "PNG image named .dcm"),
     "jpeg.dcm": (lambda folder: _jpeg_bytes(), "JPEG image named .dcm"),
-    "truncated.dcm": (_truncated_dicom, "truncated DICOM"),
+    "truncated.dcm": (_cut_dicom(lambda n: n // 2), "truncated DICOM: 118 of 960 bytes of pixel data"),
+    "header-only.dcm": (_cut_dicom(lambda n: 200), "no pixel data in 200 bytes (a truncated DICOM"),
 }
 
 
