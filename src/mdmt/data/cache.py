@@ -64,7 +64,6 @@ STRING_COLUMNS = ("image_id", "patient_id", "center", "path", "dataset", "reason
                   CONTENT_HASH, "duplicate_of")
 """Columns always re-read as strings (20-digit ids must not become numbers)."""
 ISSUE_COLUMNS = ["image_id", "path", "reason"]
-DUPLICATE_COLUMNS = ["image_id", "duplicate_of", CONTENT_HASH]
 SPACE_MARGIN = 64 * 2**20
 """Free bytes a build needs beyond its images (tables, metadata, the file system's own)."""
 SHOWN_DUPLICATES = 10
