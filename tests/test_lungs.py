@@ -1,10 +1,14 @@
-"""Lung localisation, the square crop, user boxes/masks, and IoU against the synthetic ground truth."""
+"""Lung localisation (segmenter and classical), the square crop, user boxes/masks, IoU against the twin's truth."""
 
 from __future__ import annotations
+
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from PIL import Image
 from scipy import ndimage
 
@@ -16,13 +20,17 @@ from mdmt.data.lungs import (
     boxes_from_file,
     crop_to_box,
     crop_window,
+    NO_LUNG_FIELD,
     localiser_iou,
     locate_lungs,
+    locate_lungs_classical,
     otsu_threshold,
     otsu_thresholds,
     read_mask,
     resolve_box,
+    segmented_box,
 )
+from mdmt.data.lung_unet import BASE_SIZE, REBUILD_COMMAND, TrainSettings, segment, train_segmenter
 from mdmt.errors import ConfigError, DataError
 
 
@@ -49,18 +57,19 @@ def coordinate_image(height: int, width: int) -> np.ndarray:
 
 
 @pytest.mark.parametrize(("height", "width", "seed"), [(200, 180, 0), (320, 260, 1), (150, 220, 2), (512, 420, 3)])
-def test_locate_lungs_matches_phantom_box(height, width, seed):
+def test_classical_localiser_matches_phantom_box(height, width, seed):
     img, truth = chest_phantom(height, width, seed)
-    box = locate_lungs(img)
-    assert box.ok and box.method == "lungs"
+    box = locate_lungs_classical(img)
+    assert box.ok and box.method == "classical"
     assert box_iou(box, truth) > 0.9
 
 
 @pytest.mark.parametrize(
     "image", [np.full((128, 128), 0.5, np.float32), np.random.default_rng(0).random((96, 80)).astype(np.float32)]
 )
-def test_locate_lungs_fails_soft_to_full_image(image):
-    box = locate_lungs(image)
+@pytest.mark.parametrize("locate", [locate_lungs, locate_lungs_classical])
+def test_locate_lungs_fails_soft_to_full_image(image, locate):
+    box = locate(image)
     assert not box.ok and box.method == "full-image"
     assert (box.x0, box.y0, box.x1, box.y1) == (0, 0, image.shape[1], image.shape[0])
     assert box.note
@@ -149,7 +158,9 @@ def test_resolve_box_dispatch(tmp_path):
         tmp_path / "b.csv", index=False
     )
 
-    assert resolve_box("img1", img, DataConfig(crop="lungs")).method == "lungs"
+    assert resolve_box("img1", img, DataConfig(crop="lungs")) == locate_lungs(img)
+    classical = resolve_box("img1", img, DataConfig(crop="lungs_classical"))  # type: ignore[arg-type]
+    assert classical == locate_lungs_classical(img) and classical.method == "classical"
     none = resolve_box("img1", img, DataConfig(crop="none"))
     assert none.ok and (none.x1, none.y1) == (100, 120)
     from_mask = resolve_box("img1", img, DataConfig(crop="masks", masks_dir=str(tmp_path)))
@@ -160,6 +171,8 @@ def test_resolve_box_dispatch(tmp_path):
     assert (from_file.x0, from_file.x1, from_file.ok) == (5, 100, True)  # clipped to the image
     with pytest.raises(ConfigError):
         resolve_box("img1", img, DataConfig(crop="masks"))
+    with pytest.raises(ConfigError, match="lungs_classical"):
+        resolve_box("img1", img, DataConfig(crop="lung"))  # type: ignore[arg-type]
 
 
 def synthetic_truth(root, dataset: str) -> pd.DataFrame:
@@ -168,11 +181,12 @@ def synthetic_truth(root, dataset: str) -> pd.DataFrame:
     return truth.assign(path=[str(root / p) for p in truth["path"]], dataset=dataset)
 
 
+@pytest.mark.parametrize("locate", [locate_lungs, locate_lungs_classical])
 @pytest.mark.parametrize("dataset", ["brixia", "aiforcovid"])
-def test_locate_lungs_iou_on_tiny_synthetic(tiny_data, dataset):
-    table = localiser_iou(synthetic_truth(tiny_data, dataset))
+def test_locate_lungs_iou_on_tiny_synthetic(tiny_data, dataset, locate):
+    table = localiser_iou(synthetic_truth(tiny_data, dataset), locate=locate)
     assert len(table) >= 36
-    assert table["iou"].mean() >= 0.85
+    assert table["iou"].mean() >= (0.9 if locate is locate_lungs else 0.85)
     assert table["iou"].quantile(0.1) >= 0.75
     assert table["ok"].mean() >= 0.95
 
@@ -183,3 +197,84 @@ def test_box_from_synthetic_masks_matches_truth(tiny_data):
         mask = read_mask(tiny_data / "_synthetic_truth" / "masks" / "brixia" / f"{row.image_id}.png")
         box = box_from_mask(mask, (row.rows, row.columns))
         assert box_iou(box, (row.x0, row.y0, row.x1, row.y1)) > 0.95
+
+
+def lung_map(size: int = 128, left=(0.3, 0.47, 0.13, 0.27), right=(0.7, 0.47, 0.13, 0.27)) -> np.ndarray:
+    """A probability map with two elliptical lungs ``(cx, cy, rx, ry)`` (fractions of the side)."""
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    prob = np.zeros((size, size), np.float32)
+    for cx, cy, rx, ry in (left, right):
+        prob[((xx - cx) / rx) ** 2 + ((yy - cy) / ry) ** 2 < 1] = 0.95
+    return prob
+
+
+def test_segmented_box_scales_a_plausible_pair_to_the_image():
+    prob = lung_map()
+    box, reason = segmented_box(prob, (1000, 800))
+    assert reason == "" and box.ok and box.method == "unet"
+    rows, cols = np.nonzero(prob > 0.5)
+    expected = (cols.min() * 800 // 128, rows.min() * 1000 // 128,
+                -(-(cols.max() + 1) * 800 // 128), -(-(rows.max() + 1) * 1000 // 128))
+    assert (box.x0, box.y0, box.x1, box.y1) == expected
+
+
+def test_segmented_box_joins_a_piece_split_off_a_lung():
+    prob = lung_map(left=(0.3, 0.42, 0.13, 0.22))
+    prob[92:100, 30:46] = 0.9  # base of the left lung beyond a band of consolidation
+    box, reason = segmented_box(prob, (128, 128))
+    assert reason == "" and box.y1 == 100
+    prob[120:126, 60:70] = 0.9  # a blob below the heart, in no lung's columns: ignored
+    assert segmented_box(prob, (128, 128))[0].y1 == 100
+
+
+@pytest.mark.parametrize(
+    ("prob", "reason"),
+    [
+        (np.zeros((128, 128), np.float32), NO_LUNG_FIELD),
+        (lung_map(right=(0.3, 0.47, 0.13, 0.27)), "one lung field"),
+        (lung_map(right=(0.75, 0.47, 0.08, 0.17)), "lung areas differ"),
+        (lung_map(left=(0.3, 0.47, 0.2, 0.15), right=(0.7, 0.47, 0.1, 0.3)), "lung heights differ"),
+        (lung_map(left=(0.3, 0.475, 0.13, 0.325), right=(0.7, 0.575, 0.13, 0.225)), "apices are not level"),
+        (lung_map(left=(0.3, 0.39, 0.13, 0.19), right=(0.7, 0.5, 0.13, 0.3)), "bases are not level"),
+        (lung_map(left=(0.25, 0.3, 0.2, 0.12), right=(0.75, 0.3, 0.2, 0.12)), "lung box height/width"),
+    ],
+    ids=["empty", "one", "areas", "heights", "apices", "bases", "upper-half-only"],
+)
+def test_segmented_box_flags_implausible_lungs(prob, reason):
+    box, why = segmented_box(prob, (600, 600))
+    assert box is None and reason in why
+
+
+def test_missing_or_corrupt_weights_name_the_file_and_the_rebuild_command(tmp_path):
+    img, _ = chest_phantom(200, 180, 0)
+    missing = tmp_path / "none.pt"
+    with pytest.raises(ConfigError, match="none.pt.*not found.*train_lung_segmenter") as error:
+        locate_lungs(img, weights=missing)
+    assert REBUILD_COMMAND in str(error.value)
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(b"not a torch file")
+    with pytest.raises(ConfigError, match="corrupt.pt.*cannot read.*train_lung_segmenter"):
+        segment(img, weights=corrupt)
+
+
+def test_training_is_deterministic():
+    rng = np.random.default_rng(0)
+    images = rng.random((6, BASE_SIZE, BASE_SIZE), dtype=np.float32)
+    masks = np.zeros(images.shape, np.uint8)
+    masks[:, 60:200, 40:110] = masks[:, 60:200, 146:216] = 1
+    real = np.array([True] * 4 + [False] * 2)
+    settings = TrainSettings(steps=2, batch_size=4, threads=1)
+    first = train_segmenter(images, masks, real, settings)
+    again = train_segmenter(images, masks, real, settings)
+    other = train_segmenter(images, masks, real, TrainSettings(steps=2, batch_size=4, threads=1, seed=1))
+    assert all(torch.equal(first[name], again[name]) for name in first)
+    assert not all(torch.equal(first[name], other[name]) for name in first)
+
+
+@pytest.mark.timeout(120)
+def test_segmenter_runs_in_workers_forked_after_multithreaded_torch():
+    img, truth = chest_phantom(300, 260, 1)
+    torch.nn.functional.conv2d(torch.rand(8, 16, 96, 96), torch.rand(16, 16, 3, 3))  # parent's thread pool in use
+    with ProcessPoolExecutor(max_workers=2, mp_context=multiprocessing.get_context("fork")) as pool:
+        boxes = list(pool.map(locate_lungs, [img, img]))
+    assert boxes == [locate_lungs(img)] * 2

@@ -1,7 +1,9 @@
-"""Lung field localisation and the square lung-box crop (method.md §3.2 step 7).
+"""Lung field localisation and the square lung-box crop.
 
-The paper crops the union of the two lung boxes on the unmasked image. Instead of the official U-Net we
-find the lungs classically: on a ~128 px copy, the dark fields inside the bright body, one per half.
+The paper crops the union of the two lung boxes on the unmasked image. ``locate_lungs`` segments the lungs
+with a compact U-Net (``mdmt.data.lung_unet``) and flags its box ok only when the segmentation is a
+plausible pair of lungs; otherwise it falls back to the classical localiser (the dark fields inside the
+bright body, one per half, on a ~128 px copy) or to the full image, with the reason in ``note``.
 Users can supply their own boxes (CSV/XLSX) or masks instead (``DataConfig.crop``).
 """
 
@@ -10,6 +12,7 @@ from __future__ import annotations
 import functools
 import itertools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +23,7 @@ from scipy import ndimage
 
 from mdmt.config import DataConfig
 from mdmt.data.dicom import normalize_intensity, read_image
+from mdmt.data.lung_unet import WEIGHTS_FILE, segment
 from mdmt.errors import ConfigError, DataError, ImageReadError
 
 WORK_SIZE = 128
@@ -40,6 +44,7 @@ MIN_FRAGMENT_AREA = 0.004
 MAX_FRAGMENT_GAP = 0.1
 """Largest vertical gap between a lung and a piece of it (fraction of the image height)."""
 MASK_SUFFIXES = (".png", ".tif", ".tiff")
+CROP_MODES = ("lungs", "lungs_classical", "none", "masks", "boxes")
 BOX_COLUMNS = ("x0", "y0", "x1", "y1")
 
 
@@ -170,8 +175,9 @@ def _pick_lungs(labels: np.ndarray, count: int, body: np.ndarray) -> tuple[list[
     return sorted(chosen), ""
 
 
-def locate_lungs(img01: np.ndarray) -> LungBox:
-    """Union box of the two lung fields of a [0, 1] image (bright = dense); the full image when implausible."""
+def locate_lungs_classical(img01: np.ndarray) -> LungBox:
+    """Classical union box of the two dark lung fields of a [0, 1] image (bright = dense), method
+    ``classical``; the full image when implausible."""
     if img01.ndim != 2 or min(img01.shape) < 16:
         return full_image_box(img01.shape[:2], f"image of shape {img01.shape} is too small to localise")
     small, sx, sy = _downsample(img01)
@@ -189,7 +195,119 @@ def locate_lungs(img01: np.ndarray) -> LungBox:
     )
     if box[2] - box[0] < 0.3 * img01.shape[1] or box[3] - box[1] < 0.25 * img01.shape[0]:
         return full_image_box(img01.shape, f"lung box {box} implausibly small")
-    return LungBox(*box, method="lungs", ok=True)
+    return LungBox(*box, method="classical", ok=True)
+
+
+SEG_THRESHOLD = 0.5
+"""Segmenter probability above which a pixel is lung."""
+SEG_MIN_PIECE = 0.004
+"""Smallest segmented piece kept (fraction of the image area); smaller ones are noise."""
+SEG_MIN_LUNG = 0.04
+"""Smallest plausible lung (fraction of the image area; human masks: 0.085 and up)."""
+SEG_MIN_AREA_RATIO = 0.45
+"""Smaller lung / larger lung, by area (human masks: 0.67 and up)."""
+SEG_MIN_HEIGHT_RATIO = 0.6
+"""Shorter lung / taller lung, by height (human masks: 0.73 and up)."""
+SEG_MIN_OVERLAP = 0.75
+"""Shared rows of the two lungs / height of the shorter one (human masks: 0.88 and up)."""
+SEG_MAX_APEX_GAP = 0.2
+"""Largest difference of the two apices, as a share of the lung box height (human masks: up to 0.10)."""
+SEG_MAX_BASE_GAP = 0.35
+"""Largest difference of the two bases, as a share of the lung box height (human masks: up to 0.26)."""
+SEG_BOX_ASPECT = (0.45, 1.5)
+"""Plausible lung box height / width in pixels, the vertical extent against the thorax (human masks: 0.61-1.17)."""
+SEG_LUNG_ASPECT = (0.8, 3.5)
+"""Plausible height / width of each lung in pixels (human masks: 1.13-2.61)."""
+SEG_FRAGMENT_GAP = 0.1
+"""Largest vertical gap between a lung and a piece that consolidation split off it (fraction of the height)."""
+NO_LUNG_FIELD = "segmenter found no lung field of plausible size"
+
+
+def _extent(part: slice) -> int:
+    return part.stop - part.start
+
+
+def segmented_box(prob: np.ndarray, shape: tuple[int, ...]) -> tuple[LungBox | None, str]:
+    """The lung box (method ``unet``, ok) of a segmenter probability map, scaled to an image of ``shape``,
+    or None and the reason when the segmentation is not a plausible pair of lungs.
+
+    Plausible: two large pieces side by side (one per lung), similar in area and height, level with each
+    other, each lung and their union box shaped like lungs (height against width, in image pixels).
+    Pieces that consolidation split off a lung (below or above it, within its columns) join its box.
+    """
+    height, width = prob.shape
+    sy, sx = shape[0] / height, shape[1] / width
+    labels, count = ndimage.label(prob > SEG_THRESHOLD)
+    areas = ndimage.sum_labels(np.ones(prob.shape), labels, index=np.arange(1, count + 1)) / prob.size
+    pieces = [i for i in np.argsort(-areas, kind="stable") if areas[i] >= SEG_MIN_PIECE]
+    if not pieces or areas[pieces[0]] < SEG_MIN_LUNG:
+        return None, NO_LUNG_FIELD
+    if len(pieces) < 2 or areas[pieces[1]] < SEG_MIN_LUNG:
+        return None, f"segmenter found one lung field ({areas[pieces[0]]:.0%} of the image), need two"
+    objects = ndimage.find_objects(labels)
+    left, right = sorted(pieces[:2], key=lambda i: objects[i][1].start)
+    (ly, lx), (ry, rx) = objects[left], objects[right]
+    shared_cols = min(lx.stop, rx.stop) - max(lx.start, rx.start)
+    shared_rows = min(ly.stop, ry.stop) - max(ly.start, ry.start)
+    top, bottom = min(ly.start, ry.start), max(ly.stop, ry.stop)
+    box_h, box_w = (bottom - top) * sy, (rx.stop - lx.start) * sx
+    small, large = sorted([areas[left], areas[right]])
+    checks = [
+        (shared_cols <= 0.25 * min(_extent(lx), _extent(rx)), "the two lung fields do not lie side by side"),
+        (small >= SEG_MIN_AREA_RATIO * large, f"lung areas differ {large / small:.1f}-fold"),
+        (min(_extent(ly), _extent(ry)) >= SEG_MIN_HEIGHT_RATIO * max(_extent(ly), _extent(ry)),
+         f"lung heights differ: {_extent(ly)} vs {_extent(ry)} of {height} rows"),
+        (shared_rows >= SEG_MIN_OVERLAP * min(_extent(ly), _extent(ry)), "the two lung fields are not level"),
+        (abs(ly.start - ry.start) <= SEG_MAX_APEX_GAP * (bottom - top), "the lung apices are not level"),
+        (abs(ly.stop - ry.stop) <= SEG_MAX_BASE_GAP * (bottom - top), "the lung bases are not level"),
+        (SEG_BOX_ASPECT[0] <= box_h / box_w <= SEG_BOX_ASPECT[1],
+         f"lung box height/width {box_h / box_w:.2f} outside {SEG_BOX_ASPECT[0]}-{SEG_BOX_ASPECT[1]}"),
+    ]
+    for ys, xs in (objects[left], objects[right]):
+        aspect = _extent(ys) * sy / (_extent(xs) * sx)
+        checks.append((SEG_LUNG_ASPECT[0] <= aspect <= SEG_LUNG_ASPECT[1],
+                       f"a lung of height/width {aspect:.2f} outside {SEG_LUNG_ASPECT[0]}-{SEG_LUNG_ASPECT[1]}"))
+    for passed, reason in checks:
+        if not passed:
+            return None, reason
+    chosen = [left, right]
+    for piece in pieces[2:]:
+        ys, xs = objects[piece]
+        for lung_ys, lung_xs in (objects[left], objects[right]):
+            gap = max(lung_ys.start - ys.stop, ys.start - lung_ys.stop)
+            inside = min(xs.stop, lung_xs.stop) - max(xs.start, lung_xs.start) >= 0.5 * _extent(xs)
+            if inside and gap <= SEG_FRAGMENT_GAP * height:
+                chosen.append(piece)
+                break
+    rows, cols = np.nonzero(np.isin(labels, np.asarray(chosen) + 1))
+    box = (
+        math.floor(cols.min() * sx),
+        math.floor(rows.min() * sy),
+        min(int(shape[1]), math.ceil((cols.max() + 1) * sx)),
+        min(int(shape[0]), math.ceil((rows.max() + 1) * sy)),
+    )
+    return LungBox(*box, method="unet", ok=True), ""
+
+
+def locate_lungs(img01: np.ndarray, weights: str | Path = WEIGHTS_FILE) -> LungBox:
+    """Union box of the two lungs of a [0, 1] image (bright = dense), from the U-Net segmenter.
+
+    ok only when the segmentation is a plausible pair of lungs (``segmented_box``). Otherwise ``ok`` is
+    False and ``note`` says why: no lung field found → the full image; an implausible one → the classical
+    localiser's box when it finds one, else the full image. Missing or corrupt weights raise ConfigError.
+    """
+    if img01.ndim != 2 or min(img01.shape) < 16:
+        return full_image_box(img01.shape[:2], f"image of shape {img01.shape} is too small to localise")
+    box, reason = segmented_box(segment(img01, weights), img01.shape)
+    if box is not None:
+        return box
+    if reason == NO_LUNG_FIELD:
+        return full_image_box(img01.shape, f"no lungs found: {reason}")
+    classical = locate_lungs_classical(img01)
+    if classical.ok:
+        return LungBox(classical.x0, classical.y0, classical.x1, classical.y1, "classical", False,
+                       f"doubtful: {reason}; classical localiser's box used")
+    return full_image_box(img01.shape, f"{reason}; classical localiser: {classical.note}")
 
 
 def crop_window(box: LungBox, shape: tuple[int, ...], margin: float = 0.05) -> tuple[int, int, int, int]:
@@ -306,6 +424,8 @@ def resolve_box(image_id: str, img01: np.ndarray, cfg: DataConfig) -> LungBox:
     """The crop box of one image as ``cfg.crop`` asks: located lungs, none, a mask file or a boxes file."""
     if cfg.crop == "lungs":
         return locate_lungs(img01)
+    if cfg.crop == "lungs_classical":
+        return locate_lungs_classical(img01)
     if cfg.crop == "none":
         return full_image_box(img01.shape, "", method="none", ok=True)
     if cfg.crop == "masks":
@@ -325,11 +445,12 @@ def resolve_box(image_id: str, img01: np.ndarray, cfg: DataConfig) -> LungBox:
         if box is None:
             return full_image_box(img01.shape, f"no box for {image_id} in {path}")
         return _clip_to(box, img01.shape)
-    raise ConfigError(f"data.crop: {cfg.crop!r} is not one of 'lungs', 'none', 'masks', 'boxes'")
+    raise ConfigError(f"data.crop: {cfg.crop!r} is not one of {', '.join(map(repr, CROP_MODES))}")
 
 
-def localiser_iou(truth: pd.DataFrame, clip: tuple[float, float] = (2.0, 98.0)) -> pd.DataFrame:
-    """``locate_lungs`` on each image of ``truth`` (``image_id``, ``path``, true ``x0, y0, x1, y1``) and its box IoU.
+def localiser_iou(truth: pd.DataFrame, clip: tuple[float, float] = (2.0, 98.0),
+                  locate: Callable[[np.ndarray], LungBox] = locate_lungs) -> pd.DataFrame:
+    """``locate`` (default ``locate_lungs``) on each image of ``truth`` (``image_id``, ``path``, true ``x0, y0, x1, y1``) and its box IoU.
 
     Returns ``image_id``, ``dataset``, ``center`` (when ``truth`` has them), ``iou``, ``ok``, ``method``,
     ``note``. An unreadable image keeps its row with IoU NaN, method ``unreadable`` and the reason in ``note``.
@@ -342,7 +463,7 @@ def localiser_iou(truth: pd.DataFrame, clip: tuple[float, float] = (2.0, 98.0)) 
             "center": record.get("center", ""),
         }
         try:
-            box = locate_lungs(normalize_intensity(read_image(record["path"]), *clip))
+            box = locate(normalize_intensity(read_image(record["path"]), *clip))
         except ImageReadError as exc:
             rows.append(row | {"iou": float("nan"), "ok": False, "method": "unreadable", "note": exc.reason})
             continue
