@@ -49,3 +49,31 @@ def tiny_caches(tiny_config):
     from mdmt.data.datasets import prepare
 
     return prepare(tiny_config, progress=False)
+
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+"""``../shared/data`` beside the repository root: data the project reads but never copies."""
+REQUIRE_SHARED_DATA = "MDMT_REQUIRE_SHARED_DATA"
+
+
+def _shared_data(name: str) -> Path:
+    """``SHARED_DATA / name``; a missing folder skips the test, or fails it when MDMT_REQUIRE_SHARED_DATA=1 (CI)."""
+    folder = SHARED_DATA / name
+    if not folder.is_dir():
+        reason = f"shared data folder {folder} not found (expected beside the repository root)"
+        if os.environ.get(REQUIRE_SHARED_DATA) == "1":
+            pytest.fail(f"{reason}; {REQUIRE_SHARED_DATA}=1 requires it")
+        pytest.skip(reason)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def real_films() -> Path:
+    """The real chest films with human lung masks (``../shared/data/real-cxr-lungs``)."""
+    return _shared_data("real-cxr-lungs")
+
+
+@pytest.fixture(scope="session")
+def official_splits_dir() -> Path:
+    """The official split files (``../shared/data/official-splits``)."""
+    return _shared_data("official-splits")

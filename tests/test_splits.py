@@ -20,8 +20,6 @@ from mdmt.data.splits import (
 )
 from mdmt.errors import ConfigError, DataError
 
-OFFICIAL = Path("/work/shared/data/official-splits")
-needs_official = pytest.mark.skipif(not OFFICIAL.is_dir(), reason="official split files not available")
 CENTER_SIZES = {"A": 60, "B": 110, "C": 45, "D": 85}
 
 
@@ -156,12 +154,11 @@ def test_check_names_the_patient_in_two_parts():
 
 
 # ------------------------------------------------------------------------------------------ official files
-@needs_official
-def test_official_afc_cv5_against_a_table_of_their_ids():
-    labels = official_labels(OFFICIAL, "AFC")
+def test_official_afc_cv5_against_a_table_of_their_ids(official_splits_dir):
+    labels = official_labels(official_splits_dir, "AFC")
     assert len(labels) == 1585 and labels["prognosis"].value_counts().to_dict() == {0.0: 839, 1.0: 746}
     assert labels.groupby("center").size().to_dict() == {"A": 120, "B": 104, "C": 151, "D": 139, "E": 101, "F": 970}
-    folds = [restrict(s, labels) for s in official_splits(OFFICIAL, "5", "AFC")]
+    folds = [restrict(s, labels) for s in official_splits(official_splits_dir, "5", "AFC")]
     assert split_sizes(folds)[["train", "val", "test", "dropped"]].values.tolist() == [[942, 314, 314, 0]] * 5
     severe = labels.set_index("image_id")["prognosis"]
     for i, split in enumerate(folds):
@@ -171,22 +168,20 @@ def test_official_afc_cv5_against_a_table_of_their_ids():
     assert len(set(np.concatenate([s.test for s in folds]))) == 1570
 
 
-@needs_official
-def test_official_afc_loco_matches_the_paper_table():
-    labels = official_labels(OFFICIAL, "AFC")
-    folds = official_splits(OFFICIAL, "official-loco", "aiforcovid")
+def test_official_afc_loco_matches_the_paper_table(official_splits_dir):
+    labels = official_labels(official_splits_dir, "AFC")
+    folds = official_splits(official_splits_dir, "official-loco", "aiforcovid")
     expected = [[1318, 146, 120], [1301, 144, 139], [1335, 148, 101], [553, 61, 970], [1332, 148, 104], [1290, 143, 151]]
     assert split_sizes(folds)[["train", "val", "test"]].values.tolist() == expected
     center = labels.set_index("image_id")["center"]
     assert [set(center[s.test]) for s in folds] == [{"A"}, {"D"}, {"E"}, {"F"}, {"B"}, {"C"}]
 
 
-@needs_official
-def test_official_bx_cv5_and_scores():
-    folds = official_splits(OFFICIAL, "5", "BX")
+def test_official_bx_cv5_and_scores(official_splits_dir):
+    folds = official_splits(official_splits_dir, "5", "BX")
     assert split_sizes(folds)[["train", "val", "test"]].values.tolist() == [[2742, 914, 914]] * 5
     assert all(len(i) >= 16 and i.isdigit() for i in folds[0].test[:50])  # 16-20 digit ids kept as text
-    labels = official_labels(OFFICIAL, "BX")
+    labels = official_labels(official_splits_dir, "BX")
     assert len(labels) == 4695
     histogram = np.bincount(labels["brixia_global"].astype(int), minlength=19).tolist()
     assert histogram == [51, 165, 299, 251, 269, 277, 370, 351, 387, 353, 391, 356, 318, 261, 233, 164, 116, 60, 23]

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 import pydicom
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from pydicom.dataset import FileDataset
 from pydicom.pixels import apply_color_lut, apply_modality_lut, pixel_array
 from pydicom.uid import UID
@@ -27,6 +27,7 @@ CODEC_MODULES = ("pylibjpeg", "libjpeg", "openjpeg")
 """Import names of the ``mdmt[codecs]`` extra (pylibjpeg, pylibjpeg-libjpeg, pylibjpeg-openjpeg)."""
 CODECS_HINT = "install the codecs extra: pip install 'mdmt[codecs]' (pylibjpeg, pylibjpeg-libjpeg, pylibjpeg-openjpeg)"
 _DICM_OFFSET = 128
+EXIF_ORIENTATION = 0x0112
 _NPY_MAGIC = b"\x93NUMPY"
 
 
@@ -110,9 +111,12 @@ def _dicom_to_gray(ds: FileDataset, path: Path) -> np.ndarray:
 
 
 def _read_pillow(path: Path) -> np.ndarray:
-    """First frame of a PNG/JPEG/TIFF/BMP file; 16-bit kept; colour → mean of R, G, B (alpha ignored)."""
+    """First frame of a PNG/JPEG/TIFF/BMP file, turned upright by its EXIF orientation; 16-bit kept;
+    colour → mean of R, G, B (alpha ignored)."""
     try:
         with Image.open(path) as image:
+            if image.getexif().get(EXIF_ORIENTATION, 1) != 1:
+                image = ImageOps.exif_transpose(image)
             if image.mode not in ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F", "RGB", "RGBA"):
                 image = image.convert("RGB")
             pixels = np.asarray(image)
@@ -143,7 +147,8 @@ def read_image(path: str | Path) -> np.ndarray:
     (modality LUT) applied, MONOCHROME1 inverted over the stored-value range of ``BitsStored``, colour
     (RGB, YBR converted to RGB by pydicom, palette) averaged to gray. Compressed transfer syntaxes need the
     optional ``mdmt[codecs]`` plugins except RLE, Deflate and what Pillow decodes (8-bit JPEG, JPEG 2000).
-    Other files go through Pillow (16-bit PNG/TIFF at full depth) or ``numpy.load`` for ``.npy``.
+    Other files go through Pillow (8- and 16-bit PNG/TIFF at full depth, JPEG turned upright by its EXIF
+    orientation) or ``numpy.load`` for ``.npy``.
     Raises ``ImageReadError`` naming the file and the reason.
     """
     path = _check_file(path)
@@ -160,7 +165,7 @@ def normalize_intensity(img: np.ndarray, low: float = 2.0, high: float = 98.0) -
 
     When the percentiles coincide (a mostly uniform image) the full min-max range is used; a constant
     image gives zeros, never NaN. Non-finite pixels are ignored for the statistics and set to 0.
-    The official code (method.md §3.2, §3.4) clipped to the 2nd–98th percentile too but never rescaled to
+    The official code clipped to the 2nd–98th percentile too but never rescaled to
     [0, 1] (its ``MinMax`` normaliser was never active) and never applied RescaleSlope/Intercept, so its
     network inputs kept each device's raw bit depth; here every image ends in [0, 1].
     """
