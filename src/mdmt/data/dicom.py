@@ -27,6 +27,9 @@ CODEC_MODULES = ("pylibjpeg", "libjpeg", "openjpeg")
 """Import names of the ``mdmt[codecs]`` extra (pylibjpeg, pylibjpeg-libjpeg, pylibjpeg-openjpeg)."""
 CODECS_HINT = "install the codecs extra: pip install 'mdmt[codecs]' (pylibjpeg, pylibjpeg-libjpeg, pylibjpeg-openjpeg)"
 _DICM_OFFSET = 128
+IMAGE_SIGNATURES = {b"\x89PNG\r\n\x1a\n": "PNG", b"\xff\xd8\xff": "JPEG", b"II*\x00": "TIFF", b"MM\x00*": "TIFF",
+                    b"GIF8": "GIF", b"BM": "BMP"}
+"""Leading bytes of the ordinary image formats (to name one saved under a DICOM name)."""
 EXIF_ORIENTATION = 0x0112
 _NPY_MAGIC = b"\x93NUMPY"
 
@@ -49,6 +52,8 @@ def _check_file(path: str | Path) -> Path:
     path = Path(path)
     if not path.is_file():
         raise ImageReadError(path, "file not found" if not path.exists() else "not a regular file")
+    if path.stat().st_size == 0:
+        raise ImageReadError(path, "empty file (0 bytes)")
     return path
 
 
@@ -56,7 +61,7 @@ def _read_dataset(path: Path, kind: str, *, stop_before_pixels: bool) -> FileDat
     try:
         return pydicom.dcmread(path, force=kind == "dicom-forced", stop_before_pixels=stop_before_pixels)
     except Exception as exc:  # pydicom raises many types (EOFError, struct.error, ValueError...) on bad files
-        raise ImageReadError(path, f"invalid DICOM: {type(exc).__name__}: {exc}") from exc
+        raise ImageReadError(path, _decode_failure(path, None, exc)) from exc
 
 
 def _transfer_syntax(ds: FileDataset) -> UID | None:
@@ -64,10 +69,37 @@ def _transfer_syntax(ds: FileDataset) -> UID | None:
     return meta.get("TransferSyntaxUID") if meta is not None else None
 
 
-def _decode_failure(ds: FileDataset, exc: Exception) -> str:
-    """The reason for an ImageReadError; names the transfer syntax and the codecs extra when a plugin is missing."""
+def _decode_failure(path: Path, ds: FileDataset | None, exc: Exception) -> str:
+    """The true reason a file read as DICOM did not decode (``ds`` None: it did not even parse).
+
+    In order: an ordinary image under a DICOM name; not DICOM at all (no ``DICM`` prefix, no pixel data and no
+    SOP class); a header that does not parse; no pixel data (cut short, or not an image object); pixel data cut short; a
+    compressed transfer syntax whose plugin is missing (named, with the codecs extra); else the decoder's message.
+    """
     message = " ".join(str(exc).split()) or type(exc).__name__
+    with path.open("rb") as handle:
+        head = handle.read(_DICM_OFFSET + 4)
+    dicm = head[_DICM_OFFSET:] == b"DICM"  # a DICOM's preamble may hold a TIFF header: DICM decides
+    image = None if dicm else next((name for magic, name in IMAGE_SIGNATURES.items() if head.startswith(magic)), None)
+    if image is not None:
+        return f"{image} image named {path.suffix or 'without a suffix'}, not DICOM (rename it to .{image.lower()})"
+    has_pixels = ds is not None and "PixelData" in ds
+    if not dicm and not (has_pixels or (ds is not None and "SOPClassUID" in ds)):
+        return "not a DICOM file (no DICM preamble and not an image)"
+    if ds is None:
+        return f"invalid DICOM: {type(exc).__name__}: {message}"
+    size = path.stat().st_size
+    if not has_pixels:
+        return f"no pixel data in {size} bytes (a truncated DICOM, or not an image)"
     syntax = _transfer_syntax(ds)
+    try:
+        expected = (int(ds.get("Rows") or 0) * int(ds.get("Columns") or 0) * int(ds.get("SamplesPerPixel") or 1)
+                    * int(ds.get("NumberOfFrames") or 1) * int(ds.get("BitsAllocated") or 0) // 8)
+    except (TypeError, ValueError):  # a malformed size element: the decoder's own message says more
+        expected = 0
+    stored = len(ds.PixelData or b"")
+    if syntax is not None and not syntax.is_compressed and stored < expected:
+        return f"truncated DICOM: {stored} of {expected} bytes of pixel data in a {size}-byte file"
     missing = [name for name in CODEC_MODULES if importlib.util.find_spec(name) is None]
     if isinstance(exc, RuntimeError) and syntax is not None and syntax.is_compressed and missing:
         return f"cannot decode transfer syntax '{syntax.name}' ({syntax}): {message}; {CODECS_HINT}"
@@ -98,7 +130,7 @@ def _dicom_to_gray(ds: FileDataset, path: Path) -> np.ndarray:
             if photometric == "MONOCHROME1" and stored_range is not None:
                 display_range = apply_modality_lut(stored_range, ds)
     except Exception as exc:  # pydicom raises AttributeError/ValueError/RuntimeError... for bad pixel data
-        raise ImageReadError(path, _decode_failure(ds, exc)) from exc
+        raise ImageReadError(path, _decode_failure(path, ds, exc)) from exc
     if pixels.ndim == 3:
         return pixels.astype(np.float32).mean(axis=-1)
     if pixels.ndim != 2:
