@@ -253,6 +253,50 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_skipped(skipped: Any) -> None:
+    for row in skipped.itertuples(index=False):
+        console.print(f"skipped {row.path}: {row.reason}", markup=False, highlight=False)
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from mdmt.infer.predict import PREDICTIONS_CSV, predict_files
+
+    result = predict_files(args.run, args.paths, args.out, batch_size=args.batch_size, device=args.device)
+    _print_skipped(result.skipped)
+    console.print(f"[green]{len(result.table)} film(s) predicted, {len(result.skipped)} skipped → "
+                  f"{escape(str(args.out / PREDICTIONS_CSV))} (and predictions.json, skipped.csv)")
+    return 0
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    from mdmt.infer.explain import explain_files
+
+    result = explain_files(args.run, args.paths, args.out, batch_size=args.batch_size, device=args.device)
+    _print_skipped(result.skipped)
+    console.print(f"[green]{len(result.table)} film(s) explained, {len(result.skipped)} skipped → "
+                  f"{escape(str(args.out))} (overlays, contact sheets, predictions.csv)")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from mdmt.infer.export import export_run
+
+    for path in export_run(args.run, args.format, args.out, device=args.device):
+        console.print(f"[green]wrote {escape(str(path))}")
+    return 0
+
+
+def _add_infer(sub: Any, name: str, help: str, out: str, paths: bool = True) -> argparse.ArgumentParser:
+    p = sub.add_parser(name, help=help)
+    p.add_argument("--run", type=Path, required=True, metavar="RUN_DIR", help="a finished run folder (holds DONE)")
+    if paths:
+        p.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="DICOM, PNG or JPEG files, or folders")
+        p.add_argument("--batch-size", type=int, default=16, help="films per forward pass (default 16)")
+    p.add_argument("--out", type=Path, default=Path(out), help=f"output folder (default {out})")
+    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N | mps | auto (default cpu)")
+    return p
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every sub-command."""
     parser = argparse.ArgumentParser(prog="mdmt", description=__doc__)
@@ -301,6 +345,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("config", help="print the resolved config (a shipped one: --config paper)")
     _add_config(p)
     p.set_defaults(func=cmd_config)
+
+    _add_infer(sub, "predict", "P(SEVERE), Brixia bin and regional scores of new films with a trained run",
+               "predictions").set_defaults(func=cmd_predict)
+    _add_infer(sub, "explain", "Grad-CAM overlays of the prognosis and severity heads, Brixia zones, contact sheet",
+               "explanations").set_defaults(func=cmd_explain)
+    p = _add_infer(sub, "export", "the run's network as ONNX or TorchScript with preprocessing.json", "export",
+                   paths=False)
+    p.add_argument("--format", choices=("onnx", "torchscript"), required=True, help="the exported file's format")
+    p.set_defaults(func=cmd_export)
     return parser
 
 
