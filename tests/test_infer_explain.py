@@ -1,0 +1,128 @@
+"""``mdmt explain``: Grad-CAM of the prognosis and severity heads on every backbone family, overlays, Brixia
+zones and the contact sheet."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from helpers.infer_runs import train_tiny_run
+from PIL import Image
+
+from mdmt.cli import main
+from mdmt.config import ModelConfig, PluginRef
+from mdmt.errors import ConfigError
+from mdmt.infer.cam import grad_cams, head_scalar, target_layer
+from mdmt.infer.explain import explain_files
+from mdmt.infer.overlays import DISPLAY, cam_overlay, zone_boxes
+from mdmt.losses import decode
+from mdmt.models.multitask import build_model
+from mdmt.tasks import get_task
+
+TASKS = [get_task("prognosis"), get_task("severity_regions")]
+FAMILIES = {
+    "tiny_cnn": "features",
+    "resnet18": "layer4",
+    "densenet121": "features",
+    "efficientnet_b0": "bn2",
+    "mobilenet_v2": "features",
+    "shufflenet_v2_x0_5": "conv5",
+    "googlenet": "inception5b",
+}
+"""One backbone of each family in the registry → the layer Grad-CAM should weigh."""
+
+
+@pytest.fixture(scope="module")
+def run_dir(tiny_config, tiny_caches, tmp_path_factory) -> Path:
+    return train_tiny_run(tiny_config, tmp_path_factory.mktemp("explain-runs"))
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread: the shared CPUs of a test run make a second thread slower, not faster."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_grad_cam_works_on_every_backbone_family(name, one_thread):
+    if name.startswith("efficientnet"):
+        pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(backbone=PluginRef(name), weights="none"), TASKS).eval()
+    assert target_layer(model.backbone) is model.backbone.get_submodule(FAMILIES[name])
+    x = torch.randn(2, 3, 64, 64)
+    for task in TASKS:
+        cams = grad_cams(model, task, x)
+        assert cams.shape == (2, 64, 64) and np.isfinite(cams).all()
+        assert cams.min() >= 0 and cams.max() <= 1 + 1e-6
+        for cam in cams:  # each map is scaled to [0, 1], or all zero when nothing raises the head's scalar
+            assert cam.max() == 0 or cam.max() > 0.5
+    assert not model.training
+
+
+def test_head_scalars_are_the_log_odds_and_the_global_score():
+    raw = torch.randn(5, 2)
+    probability = decode(TASKS[0], raw)["score"]
+    np.testing.assert_allclose(torch.sigmoid(head_scalar(TASKS[0], raw)).numpy(), probability, atol=1e-6)
+    regions = torch.randn(5, 6)
+    np.testing.assert_allclose(head_scalar(TASKS[1], regions).numpy(), regions.sum(dim=1).numpy(), atol=1e-6)
+    bins = torch.tensor([[0.0, 0.0, 0.0, 50.0]])
+    assert float(head_scalar(get_task("severity_global4"), bins)) == pytest.approx(3.0)
+
+
+def test_zones_are_thirds_of_each_lung_inside_the_crop():
+    zones = zone_boxes((10, 20, 90, 80), (0, 0, 100, 100), 50)  # lung box inside a 100 px window, drawn at 50 px
+    assert zones[0] == pytest.approx((5, 10, 25, 20))  # A: image left (right lung), top third
+    assert zones[2] == pytest.approx((5, 30, 25, 40))  # C: bottom third
+    assert zones[5] == pytest.approx((25, 30, 45, 40))  # F: image right (left lung), bottom third
+
+
+def test_overlay_is_an_rgb_picture_of_display_size():
+    image = np.tile(np.arange(48, dtype=np.uint8) * 5, (48, 1))
+    overlay = cam_overlay(image, np.random.default_rng(0).random((12, 12)).astype(np.float32))
+    assert overlay.mode == "RGB" and min(overlay.size) >= DISPLAY
+
+
+def _check_outputs(result, out: Path, heads: list[str]) -> None:
+    table = pd.read_csv(out / "predictions.csv")
+    for head in [*heads, "zones"]:
+        for name in table[f"overlay_{head}"]:
+            with Image.open(out / name) as picture:
+                assert picture.format == "PNG" and min(picture.size) >= DISPLAY
+    assert (out / "contact-sheet-001.png").is_file()
+    assert len(result.table) == len(table)
+
+
+def test_explain_writes_overlays_zones_and_a_contact_sheet(run_dir, tiny_data, tmp_path):
+    dicoms = sorted((tiny_data / "BRIXIA" / "dicom_clean").glob("*.dcm"))[:3]
+    broken = tmp_path / "broken.dcm"
+    broken.write_bytes(b"not a film")
+    out = tmp_path / "out"
+    result = explain_files(run_dir, [*dicoms, broken], out, batch_size=2, progress=False)
+    _check_outputs(result, out, ["prognosis", "severity_regions"])
+    assert list(result.skipped["path"]) == [str(broken)]
+
+
+def test_explain_on_real_films(run_dir, real_films, tmp_path):
+    images = sorted((real_films / "images").glob("*.png"))[:4]
+    result = explain_files(run_dir, images, tmp_path, progress=False)
+    _check_outputs(result, tmp_path, ["prognosis", "severity_regions"])
+
+
+def test_cli_explain_and_the_missing_extra(run_dir, tiny_data, tmp_path, monkeypatch, capsys):
+    dicom = sorted((tiny_data / "BRIXIA" / "dicom_clean").glob("*.dcm"))[0]
+    assert main(["explain", "--run", str(run_dir), str(dicom), "--out", str(tmp_path / "a")]) == 0
+    assert (tmp_path / "a" / "contact-sheet-001.png").is_file()
+    monkeypatch.setitem(sys.modules, "pytorch_grad_cam", None)
+    with pytest.raises(ConfigError, match=r"mdmt\[infer\]"):
+        explain_files(run_dir, [dicom], tmp_path / "b", progress=False)
+    capsys.readouterr()
+    assert main(["explain", "--run", str(run_dir), str(dicom), "--out", str(tmp_path / "c")]) == 2
+    assert "mdmt[infer]" in capsys.readouterr().out
