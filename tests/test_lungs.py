@@ -13,14 +13,15 @@ from PIL import Image
 from scipy import ndimage
 
 from mdmt.config import DataConfig
+from mdmt.data.lung_unet import BASE_SIZE, REBUILD_COMMAND, TrainSettings, segment, train_segmenter
 from mdmt.data.lungs import (
+    NO_LUNG_FIELD,
     LungBox,
     box_from_mask,
     box_iou,
     boxes_from_file,
     crop_to_box,
     crop_window,
-    NO_LUNG_FIELD,
     localiser_iou,
     locate_lungs,
     locate_lungs_classical,
@@ -30,7 +31,6 @@ from mdmt.data.lungs import (
     resolve_box,
     segmented_box,
 )
-from mdmt.data.lung_unet import BASE_SIZE, REBUILD_COMMAND, TrainSettings, segment, train_segmenter
 from mdmt.errors import ConfigError, DataError
 
 
@@ -273,7 +273,7 @@ def test_training_is_deterministic():
 
 @pytest.mark.timeout(120)
 def test_segmenter_runs_in_workers_forked_after_multithreaded_torch():
-    img, truth = chest_phantom(300, 260, 1)
+    img, _ = chest_phantom(300, 260, 1)
     torch.nn.functional.conv2d(torch.rand(8, 16, 96, 96), torch.rand(16, 16, 3, 3))  # parent's thread pool in use
     with ProcessPoolExecutor(max_workers=2, mp_context=multiprocessing.get_context("fork")) as pool:
         boxes = list(pool.map(locate_lungs, [img, img]))

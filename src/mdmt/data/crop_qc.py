@@ -93,7 +93,7 @@ def _tile(row: pd.Series, font: ImageFont.ImageFont | ImageFont.FreeTypeFont) ->
         draw.rectangle((left + x0, top + y0, left + x1 - 1, top + y1 - 1), outline=colour, width=2)
     if row["status"] != "ok":
         draw.rectangle((0, 0, TILE - 1, TILE + CAPTION - 1), outline=colour, width=3)
-    draw.text((4, TILE + 2), str(row["image_id"])[:34], fill=(255, 255, 255), font=font)
+    draw.text((4, TILE + 2), str(row["image_id"])[:30], fill=(255, 255, 255), font=font)
     draw.text((4, TILE + 14), f"{row['method']} · {row['status']}"[:34], fill=colour, font=font)
     return tile
 
