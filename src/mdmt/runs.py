@@ -105,6 +105,7 @@ def atomic_target(path: str | Path) -> Iterator[Path]:
     """A temporary path beside ``path``; on success it is fsynced and renamed over ``path``, on error removed.
 
     ``with atomic_target(p) as tmp: torch.save(obj, tmp)`` leaves either the old file or the complete new one.
+    An OSError that names no file (a write on a full disk) is raised again naming ``path``.
     """
     path = Path(path)
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
@@ -113,9 +114,11 @@ def atomic_target(path: str | Path) -> Iterator[Path]:
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(OSError):
             tmp.unlink()
+        if isinstance(exc, OSError) and exc.filename is None and exc.errno is not None:
+            raise OSError(exc.errno, exc.strerror or os.strerror(exc.errno), str(path)) from exc
         raise
 
 

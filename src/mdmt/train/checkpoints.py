@@ -7,9 +7,7 @@ checkpoint of this project is refused with an error naming it.
 
 from __future__ import annotations
 
-import pickle
 import random
-import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -64,9 +62,18 @@ def set_rng_states(states: Mapping[str, Any]) -> None:
 
 
 def save_checkpoint(values: dict[str, Any], path: Path) -> None:
-    """``torch.save`` of ``values`` (with the format number) through a temporary file, an fsync and a rename."""
-    with atomic_target(path) as tmp:
-        torch.save({"format": CHECKPOINT_FORMAT, **values}, tmp)
+    """``torch.save`` of ``values`` (with the format number) through a temporary file, an fsync and a rename.
+
+    The file is written through an unbuffered Python handle, so a full disk raises its OSError (ENOSPC) rather
+    than the RuntimeError torch's zip writer turns it into.
+    """
+    with atomic_target(path) as tmp, open(tmp, "wb", buffering=0) as handle:
+        try:
+            torch.save({"format": CHECKPOINT_FORMAT, **values}, handle)
+        except RuntimeError as exc:
+            if isinstance(exc.__context__, OSError):
+                raise exc.__context__ from None
+            raise
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
@@ -76,7 +83,9 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         values = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise DataError(f"{path}: checkpoint not found") from None
-    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
+    except MemoryError:
+        raise
+    except Exception as exc:  # foreign bytes make torch's unpickler raise almost any error
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise DataError(f"{path}: not a readable mdmt checkpoint (truncated, empty or foreign; "
                         f"only tensors and plain values are loaded): {reason}") from None
