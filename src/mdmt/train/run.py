@@ -9,11 +9,13 @@ the prediction files.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import shutil
 import traceback
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -77,8 +79,9 @@ def rows_of(records: pd.DataFrame, ids: Any, what: str) -> np.ndarray:
     positions = index.get_indexer(wanted)
     missing = wanted[positions < 0]
     if len(missing):
-        console.print(f"[yellow]{what}: {len(missing)} split id(s) not in the image cache (unreadable or dropped), "
-                      f"left out: {', '.join(missing[:20])}{' …' if len(missing) > 20 else ''}")
+        console.print(f"{what}: {len(missing)} split id(s) not in the image cache (unreadable or dropped), "
+                      f"left out: {', '.join(missing[:20])}{' …' if len(missing) > 20 else ''}", style="yellow",
+                      markup=False, highlight=False, soft_wrap=True)
     return np.sort(positions[positions >= 0])
 
 
@@ -242,14 +245,16 @@ def changed_inputs(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     return walk(saved, current, "")
 
 
-def _saved_inputs(run_dir: Path) -> dict[str, Any] | None:
+def _saved_inputs(run_dir: Path) -> dict[str, Any] | str | None:
+    """The inputs a run folder records; None without ``inputs.json``, the reason when it cannot be read."""
     path = run_dir / INPUTS_FILE
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text())
-    except (ValueError, OSError):
-        return {}
+        saved = json.loads(path.read_text())
+    except (ValueError, OSError) as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return saved if isinstance(saved, dict) else f"not a JSON object: {type(saved).__name__}"
 
 
 def check_inputs(run_dir: Path, inputs: dict[str, Any], rerun: bool) -> bool:
@@ -261,14 +266,17 @@ def check_inputs(run_dir: Path, inputs: dict[str, Any], rerun: bool) -> bool:
             raise ConfigError(f"{run_dir} is finished but records no {INPUTS_FILE} (made by an older mdmt): delete "
                               f"it or use another results_dir")
         return False
-    changed = changed_inputs(saved, inputs)
-    if not changed:
+    changed = [] if isinstance(saved, str) else changed_inputs(saved, inputs)
+    if not changed and not isinstance(saved, str):
         return (run_dir / DONE_FILE).is_file()
-    state = "finished" if (run_dir / DONE_FILE).is_file() else "unfinished"
+    state = "a finished" if (run_dir / DONE_FILE).is_file() else "an unfinished"
     if not rerun:
+        again = "use --rerun-changed (run.rerun_changed) to train it again, or another results_dir"
+        if isinstance(saved, str):
+            raise ConfigError(f"{run_dir / INPUTS_FILE}: unreadable ({saved}), so {state} run's inputs are unknown; "
+                              f"{again}")
         shown = ", ".join(changed[:8]) + (" …" if len(changed) > 8 else "")
-        raise ConfigError(f"{run_dir} holds a {state} run with other inputs ({shown} changed); use --rerun-changed "
-                          f"(run.rerun_changed) to train it again, or another results_dir")
+        raise ConfigError(f"{run_dir} holds {state} run with other inputs ({shown} changed); {again}")
     shutil.rmtree(run_dir)
     return False
 
@@ -278,7 +286,8 @@ def train_run(config: Config, spec: RunSpec, progress: bool = True) -> Path:
     """Run ``spec`` end to end under ``config.results_dir`` and return its run folder.
 
     Under torchrun (``WORLD_SIZE`` > 1) every rank calls this; training is data-parallel and rank 0 writes.
-    A run that raises leaves ``FAILED`` with the error in its folder.
+    A run that raises once it has written its folder leaves ``FAILED`` with the error there; a run refused before
+    (bad config, changed inputs, unreadable starting checkpoint) writes nothing.
     """
     results_dir = Path(config.results_dir)
     run_dir = spec.run_dir(results_dir)
@@ -293,13 +302,21 @@ def train_run(config: Config, spec: RunSpec, progress: bool = True) -> Path:
     try:
         check_weighting(PluginRef.of(config.loss.weighting).name, ctx)
         _train(config, spec, strategy, run_dir, ctx, device, progress and ctx.is_main)
-    except Exception as exc:
-        if ctx.is_main and run_dir.is_dir() and not (run_dir / DONE_FILE).is_file():
-            atomic_write_text("".join(traceback.format_exception(exc)), run_dir / FAILED_FILE)
-        raise
     finally:
         shutdown(ctx)
     return run_dir
+
+
+@contextlib.contextmanager
+def _failure_recorded(run_dir: Path, ctx: DistContext) -> Iterator[None]:
+    """Write ``FAILED`` with the error when the block raises (a refused run, stopped before, leaves the folder be)."""
+    try:
+        yield
+    except Exception as exc:
+        if ctx.is_main and run_dir.is_dir() and not (run_dir / DONE_FILE).is_file():
+            with contextlib.suppress(OSError):  # a full or read-only disk: the error itself is what to report
+                atomic_write_text("".join(traceback.format_exception(exc)), run_dir / FAILED_FILE)
+        raise
 
 
 def _train(
@@ -323,47 +340,50 @@ def _train(
     barrier(ctx)
     if (run_dir / DONE_FILE).is_file():  # finished with the same inputs
         return
-    if ctx.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / FAILED_FILE).unlink(missing_ok=True)
-        for leftover in run_dir.glob("*.tmp-*"):  # a write cut short by a kill
-            leftover.unlink(missing_ok=True)
-        save_config(config, run_dir / CONFIG_FILE)
-        atomic_write_text(spec.to_json(), run_dir / SPEC_FILE)
-        write_json(inputs, run_dir / INPUTS_FILE)
-        missing = missing_split_ids(splits)
-        if len(missing):
-            atomic_write_text(missing.to_csv(index=False), run_dir / MISSING_IDS_FILE)
-            console.print(f"[yellow]{spec.key}: {len(missing)} id(s) of the split files are not in the image cache "
-                          f"(listed in {run_dir / MISSING_IDS_FILE})")
+    # Everything a bad config or a bad starting checkpoint can stop happens before the run folder is written.
     if config.train.threads > 0:
         torch.set_num_threads(config.train.threads)
     seed_everything(spec.seed)
     tasks = run_tasks(strategy, config, datasets)
-    if ctx.is_main:
-        entries = {}
-        for task in tasks:
-            names, home = labelling(task, datasets, config)
-            entries[task.name] = task_entry(task, names, home)
-        write_json(entries, run_dir / TASKS_FILE)
-    data = build_data(config, strategy, datasets, caches, splits, tasks, spec.seed, ctx)
     model = build_model(config.model, tasks)
     check_input_size(model, config.model.input_size)
     strategy.init(model, spec, config, Path(config.results_dir))
-    fit(
-        model, tasks, data.train, data.val, dataclasses.replace(config.train, max_epochs=strategy.max_epochs(config)),
-        BatchAugmenter(config.augment, tasks) if config.augment.enabled else None,
-        build_weighting(config.loss.weighting, tasks, config.loss.task_weights, seed=spec.seed),
-        run_dir, strategy.select_task(config), progress,
-        loss_variant=config.loss.variant, seed=spec.seed, input_size=config.model.input_size, description=spec.key,
-        dist=ctx, device=device,
-    )
-    if ctx.is_main:
-        model.load_state_dict(load_model_state(run_dir, BEST_CHECKPOINT))
-        write_predictions(model, tasks, data, caches, config, spec, run_dir)
-        write_metrics(run_dir)
-        atomic_write_text("done\n", run_dir / DONE_FILE)
-    barrier(ctx)
+    weighting = build_weighting(config.loss.weighting, tasks, config.loss.task_weights, seed=spec.seed)
+    with _failure_recorded(run_dir, ctx):  # from here on this call owns the run folder
+        if ctx.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / FAILED_FILE).unlink(missing_ok=True)
+            for leftover in run_dir.glob("*.tmp-*"):  # a write cut short by a kill
+                leftover.unlink(missing_ok=True)
+            save_config(config, run_dir / CONFIG_FILE)
+            atomic_write_text(spec.to_json(), run_dir / SPEC_FILE)
+            write_json(inputs, run_dir / INPUTS_FILE)
+            missing = missing_split_ids(splits)
+            if len(missing):
+                atomic_write_text(missing.to_csv(index=False), run_dir / MISSING_IDS_FILE)
+                console.print(f"{spec.key}: {len(missing)} id(s) of the split files are not in the image cache "
+                              f"(listed in {run_dir / MISSING_IDS_FILE})", style="yellow", markup=False, highlight=False,
+                              soft_wrap=True)
+        if ctx.is_main:
+            entries = {}
+            for task in tasks:
+                names, home = labelling(task, datasets, config)
+                entries[task.name] = task_entry(task, names, home)
+            write_json(entries, run_dir / TASKS_FILE)
+        data = build_data(config, strategy, datasets, caches, splits, tasks, spec.seed, ctx)
+        fit(
+            model, tasks, data.train, data.val, dataclasses.replace(config.train, max_epochs=strategy.max_epochs(config)),
+            BatchAugmenter(config.augment, tasks) if config.augment.enabled else None,
+            weighting, run_dir, strategy.select_task(config), progress,
+            loss_variant=config.loss.variant, seed=spec.seed, input_size=config.model.input_size, description=spec.key,
+            dist=ctx, device=device,
+        )
+        if ctx.is_main:
+            model.load_state_dict(load_model_state(run_dir, BEST_CHECKPOINT))
+            write_predictions(model, tasks, data, caches, config, spec, run_dir)
+            write_metrics(run_dir)
+            atomic_write_text("done\n", run_dir / DONE_FILE)
+        barrier(ctx)
 
 
 def finished_run(config: Config, spec: RunSpec, caches: dict[str, ImageCache]) -> bool:
