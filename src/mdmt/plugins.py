@@ -7,6 +7,7 @@ import hashlib
 import importlib
 import importlib.util
 import sys
+import traceback
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -29,11 +30,23 @@ def load_plugins(entries: Iterable[str]) -> None:
             sys.modules[name] = module
             try:
                 spec.loader.exec_module(module)
-            except Exception:
+            except Exception as exc:  # any error in the user's file: one line naming it
                 del sys.modules[name]
-                raise
+                reason = str(getattr(exc, "msg", None) or exc).strip().splitlines()
+                raise ConfigError(f"plugins: {path}{_line_in(exc, path)}: {type(exc).__name__}: "
+                                  f"{reason[0] if reason else ''}") from exc
         else:
             try:
                 importlib.import_module(entry)
             except ModuleNotFoundError as exc:
                 raise ConfigError(f"plugins: cannot import {entry!r}: {exc}") from exc
+            except Exception as exc:  # an error in the plug-in module: one line naming it
+                raise ConfigError(f"plugins: importing {entry!r} failed: {type(exc).__name__}: {exc}") from exc
+
+
+def _line_in(exc: BaseException, path: Path) -> str:
+    """`` line N``: where ``exc`` arose in the file ``path`` (its syntax error, or the deepest frame in it)."""
+    if isinstance(exc, SyntaxError) and exc.lineno is not None:
+        return f" line {exc.lineno}"
+    lines = [frame.lineno for frame in traceback.extract_tb(exc.__traceback__) if Path(frame.filename) == path]
+    return f" line {lines[-1]}" if lines else ""

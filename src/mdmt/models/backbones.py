@@ -131,14 +131,16 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path).expanduser()
     if not path.is_file():
         raise ConfigError(f"weights file not found: {path}")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
     try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
         state: Any = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises several types for a corrupt or foreign file
-        raise ConfigError(f"{path}: not a readable torch state dict ({exc})") from exc
+    except Exception as exc:  # torch and safetensors raise several types for a corrupt or foreign file
+        reason = str(exc).strip().splitlines()
+        raise ConfigError(f"{path}: not a readable torch state dict ({reason[0] if reason else type(exc).__name__})"
+                          ) from exc
     while isinstance(state, Mapping) and not any(isinstance(v, torch.Tensor) for v in state.values()):
         inner = next((state[k] for k in CHECKPOINT_CONTAINER_KEYS if k in state), None)
         if inner is None:
@@ -272,7 +274,9 @@ def _build_timm(params: ModelParams, name: str, weights: str) -> Backbone:
         classifiers = classifier if isinstance(classifier, (list, tuple)) else (classifier,)
         load_weights_file(model, weights, tuple(f"{c}." for c in classifiers))
     stats = _model_stats(model, "mean", IMAGENET_MEAN), _model_stats(model, "std", IMAGENET_STD)
-    return Backbone(model, int(model.num_features), name, *params.resolve(name, *stats))
+    # with num_classes=0 a model with a pre-logits head (MobileNetV3) outputs head_hidden_size features
+    features = getattr(model, "head_hidden_size", None) or model.num_features
+    return Backbone(model, int(features), name, *params.resolve(name, *stats))
 
 
 @BACKBONES.register("tiny_cnn", TinyCNNParams, "four conv blocks (16-32-64-64 channels × width), tests and demo")
