@@ -314,12 +314,13 @@ def _preprocessed(items: list[tuple[str, str]], cfg: DataConfig, stack: ExitStac
     return pool.map(work, items, chunksize=chunk)
 
 
-def _check_space(folder: Path, n_images: int, size: int) -> None:
-    """DataError naming ``folder`` when its disk cannot hold ``n_images`` images of ``size × size`` bytes."""
+def _check_space(final: Path, n_images: int, size: int) -> None:
+    """DataError naming the cache folder ``final`` when the disk of its (existing) parent cannot hold ``n_images``
+    images of ``size × size`` bytes."""
     needed = n_images * size * size + SPACE_MARGIN
-    free = shutil.disk_usage(folder).free
+    free = shutil.disk_usage(final.parent).free
     if free < needed:
-        raise DataError(f"{folder}: not enough free disk space for the image cache: {needed} bytes needed "
+        raise DataError(f"{final}: not enough free disk space for the image cache: {needed} bytes needed "
                         f"({n_images} images of {size}×{size} plus {SPACE_MARGIN} spare), {free} free")
 
 
@@ -375,8 +376,8 @@ def _build(
     tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
+        _check_space(final, len(records), cfg.image_size)
         tmp.mkdir(parents=True)
-        _check_space(tmp, len(records), cfg.image_size)
         kept, added, failures = _write_images(records, cfg, tmp / IMAGES_FILE, final.name, progress)
         cached = records.iloc[kept].reset_index(drop=True)
         cached = pd.concat([cached, pd.DataFrame(added, columns=[*CROP_COLUMNS, CONTENT_HASH])], axis=1)

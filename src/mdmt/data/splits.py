@@ -252,7 +252,11 @@ def read_split_file(path: str | Path) -> pd.DataFrame:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"official splits: file not found: {path}")
-    table = pd.read_csv(path, sep=r"\s+", dtype=str)
+    try:
+        table = pd.read_csv(path, sep=r"\s+", dtype=str)
+    except ValueError as exc:  # empty, not UTF-8 text, or rows of uneven length
+        reason = (str(exc).strip() or type(exc).__name__).splitlines()[0]
+        raise DataError(f"{path}: not a split file (a header 'img …' and one id per line): {reason}") from exc
     if "img" not in table.columns:
         raise DataError(f"{path}: no 'img' column in the header (columns: {', '.join(table.columns)})")
     return table
