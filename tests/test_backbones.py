@@ -261,3 +261,12 @@ def test_local_weights_mismatch_names_the_keys(tmp_path):
     torch.save(wrong_shape, tmp_path / "shape.pth")
     with pytest.raises(ConfigError, match="features.0.weight"):
         build_backbone("tiny_cnn", str(tmp_path / "shape.pth"))
+
+
+def test_a_timm_model_with_a_pre_logits_head_reports_the_width_it_outputs():
+    pytest.importorskip("timm")
+    backbone = build_backbone("timm/mobilenetv3_small_050")
+    backbone.module.eval()
+    with torch.no_grad():
+        out = backbone.module(torch.zeros(1, 3, 64, 64))
+    assert out.shape == (1, backbone.feature_dim) and backbone.feature_dim == 1024
