@@ -146,44 +146,49 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
+    config = resolve_config(args, DATA_OPTIONS + PREPARE_OPTIONS)  # a bad config is refused before heavy imports
     from mdmt.data.crop_qc import crop_issue_lines, write_contact_sheets
     from mdmt.data.datasets import prepare
 
-    config = resolve_config(args, DATA_OPTIONS + PREPARE_OPTIONS)
     caches = prepare(config)
     for name, cache in caches.items():
         for line in crop_issue_lines(cache.records, name):
-            console.print(line, markup=False, highlight=False)
+            _say(line)
+        for row in cache.dropped.itertuples():
+            _say(f"{name}: {row.image_id}: dropped: {row.reason}")
         for row in cache.failed.itertuples():
-            console.print(f"{name}: {row.image_id}: unreadable, left out: {row.reason}", markup=False, highlight=False)
-        console.print(f"{name}: {len(cache.records)} images cached, {len(cache.failed)} failed → {cache.path} "
-                      f"(crops: {cache.path / 'crops.csv'})", markup=False, highlight=False)
+            _say(f"{name}: {row.image_id}: unreadable, left out: {row.reason}")
+        _say(f"{name}: {len(cache.records)} images cached, {len(cache.dropped)} dropped, {len(cache.failed)} failed "
+             f"→ {cache.path} (crops: {cache.path / 'crops.csv'})")
         if config.data.qc:
             sheets = write_contact_sheets(cache.records, cache.path / "qc")
-            console.print(f"{name}: {len(sheets)} contact sheet(s) in {cache.path / 'qc'}", markup=False)
+            _say(f"{name}: {len(sheets)} contact sheet(s) in {cache.path / 'qc'}")
     return 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     from mdmt.config import PluginRef
     from mdmt.runs import RunSpec
+
+    config = resolve_config(args, DATA_OPTIONS + RUN_OPTIONS)  # a bad config is refused before torch is imported
     from mdmt.train.run import train_run
 
-    config = resolve_config(args, DATA_OPTIONS + RUN_OPTIONS)
     backbone = PluginRef.of(config.model.backbone).name
     spec = RunSpec(config.run.strategy, backbone, config.run.protocol, config.run.fold, config.seed)
     run_dir = train_run(config, spec)
     if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 reports
-        console.print(f"[green]run finished: {run_dir}")
+        _say(f"run finished: {run_dir}", style="green")
     return 0
 
 
 def cmd_grid(args: argparse.Namespace) -> int:
+    config = resolve_config(args, DATA_OPTIONS + GRID_OPTIONS)  # a bad config is refused before torch is imported
     from mdmt.experiments.grid import run_grid
 
-    config = resolve_config(args, DATA_OPTIONS + GRID_OPTIONS)
     summary = run_grid(config, workers=config.grid.workers, backend=config.grid.backend)
     console.print(summary)
+    for line in summary.problems():
+        _say(line, style="red")
     return 0 if summary.ok else 1
 
 
@@ -198,8 +203,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 
         console.print(f"rescored {rescore(args.results)} run(s) from their prediction files")
     path = build_report(args.results, args.out, task=args.task)
-    console.print(headline_table_text(args.results, args.task))
-    console.print(f"[green]report: {path}")
+    _say(headline_table_text(args.results, args.task))
+    _say(f"report: {path}", style="green")
     return 0
 
 
@@ -363,6 +368,11 @@ def os_error_message(exc: OSError) -> str:
     reason = reason[:1].lower() + reason[1:]
     paths = " → ".join(str(p) for p in (exc.filename, exc.filename2) if p is not None)
     return f"{paths}: {reason}" if paths else f"{reason} ({errno.errorcode.get(exc.errno or 0, type(exc).__name__)})"
+
+
+def _say(text: str, style: str | None = None) -> None:
+    """Print ``text`` as it is: no markup, no highlighting, lines never wrapped (a path or an id stays whole)."""
+    console.print(text, style=style, markup=False, highlight=False, soft_wrap=True)
 
 
 def _error(message: str) -> int:

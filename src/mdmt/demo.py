@@ -67,7 +67,10 @@ def run_demo(config: Config, out: Path) -> Path:
     save_config(config, out / "config.yaml")
 
     console.rule("2/3 image caches and training grid")
-    console.print(run_grid(config, workers=config.grid.workers, backend=config.grid.backend))
+    summary = run_grid(config, workers=config.grid.workers, backend=config.grid.backend)
+    console.print(summary)
+    for line in summary.problems():
+        console.print(line, style="red", markup=False, highlight=False, soft_wrap=True)
 
     console.rule("3/3 statistics and report")
     report = build_report(config.results_dir, out / "report")

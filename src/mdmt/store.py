@@ -15,6 +15,7 @@ folder) the store keeps it in memory, starting from a copy of the file when ther
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sqlite3
 import time
@@ -40,6 +41,7 @@ from mdmt.runs import (
     spec_from_dir,
 )
 
+log = logging.getLogger(__name__)
 __all__ = ["COLUMNS", "FAILED_FILE", "INDEX_FILE", "STATUSES", "ResultsStore", "spec_fields"]
 
 INDEX_FILE = "index.sqlite"
@@ -155,6 +157,8 @@ class ResultsStore:
                 except OSError:
                     self._use_memory()
                     return
+                log.warning("%s: not a results index (%s); moved to %s and rebuilt from the run folders",
+                            self.path, error, damaged.name)
                 self._create()
 
     @property

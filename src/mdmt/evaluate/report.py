@@ -117,6 +117,10 @@ def headline_table_text(results_dir: str | Path, task: str = "prognosis") -> str
         body = (tables.formatted(table, data.view, data.view.headline).to_string() if not table.empty
                 else f"(no finished run has {task} {'/'.join(data.view.headline)})")
         parts.append(f"{task}, {name} ({tables.AGGREGATIONS[name]}); {units}:\n{body}")
+    problems = tables.problem_runs(data.runs)
+    if len(problems):
+        parts.append("runs left out:\n" + "\n".join(f"{row.run}: {row.status}: {row.error}"
+                                                   for row in problems.itertuples(index=False)))
     return "\n\n".join(parts)
 
 

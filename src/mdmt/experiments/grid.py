@@ -111,6 +111,11 @@ class GridSummary:
         """True when every run of the grid is done."""
         return not self.failed and not self.skipped
 
+    def problems(self) -> list[str]:
+        """One line per failed run (its error) and per skipped run (what it needed), to print unwrapped."""
+        return ([f"failed: {key}: {error}" for key, error in self.failed.items()]
+                + [f"skipped: {key} (needs {', '.join(needs)})" for key, needs in self.skipped.items()])
+
     def __rich__(self) -> Table:
         table = Table(title=f"grid: {self.total} runs in {self.seconds:.0f} s", show_header=True)
         table.add_column("status")
@@ -118,7 +123,7 @@ class GridSummary:
         table.add_column("which")
         table.add_row("already done", str(len(self.already_done)), "")
         table.add_row("completed now", str(len(self.completed)), "")
-        table.add_row("[red]failed", str(len(self.failed)), "\n".join(f"{k}: {e}" for k, e in self.failed.items()))
+        table.add_row("[red]failed", str(len(self.failed)), "\n".join(self.failed))
         table.add_row("[yellow]skipped", str(len(self.skipped)),
                       "\n".join(f"{k} (needs {', '.join(d)})" for k, d in self.skipped.items()))
         return table
@@ -131,7 +136,8 @@ LOCK_FILE = "grid.lock"
 @contextmanager
 def grid_lock(results_dir: Path) -> Iterator[None]:
     """Hold ``<results_dir>/grid.lock`` (an exclusive ``flock``) for one grid: a second ``mdmt grid`` on the same
-    folder stops at once with an error instead of training the same runs. The kernel drops the lock when the
+    folder stops with an error before it trains anything (run_grid takes the lock once the grid is checked, so a
+    refused grid writes nothing). The kernel drops the lock when the
     holder dies, so a killed grid never leaves the folder locked."""
     results_dir.mkdir(parents=True, exist_ok=True)
     path = results_dir / LOCK_FILE
@@ -281,10 +287,10 @@ def run_grid(
     start = time.perf_counter()
     results_dir = Path(config.results_dir)
     with ExitStack() as stack:
-        stack.enter_context(grid_lock(results_dir))
         caches = prepare(config, progress=progress) if run_fn is train_run else None  # built once, here
         home = caches.get(config.protocol.dataset) if caches else None
         specs = expand_grid(config, loco_centers(config, home.records) if home is not None else None)
+        stack.enter_context(grid_lock(results_dir))  # after the checks: a refused grid writes nothing
         store = ResultsStore(results_dir)
         store.rescan()
         needs = {spec: dependencies(spec, config) for spec in specs}
