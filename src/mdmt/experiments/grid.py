@@ -137,8 +137,8 @@ LOCK_FILE = "grid.lock"
 def grid_lock(results_dir: Path) -> Iterator[None]:
     """Hold ``<results_dir>/grid.lock`` (an exclusive ``flock``) for one grid: a second ``mdmt grid`` on the same
     folder stops with an error before it trains anything (run_grid takes the lock once the grid is checked, so a
-    refused grid writes nothing). The kernel drops the lock when the
-    holder dies, so a killed grid never leaves the folder locked."""
+    refused grid writes nothing). The kernel drops the lock when the holder dies, so a killed grid never leaves the
+    folder locked."""
     results_dir.mkdir(parents=True, exist_ok=True)
     path = results_dir / LOCK_FILE
     with open(path, "a+") as handle:
