@@ -39,7 +39,8 @@ def main() -> None:
     defaults = TrainSettings()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=REAL_FILMS, help=f"real films with lung masks ({REAL_FILMS})")
-    parser.add_argument("--out", type=Path, default=WEIGHTS_FILE, help="weights file (the held-out list goes beside it)")
+    parser.add_argument("--out", type=Path, default=WEIGHTS_FILE,
+                        help="weights file (the held-out list goes beside it)")
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--steps", type=int, default=defaults.steps)
     parser.add_argument("--threads", type=int, default=defaults.threads)

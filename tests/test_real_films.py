@@ -6,9 +6,14 @@ The shipped weights were trained without one patient-grouped fold of ``../shared
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from helpers.dicom_fixtures import write_dicom
 from PIL import Image, ImageDraw, ImageFont
 
@@ -24,6 +29,7 @@ from mdmt.data.lung_films import (
     read_holdout,
     score_films,
 )
+from mdmt.data.lung_unet import HOLDOUT_FILE, WEIGHTS_FILE, read_weights
 from mdmt.data.lungs import box_from_mask, read_mask
 
 TARGET_IOU, TARGET_KEEP95, TARGET_FALLBACK = 0.85, 0.97, 0.05
@@ -150,8 +156,9 @@ def cut_off(image, mask, stem):
 
 @pytest.mark.parametrize(
     ("save", "keep95"),
-    [(as_png8, TARGET_KEEP95), (as_png16, TARGET_KEEP95), (as_jpeg, TARGET_KEEP95), (as_dicom_monochrome1, TARGET_KEEP95),
-     (with_text, TARGET_KEEP95), (with_borders, TARGET_KEEP95), (rotated, DAMAGED_KEEP95), (cut_off, TARGET_KEEP95)],
+    [(as_png8, TARGET_KEEP95), (as_png16, TARGET_KEEP95), (as_jpeg, TARGET_KEEP95),
+     (as_dicom_monochrome1, TARGET_KEEP95), (with_text, TARGET_KEEP95), (with_borders, TARGET_KEEP95),
+     (rotated, DAMAGED_KEEP95), (cut_off, TARGET_KEEP95)],
     ids=lambda v: getattr(v, "__name__", ""),
 )
 def test_crop_quality_holds_across_formats_and_damage(frontal, tmp_path, save, keep95):
@@ -183,3 +190,14 @@ def test_jpeg_exif_orientation_is_applied(frontal, tmp_path):
     decoded = read_image(tmp_path / "turned.jpg")
     assert decoded.shape == film.image.shape
     assert np.abs(normalize_intensity(decoded) - normalize_intensity(film.image.astype(np.float32))).mean() < 0.02
+
+
+@pytest.mark.slow
+def test_training_script_rebuilds_the_shipped_weights_bit_for_bit(real_films, tmp_path):
+    script = Path(__file__).resolve().parents[1] / "scripts" / "train_lung_segmenter.py"
+    out = tmp_path / "lung_unet.pt"
+    subprocess.run([sys.executable, str(script), "--data", str(real_films), "--out", str(out)], check=True)
+    rebuilt, shipped = read_weights(out), read_weights(WEIGHTS_FILE)
+    assert rebuilt["settings"] == shipped["settings"] and rebuilt["trained_on"] == shipped["trained_on"]
+    assert all(torch.equal(rebuilt["state_dict"][k], v) for k, v in shipped["state_dict"].items())
+    assert read_holdout(tmp_path / HOLDOUT_FILE.name) == read_holdout()

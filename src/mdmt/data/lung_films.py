@@ -96,9 +96,9 @@ def film_arrays(films: pd.DataFrame, size: int = BASE_SIZE,
         images.append(squash(img01, size))
         masks.append(squash((mask > 0).astype(np.float32), size) >= 0.5)
         kept.append(row)
-    empty = np.zeros((0, size, size), np.float32)
-    return (np.stack(images) if images else empty, np.stack(masks).astype(np.uint8) if masks else empty.astype(np.uint8),
-            films.iloc[kept].reset_index(drop=True))
+    if not images:
+        return np.zeros((0, size, size), np.float32), np.zeros((0, size, size), np.uint8), films.iloc[:0]
+    return np.stack(images), np.stack(masks).astype(np.uint8), films.iloc[kept].reset_index(drop=True)
 
 
 def patient_folds(patients: pd.Series | list[str], k: int = 5, seed: int = 0) -> np.ndarray:
@@ -150,8 +150,9 @@ def score_films(films: pd.DataFrame, locate: Callable[[np.ndarray], LungBox] = l
         box = locate(img01)
         ms = 1000 * (time.perf_counter() - start)
         truth = box_from_mask(mask, img.shape)
-        rows.append(row | {"has_lungs": truth.ok, "iou": box_iou(box, truth), "keep": window_keep(box, truth, img.shape),
-                           "ok": box.ok, "method": box.method, "note": box.note, "ms": ms})
+        rows.append(row | {"has_lungs": truth.ok, "iou": box_iou(box, truth),
+                           "keep": window_keep(box, truth, img.shape), "ok": box.ok, "method": box.method,
+                           "note": box.note, "ms": ms})
     return pd.DataFrame(rows, columns=SCORE_COLUMNS)
 
 

@@ -320,7 +320,8 @@ def read_weights(path: str | Path = WEIGHTS_FILE) -> dict[str, Any]:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch/pickle raise many types (UnpicklingError, RuntimeError, EOFError...)
         first_line = (str(exc).strip().splitlines() or [""])[0][:160]
-        raise _bad_weights(path, f"cannot read the lung segmenter weights ({type(exc).__name__}: {first_line})") from exc
+        why = f"cannot read the lung segmenter weights ({type(exc).__name__}: {first_line})"
+        raise _bad_weights(path, why) from exc
     if not isinstance(payload, dict) or payload.get("format") != WEIGHTS_FORMAT or "state_dict" not in payload:
         raise _bad_weights(path, f"not lung segmenter weights of format {WEIGHTS_FORMAT}")
     if payload.get("work_size") != WORK_SIZE:

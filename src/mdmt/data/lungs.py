@@ -50,7 +50,7 @@ BOX_COLUMNS = ("x0", "y0", "x1", "y1")
 
 @dataclass(frozen=True)
 class LungBox:
-    """A pixel box ``[x0, x1) × [y0, y1)``; ``ok`` False means the localiser gave up and it is the full image."""
+    """A pixel box ``[x0, x1) × [y0, y1)``; ``ok`` False: a fallback (classical box or full image), see ``note``."""
 
     x0: int
     y0: int
@@ -450,7 +450,8 @@ def resolve_box(image_id: str, img01: np.ndarray, cfg: DataConfig) -> LungBox:
 
 def localiser_iou(truth: pd.DataFrame, clip: tuple[float, float] = (2.0, 98.0),
                   locate: Callable[[np.ndarray], LungBox] = locate_lungs) -> pd.DataFrame:
-    """``locate`` (default ``locate_lungs``) on each image of ``truth`` (``image_id``, ``path``, true ``x0, y0, x1, y1``) and its box IoU.
+    """``locate`` (default ``locate_lungs``) on each image of ``truth`` (``image_id``, ``path``, true
+    ``x0, y0, x1, y1``) and its box IoU.
 
     Returns ``image_id``, ``dataset``, ``center`` (when ``truth`` has them), ``iou``, ``ok``, ``method``,
     ``note``. An unreadable image keeps its row with IoU NaN, method ``unreadable`` and the reason in ``note``.
