@@ -690,9 +690,7 @@ CASES: list[Case] = [
          setup=write("boxes.csv", f"image_id,x0,y0,x1,y1\n{VICTIM},3,4,a,9\n"),
          names=(f"{{ws}}/boxes.csv: image_id {VICTIM}: box [3, 4, 'a', 9] is not integer",)),
     Case("masks_dir_missing", (*PREPARE, "--set", "data.crop=masks", "--set", "data.masks_dir={ws}/masks"),
-         names=("data.masks_dir", "{ws}/masks"),
-         marks=(pytest.mark.xfail(strict=True, reason="lungs.py (not ours to edit): a data.masks_dir that does not "
-                                  "exist falls back to the whole film for every image and prepare exits 0"),)),
+         names=("data.masks_dir", "{ws}/masks")),
     Case("cache_dir_is_a_file", (*PREPARE, "--cache-dir", "{ws}/notes.txt"), setup=write("notes.txt", "x"),
          names=("{ws}/notes.txt: cannot create the cache folder",)),
     # ------------------------------------------------------------------ a manifest (table dataset)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -419,3 +420,26 @@ def test_readers_load_the_synthetic_tiny_twin(request: pytest.FixtureRequest):
         assert image.ndim == 2 and np.isfinite(image).all() and image.std() > 0
         decoded += 1
     assert decoded >= len(afc.records) + len(brixia.records) - 2, failed
+
+
+def test_a_brixia_folder_converted_to_png_and_jpeg_still_matches_its_metadata(tiny_data: Path, tmp_path: Path):
+    from PIL import Image as PILImage
+
+    from mdmt.data.dicom import normalize_intensity, read_image
+
+    root = tmp_path / "BRIXIA"
+    shutil.copytree(tiny_data / "BRIXIA", root)
+    dicoms = sorted((root / "dicom_clean").glob("*.dcm"))
+    converted = {}
+    for path, suffix in zip(dicoms[:4], (".png", ".jpg", ".png", ".jpeg")):
+        pixels = (normalize_intensity(read_image(path)) * 255).astype(np.uint8)
+        target = path.with_suffix(suffix)
+        PILImage.fromarray(pixels).save(target)
+        path.unlink()
+        converted[path.stem] = target
+    table = read_brixia(root)
+    records = table.records.set_index("image_id")
+    assert len(records) + len(table.dropped) == len(dicoms) and table.dropped.empty
+    for image_id, target in converted.items():
+        assert records.loc[image_id, "path"] == str(target)
+        assert read_image(target).shape == read_image(records.loc[image_id, "path"]).shape

@@ -431,6 +431,9 @@ def resolve_box(image_id: str, img01: np.ndarray, cfg: DataConfig) -> LungBox:
     if cfg.crop == "masks":
         if not cfg.masks_dir:
             raise ConfigError("data.crop = masks needs data.masks_dir")
+        if not Path(cfg.masks_dir).is_dir():
+            raise ConfigError(f"data.masks_dir: {cfg.masks_dir} is not a folder (data.crop = masks reads "
+                              f"<masks_dir>/<image_id>.png|tif|tiff)")
         mask_path = find_mask(cfg.masks_dir, image_id)
         if mask_path is None:
             return full_image_box(img01.shape, f"no mask {image_id}.(png|tif|tiff) in {cfg.masks_dir}")

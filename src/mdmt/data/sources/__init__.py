@@ -150,9 +150,12 @@ class ImageFolders:
 
     @staticmethod
     def candidates(name: str) -> list[str]:
-        """File names tried for ``name``: itself when it has an image suffix, else ``name`` + each suffix."""
-        if Path(name).suffix.lower() in IMAGE_SUFFIXES:
-            return [name]
+        """File names tried for ``name``, in order: itself when it has an image suffix, then its stem with each
+        other suffix (a folder converted from DICOM to PNG or JPEG still matches a sheet naming ``.dcm``
+        files); a bare id gets each suffix."""
+        path = Path(name)
+        if path.suffix.lower() in IMAGE_SUFFIXES:
+            return [name] + [path.stem + s for s in _BARE_ID_SUFFIXES if s != path.suffix.lower()]
         return [name + suffix for suffix in _BARE_ID_SUFFIXES]
 
     def find(self, name: str, first: Path | None = None) -> Path | None:
