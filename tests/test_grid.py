@@ -222,3 +222,21 @@ def test_loco_folds_come_from_the_centers_in_the_data(tmp_path):
                          "protocol.loco_centers=[A, B]")
     assert [s.fold for s in expand_grid(config)] == [0, 1]
     assert [s.fold for s in expand_grid(config, centers=["A", "B", "Z"])] == [0, 1, 2]
+
+
+def test_the_grid_prepares_each_dataset_once_and_its_runs_open_those_caches(tiny_config, tmp_path, monkeypatch):
+    import dataclasses
+
+    from mdmt.train import run as run_module
+
+    def no_prepare(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a grid run prepared its datasets again")
+
+    monkeypatch.setattr(run_module, "prepare", no_prepare)
+    config = dataclasses.replace(
+        tiny_config, results_dir=str(tmp_path),
+        train=dataclasses.replace(tiny_config.train, max_epochs=1, warmup_epochs=0),
+        grid=dataclasses.replace(tiny_config.grid, backbones=["tiny_cnn"], strategies=["stl_prognosis", "mdmt"],
+                                 protocols=["cv5"], folds=[0], seeds=[0], workers=1))
+    summary = run_grid(config, progress=False)
+    assert summary.ok and len(summary.completed) == 2, summary.failed

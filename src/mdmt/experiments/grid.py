@@ -12,6 +12,7 @@ skips what finished and the engine resumes the interrupted run from its ``last.p
 from __future__ import annotations
 
 import fcntl
+import functools
 import itertools
 import multiprocessing
 import os
@@ -299,6 +300,8 @@ def run_grid(
         pending = [spec for spec in specs if spec not in done and spec.key not in summary.failed]
         summary.already_done = [s.key for s in specs if s in done]
 
+        if caches is not None:  # the runs open the caches built above instead of preparing them again
+            run_fn = functools.partial(train_run, caches={name: str(c.path) for name, c in caches.items()})
         submit = stack.enter_context(_backend(backend, workers, run_fn, config, progress))
         bar = stack.enter_context(make_progress()) if progress else None
         bar_task = bar.add_task("grid", total=len(specs), completed=len(done), status="") if bar else None

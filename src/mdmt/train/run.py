@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import json
 import shutil
 import traceback
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,7 @@ from torch.utils.data import DataLoader
 
 from mdmt.config import Config, PluginRef, save_config, to_dict
 from mdmt.data.augment import BatchAugmenter
-from mdmt.data.cache import ImageCache
+from mdmt.data.cache import ImageCache, open_cache
 from mdmt.data.dataset import CachedImageDataset, MixedBatchSampler, MultiSourceDataset, make_loader
 from mdmt.data.datasets import Dataset, build_splits, empty_parts, prepare, select, split_ids
 from mdmt.data.splits import Split
@@ -282,10 +283,18 @@ def check_inputs(run_dir: Path, inputs: dict[str, Any], rerun: bool) -> bool:
 
 
 # --------------------------------------------------------------------------------------------- the run
-def train_run(config: Config, spec: RunSpec, progress: bool = True) -> Path:
+@functools.lru_cache(maxsize=16)
+def open_cache_once(path: str) -> ImageCache:
+    """``open_cache`` once per process (a cache folder's name holds its key, so its content never changes)."""
+    return open_cache(path)
+
+
+def train_run(config: Config, spec: RunSpec, progress: bool = True, caches: Mapping[str, str] | None = None) -> Path:
     """Run ``spec`` end to end under ``config.results_dir`` and return its run folder.
 
-    Under torchrun (``WORLD_SIZE`` > 1) every rank calls this; training is data-parallel and rank 0 writes.
+    ``caches`` (dataset → cache folder, as the grid built them) skips preparing the datasets again; a process
+    opens each cache folder once. Under torchrun (``WORLD_SIZE`` > 1) every rank calls this; training is
+    data-parallel and rank 0 writes.
     A run that raises once it has written its folder leaves ``FAILED`` with the error there; a run refused before
     (bad config, changed inputs, unreadable starting checkpoint) writes nothing.
     """
@@ -301,7 +310,7 @@ def train_run(config: Config, spec: RunSpec, progress: bool = True) -> Path:
     ctx, device = init_distributed(config.train.device)
     try:
         check_weighting(PluginRef.of(config.loss.weighting).name, ctx)
-        _train(config, spec, strategy, run_dir, ctx, device, progress and ctx.is_main)
+        _train(config, spec, strategy, run_dir, ctx, device, progress and ctx.is_main, caches)
     finally:
         shutdown(ctx)
     return run_dir
@@ -321,15 +330,18 @@ def _failure_recorded(run_dir: Path, ctx: DistContext) -> Iterator[None]:
 
 def _train(
     config: Config, spec: RunSpec, strategy: Strategy, run_dir: Path, ctx: DistContext, device: torch.device | None,
-    progress: bool,
+    progress: bool, built: Mapping[str, str] | None,
 ) -> None:
     """Caches → splits → inputs check → loaders → model → start → fit → predictions, metrics, DONE."""
     datasets = select(config, strategy.datasets)
-    if ctx.is_main:
-        caches = prepare(config, strategy.datasets, progress=progress)  # rank 0 builds; the others then open
-    barrier(ctx)
-    if not ctx.is_main:
-        caches = prepare(config, strategy.datasets, progress=False)
+    if built is not None:
+        caches = {name: open_cache_once(built[name]) for name in strategy.datasets}
+    else:
+        if ctx.is_main:
+            caches = prepare(config, strategy.datasets, progress=progress)  # rank 0 builds; the others then open
+        barrier(ctx)
+        if not ctx.is_main:
+            caches = prepare(config, strategy.datasets, progress=False)
     splits = build_splits(config, datasets, caches, spec.protocol, spec.fold, spec.seed)
     empty = empty_parts(splits)
     if empty:
@@ -362,8 +374,8 @@ def _train(
             if len(missing):
                 atomic_write_text(missing.to_csv(index=False), run_dir / MISSING_IDS_FILE)
                 console.print(f"{spec.key}: {len(missing)} id(s) of the split files are not in the image cache "
-                              f"(listed in {run_dir / MISSING_IDS_FILE})", style="yellow", markup=False, highlight=False,
-                              soft_wrap=True)
+                              f"(listed in {run_dir / MISSING_IDS_FILE})", style="yellow", markup=False,
+                              highlight=False, soft_wrap=True)
         if ctx.is_main:
             entries = {}
             for task in tasks:
@@ -372,7 +384,8 @@ def _train(
             write_json(entries, run_dir / TASKS_FILE)
         data = build_data(config, strategy, datasets, caches, splits, tasks, spec.seed, ctx)
         fit(
-            model, tasks, data.train, data.val, dataclasses.replace(config.train, max_epochs=strategy.max_epochs(config)),
+            model, tasks, data.train, data.val,
+            dataclasses.replace(config.train, max_epochs=strategy.max_epochs(config)),
             BatchAugmenter(config.augment, tasks) if config.augment.enabled else None,
             weighting, run_dir, strategy.select_task(config), progress,
             loss_variant=config.loss.variant, seed=spec.seed, input_size=config.model.input_size, description=spec.key,
