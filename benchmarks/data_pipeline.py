@@ -22,8 +22,9 @@ from rich.table import Table
 
 from mdmt.config import AugmentConfig, DataConfig, TrainConfig
 from mdmt.data.augment import BatchAugmenter
-from mdmt.data.cache import build_cache, preprocess_image
+from mdmt.data.cache import build_cache
 from mdmt.data.dataset import CachedImageDataset, MultiSourceDataset, make_loader
+from mdmt.data.preprocess import preprocess_image
 from mdmt.data.sources import read_aiforcovid, read_brixia
 from mdmt.data.synthetic import generate
 from mdmt.tasks import get_task

@@ -15,6 +15,7 @@ from scipy import ndimage
 
 from mdmt.config import DataConfig
 from mdmt.data import cache as cache_module
+from mdmt.data import preprocess as preprocess_module
 from mdmt.data.cache import COMPLETE_FILE, build_cache, open_cache, summary_table
 from mdmt.data.datasets import prepare
 from mdmt.data.dicom import normalize_intensity, read_image
@@ -87,13 +88,13 @@ def config(**changes) -> DataConfig:
 
 def count_preprocessing(monkeypatch) -> list[str]:
     calls: list[str] = []
-    original = cache_module.preprocess_image
+    original = preprocess_module.preprocess_image
 
     def counting(path, image_id, cfg):
         calls.append(image_id)
         return original(path, image_id, cfg)
 
-    monkeypatch.setattr(cache_module, "preprocess_image", counting)
+    monkeypatch.setattr(preprocess_module, "preprocess_image", counting)
     return calls
 
 
@@ -154,7 +155,7 @@ def test_changed_file_parameter_or_label_gives_new_key(tmp_path):
 
 def test_interrupted_build_leaves_no_complete_cache(tmp_path, monkeypatch):
     source = make_source(tmp_path / "data")
-    original = cache_module.preprocess_image
+    original = preprocess_module.preprocess_image
     done: list[str] = []
 
     def crash_after_two(path, image_id, cfg):
@@ -163,11 +164,11 @@ def test_interrupted_build_leaves_no_complete_cache(tmp_path, monkeypatch):
         done.append(image_id)
         return original(path, image_id, cfg)
 
-    monkeypatch.setattr(cache_module, "preprocess_image", crash_after_two)
+    monkeypatch.setattr(preprocess_module, "preprocess_image", crash_after_two)
     with pytest.raises(KeyboardInterrupt):
         build_cache(source, config(), tmp_path / "cache", progress=False)
     assert list((tmp_path / "cache").iterdir()) == []
-    monkeypatch.setattr(cache_module, "preprocess_image", original)
+    monkeypatch.setattr(preprocess_module, "preprocess_image", original)
 
     key = cache_module.cache_key(source.records, config())
     final = tmp_path / "cache" / f"toy-{key[:16]}"

@@ -29,16 +29,15 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 import pandas as pd
-from PIL import Image
 
 from mdmt.config import DataConfig
 from mdmt.data.crop_qc import crop_table
-from mdmt.data.dicom import normalize_intensity, read_image
-from mdmt.data.lungs import LungBox, crop_to_box, find_mask, resolve_box
+from mdmt.data.lungs import find_mask
+from mdmt.data.preprocess import Preprocessed, file_identity, file_sha256, preprocess_params, try_preprocess
 from mdmt.data.sources import SourceTable
 from mdmt.errors import DataError, ImageReadError
 from mdmt.progress import progress_bar
@@ -46,8 +45,6 @@ from mdmt.runs import atomic_write_text
 
 log = logging.getLogger(__name__)
 
-PREPROCESS_VERSION = 3
-"""Bump when the preprocessing changes in a way the parameters do not show (invalidates every cache)."""
 
 IMAGES_FILE = "images.u8"
 RECORDS_FILE = "records.csv"
@@ -102,94 +99,16 @@ class ImageCache:
         return open_cache, (str(self.path),)
 
 
-class Preprocessed(NamedTuple):
-    """One preprocessed image, the box it was cropped to, the original image size and the file's sha256."""
-
-    image: np.ndarray
-    box: LungBox
-    height: int
-    width: int
-    sha256: str = ""
-
-
-def resize_square(img: np.ndarray, size: int) -> np.ndarray:
-    """Bilinear, antialiased (PIL) resize of a float image to ``size × size``."""
-    return np.asarray(Image.fromarray(img.astype(np.float32), mode="F").resize((size, size), Image.BILINEAR))
-
-
-def to_uint8(img01: np.ndarray) -> np.ndarray:
-    """[0, 1] float → uint8 with rounding."""
-    return np.rint(np.clip(img01, 0.0, 1.0) * 255.0).astype(np.uint8)
-
-
-def preprocess_image(path: str | Path, image_id: str, cfg: DataConfig) -> Preprocessed:
-    """read → percentile clip to [0, 1] → crop to the lung box → resize → uint8 (raises ImageReadError)."""
-    img = read_image(path)
-    img01 = normalize_intensity(img, *cfg.clip_percentiles)
-    box = resolve_box(image_id, img01, cfg)
-    crop = crop_to_box(img01, box, cfg.crop_margin)
-    return Preprocessed(to_uint8(resize_square(crop, cfg.image_size)), box, int(img.shape[0]), int(img.shape[1]))
-
-
-def file_sha256(path: str | Path) -> str:
-    """sha256 of a file's bytes (hex)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(2**20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _try_preprocess(item: tuple[str, str], cfg: DataConfig) -> Preprocessed | str:
-    """``preprocess_image`` plus the file's sha256, an unreadable file turned into its reason (picklable)."""
-    path, image_id = item
-    try:
-        return preprocess_image(path, image_id, cfg)._replace(sha256=file_sha256(path))
-    except ImageReadError as exc:
-        return exc.reason
-    except OSError as exc:  # the file vanished or became unreadable between decoding and hashing
-        return f"cannot read: {exc.strerror or exc}"
-
-
-def _file_identity(path: str | Path) -> tuple[int, int]:
-    try:
-        stat = os.stat(path)
-    except OSError:
-        return -1, -1
-    return stat.st_size, stat.st_mtime_ns
-
-
-def preprocess_params(cfg: DataConfig) -> dict[str, Any]:
-    """The parameters an image's cached pixels depend on (only those of the crop mode in use)."""
-    params: dict[str, Any] = {
-        "version": PREPROCESS_VERSION,
-        "image_size": cfg.image_size,
-        "clip_percentiles": list(cfg.clip_percentiles),
-        "crop": cfg.crop,
-        "crop_margin": cfg.crop_margin,
-    }
-    if cfg.crop == "lungs":
-        from mdmt.data.lung_unet import weights_fingerprint
-
-        params["segmenter"] = weights_fingerprint()
-    if cfg.crop == "masks":
-        params["masks_dir"] = str(Path(cfg.masks_dir or "").resolve())
-    if cfg.crop == "boxes":
-        boxes = Path(cfg.boxes_file or "")
-        params["boxes_file"] = [str(boxes.resolve()), *_file_identity(boxes)]
-    return params
-
-
 def cache_key(records: pd.DataFrame, cfg: DataConfig) -> str:
     """sha256 over the parameters, the records table and each input file's (id, path, size, mtime_ns)."""
     digest = hashlib.sha256(json.dumps(preprocess_params(cfg), sort_keys=True).encode())
     digest.update(records.to_csv(index=False).encode())
     for image_id, path in zip(records["image_id"], records["path"], strict=True):
-        size, mtime = _file_identity(path)
+        size, mtime = file_identity(path)
         digest.update(f"{image_id}\0{path}\0{size}\0{mtime}\n".encode())
         if cfg.crop == "masks":
             mask = find_mask(cfg.masks_dir or "", str(image_id))
-            digest.update(f"{mask}\0{_file_identity(mask) if mask else ''}\n".encode())
+            digest.update(f"{mask}\0{file_identity(mask) if mask else ''}\n".encode())
     return digest.hexdigest()
 
 
@@ -305,7 +224,7 @@ def _versions() -> dict[str, str]:
 
 def _preprocessed(items: list[tuple[str, str]], cfg: DataConfig, stack: ExitStack) -> Iterable[Preprocessed | str]:
     """Results in input order: in-process, or from ``cfg.workers`` processes in chunks."""
-    work = functools.partial(_try_preprocess, cfg=cfg)
+    work = functools.partial(try_preprocess, cfg=cfg)
     if cfg.workers <= 0:
         return map(work, items)
     pool = stack.enter_context(ProcessPoolExecutor(max_workers=cfg.workers))

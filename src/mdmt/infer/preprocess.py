@@ -1,6 +1,6 @@
 """Files → network input, exactly as training preprocesses them.
 
-``mdmt.data.cache.preprocess_image`` decodes the file (DICOM, PNG, JPEG), clips it to the run's intensity
+``mdmt.data.preprocess.preprocess_image`` decodes the file (DICOM, PNG, JPEG), clips it to the run's intensity
 percentiles, crops it with the run's ``data.crop`` mode and resizes it to ``data.image_size`` as uint8 (what
 the image cache stores); ``mdmt.data.augment.to_network_input`` then resizes it to ``model.input_size`` and
 normalises it with the backbone's statistics (what the training loop feeds the network).
@@ -17,9 +17,9 @@ import torch
 
 from mdmt.config import DataConfig
 from mdmt.data.augment import to_network_input
-from mdmt.data.cache import preprocess_image
 from mdmt.data.dicom import DICOM_SUFFIXES
 from mdmt.data.lungs import LungBox, crop_window
+from mdmt.data.preprocess import preprocess_image
 from mdmt.errors import ConfigError, ImageReadError
 from mdmt.infer.model_io import TrainedModel
 
