@@ -157,6 +157,25 @@ class ProtocolConfig:
 
 
 @dataclass
+class SlurmConfig:
+    """``grid.backend: slurm``: one submitit job per run, with these resources."""
+
+    partition: str | None = None
+    time_minutes: int = 240
+    """A job's time limit; a run cut off by it is a failed run that the next ``mdmt grid`` resumes."""
+    gpus_per_run: int = 1
+    cpus_per_run: int = 8
+    """CPUs of a job, and the torch threads of its run."""
+    mem_gb: int = 32
+    folder: str = "slurm"
+    """The jobs' scripts and logs, relative to ``results_dir`` (one subfolder per job id)."""
+    executor: Literal["slurm", "local"] = "slurm"
+    """``local``: each job a process on this machine (submitit's LocalExecutor), to try it without a cluster."""
+    additional_parameters: dict[str, str] = field(default_factory=dict)
+    """More ``#SBATCH`` options by name (``account``, ``qos``, ``constraint``, ...)."""
+
+
+@dataclass
 class GridConfig:
     """The study: backbones × strategies × protocols × folds × seeds."""
 
@@ -166,7 +185,8 @@ class GridConfig:
     folds: list[int] | None = None
     seeds: list[int] = field(default_factory=lambda: [0])
     workers: int = 1
-    backend: Literal["local", "ray"] = "local"
+    backend: Literal["local", "ray", "slurm"] = "local"
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
 
 
 @dataclass

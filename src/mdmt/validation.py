@@ -77,12 +77,12 @@ FRACTION = Interval(0, 1)
 
 RULES: tuple[Rule, ...] = (
     *within(AT_LEAST_ONE, "data.image_size", "model.input_size", "train.batch_size", "train.max_epochs",
-            "grid.workers"),
+            "grid.workers", "grid.slurm.time_minutes", "grid.slurm.cpus_per_run", "grid.slurm.mem_gb"),
     *within(POSITIVE, "train.lr", "augment.elastic_sigma"),
     *within(NON_NEGATIVE, "data.workers", "train.weight_decay", "train.min_lr", "train.warmup_epochs",
             "train.early_stopping", "train.scheduler_patience", "train.num_workers", "train.threads",
             "augment.shift", "loss.task_weights[]", "grid.seeds[]", "grid.folds[]", "run.fold", "seed",
-            "synth.seed", "synth.opacity"),
+            "synth.seed", "synth.opacity", "grid.slurm.gpus_per_run"),
     *within(FRACTION, "data.max_drop_fraction", "augment.p", "train.mix_ratio"),
     *within(Interval(0, 0.5, high_open=True), "data.crop_margin"),
     *within(Interval(0, 1, high_open=True), "augment.zoom"),

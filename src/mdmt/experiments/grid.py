@@ -3,8 +3,8 @@
 ``expand_grid`` turns ``config.grid`` (backbones × strategies × protocols × folds × seeds) into RunSpecs, adds the
 runs each one starts from (``mdmt.train.strategies.dependencies``) and orders them so that a dependency always
 comes first. ``run_grid`` skips runs whose ``DONE`` exists, runs the rest on a backend (in this process, a pool
-of spawned processes, or Ray tasks) with at most ``workers`` at once, starts a run only when its dependencies are
-done, and records each start, success and failure in the :class:`~mdmt.store.ResultsStore`. A failed
+of spawned processes, Ray tasks, or SLURM jobs through submitit) with at most ``workers`` at once, starts a run
+only when its dependencies are done, and records each start, success and failure in the :class:`~mdmt.store.ResultsStore`. A failed
 run does not stop the others; the runs that depend on it are skipped and reported. After a crash the same call
 skips what finished and the engine resumes the interrupted run from its ``last.pt``.
 """
@@ -16,14 +16,16 @@ import functools
 import itertools
 import multiprocessing
 import os
+import shutil
 import time
 import traceback
 from collections.abc import Callable, Iterator
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from rich.table import Table
 
@@ -40,7 +42,7 @@ from mdmt.train.strategies import dependencies, get_strategy
 
 RunFn = Callable[[Config, RunSpec, bool], Path]
 Submit = Callable[[RunSpec], Future]
-BACKENDS = ("local", "ray")
+BACKENDS = ("local", "ray", "slurm")
 
 
 # --------------------------------------------------------------------------------------------- expansion
@@ -229,10 +231,88 @@ def _ray_tasks(run_fn: RunFn, config: Config, workers: int) -> Iterator[Submit]:
             ray.shutdown()
 
 
+class SlurmJobError(RuntimeError):
+    """A run's SLURM job failed: the message is the run's traceback, or why the job left no result."""
+
+
+def _job_result(job: Any) -> Path:
+    """Wait for a submitit ``job``; the run folder it returns, else SlurmJobError."""
+    from submitit.core.utils import FailedJobError, UncompletedJobError, pickle_load
+
+    try:
+        return job.result()
+    except FailedJobError:
+        _, trace = pickle_load(job.paths.result_pickle)
+        raise SlurmJobError(str(trace).strip()) from None
+    except UncompletedJobError:
+        raise SlurmJobError(f"job {job.job_id} ended without a result (cancelled, out of time or killed; "
+                            f"state {job.state}); its log: {job.paths.stderr}") from None
+
+
+def _submitit(config: Config) -> Any:
+    """The submitit module; ConfigError when it is missing, or when SLURM is asked for and sbatch is not here."""
+    try:
+        import submitit
+    except ImportError:
+        raise ConfigError("grid.backend 'slurm' needs submitit: install mdmt[slurm] (pip install 'mdmt[slurm]')"
+                          ) from None
+    if config.grid.slurm.executor == "slurm" and shutil.which("sbatch") is None:
+        raise ConfigError("grid.backend 'slurm' needs SLURM's sbatch on PATH (run mdmt grid on a login node), "
+                          "or grid.slurm.executor: local to run the jobs on this machine")
+    return submitit
+
+
+@contextmanager
+def _slurm_jobs(run_fn: RunFn, config: Config, workers: int) -> Iterator[Submit]:
+    """Each run one submitit job with the resources of ``grid.slurm`` (``executor: local``: a process here).
+
+    At most ``workers`` jobs are queued or running at once; jobs still running when the grid stops are cancelled.
+    """
+    submitit = _submitit(config)
+    slurm = config.grid.slurm
+    folder = Path(config.results_dir) / slurm.folder / "%j"
+    executor: Any
+    if slurm.executor == "local":
+        executor = submitit.LocalExecutor(folder=folder)
+        executor.update_parameters(timeout_min=slurm.time_minutes, gpus_per_node=slurm.gpus_per_run)
+        threads = max(1, cpu_count() // workers)
+    else:
+        executor = submitit.SlurmExecutor(folder=folder)
+        executor.update_parameters(partition=slurm.partition, time=slurm.time_minutes,
+                                   gpus_per_node=slurm.gpus_per_run, cpus_per_task=slurm.cpus_per_run,
+                                   mem=f"{slurm.mem_gb}GB", additional_parameters=dict(slurm.additional_parameters))
+        threads = slurm.cpus_per_run
+    waiters = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mdmt-slurm")
+    jobs: list[Any] = []
+
+    def submit(spec: RunSpec) -> Future:
+        if slurm.executor == "slurm":
+            executor.update_parameters(job_name=f"mdmt:{spec.key}")
+        try:
+            job = executor.submit(run_with_threads, run_fn, config, spec, threads)
+        except Exception as exc:  # noqa: BLE001 - the job was refused: recorded as the run's failure
+            refused: Future = Future()
+            refused.set_exception(exc)
+            return refused
+        jobs.append(job)
+        return waiters.submit(_job_result, job)
+
+    try:
+        yield submit
+    finally:
+        for job in jobs:
+            if not job.done():
+                job.cancel(check=False)
+        waiters.shutdown(wait=False, cancel_futures=True)
+
+
 @contextmanager
 def _backend(backend: str, workers: int, run_fn: RunFn, config: Config, progress: bool) -> Iterator[Submit]:
     if backend == "ray":
         with _ray_tasks(run_fn, config, workers) as submit:
+            yield submit
+    elif backend == "slurm":
+        with _slurm_jobs(run_fn, config, workers) as submit:
             yield submit
     elif workers > 1:
         with _process_pool(run_fn, config, workers) as submit:
@@ -279,11 +359,13 @@ def run_grid(
     """Run every run of ``expand_grid(config)`` that has no ``DONE`` yet; returns what happened.
 
     ``workers`` runs at most that many at once (local: spawned processes, one in this process when 1;
-    ``backend="ray"``: Ray tasks). ``run_fn(config, spec, progress) -> run_dir`` does one run (the engine's
+    ``backend="ray"``: Ray tasks; ``backend="slurm"``: submitit jobs configured by ``config.grid.slurm``). ``run_fn(config, spec, progress) -> run_dir`` does one run (the engine's
     ``train_run``; tests inject fakes).
     """
     if backend not in BACKENDS:
         raise ConfigError(f"grid.backend {backend!r} is not one of {', '.join(BACKENDS)}")
+    if backend == "slurm":
+        _submitit(config)  # before any work: a grid that cannot submit prepares nothing
     workers = max(1, int(workers))
     start = time.perf_counter()
     results_dir = Path(config.results_dir)
