@@ -1,0 +1,147 @@
+"""Peak memory: ``mdmt demo`` on a reduced grid, and one training epoch from a paper-size memory-mapped cache.
+
+(a) ``mdmt demo`` as a child process (default ``--set grid.seeds=[0] --set grid.protocols=[cv5]``); its peak RSS is
+    ``resource.getrusage(RUSAGE_CHILDREN).ru_maxrss``: the largest peak of any one descendant process (the
+    grid's runs are separate processes), not their sum.
+(b) a paper-size cache: 1,585 + 4,695 uint8 images at 256 px (random pixels, ``np.memmap`` files the size of the
+    real caches; generating and decoding 6,280 DICOMs does not fit this CPU's time) read by one training epoch
+    (``Trainer.train_epoch``, tiny_cnn, both datasets mixed, ``--loader-workers`` loader processes). For the
+    trainer and each loader worker: peak RSS (``VmHWM``) and, at the end of the epoch, ``RssAnon`` (private
+    memory: a copy of the cache would land here) and ``RssFile`` (pages of the mapped cache file, shared with the
+    page cache, not copied), against the cache files' size.
+
+    python benchmarks/memory.py [--skip-demo] [--demo-set grid.seeds=[0] ...] [--input-size 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from mdmt.config import Config
+from mdmt.data.dataset import CachedImageDataset, ImageArrays, MixedBatchSampler, MultiSourceDataset, make_loader
+from mdmt.models.multitask import build_model
+from mdmt.tasks import REGION_COLUMNS, get_task
+from mdmt.train.engine import Trainer
+from mdmt.weighting import build_weighting
+
+MiB = 2**20
+
+
+def status_fields(pid: int | str = "self") -> dict[str, float]:
+    """VmHWM, VmRSS, RssAnon and RssFile of a process in MiB (from ``/proc/<pid>/status``)."""
+    fields = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmHWM", "VmRSS", "RssAnon", "RssFile"):
+            fields[key] = int(value.split()[0]) / 1024
+    return fields
+
+
+def demo_peak(settings: list[str], out: Path) -> tuple[float, float, str]:
+    """(peak RSS MiB of the largest descendant, wall seconds, command) of ``mdmt demo`` with ``settings``."""
+    command = [str(Path(sys.executable).with_name("mdmt")), "demo", "--out", str(out)]
+    for setting in settings:
+        command += ["--set", setting]
+    start = time.perf_counter()
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    seconds = time.perf_counter() - start
+    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, seconds, " ".join(command[1:])
+
+
+def memmap_source(path: Path, n: int, size: int, dataset: str, seed: int) -> ImageArrays:
+    """A uint8 ``(n, size, size)`` ``.npy`` memmap of random images with AIforCOVID- or BrixIA-style records."""
+    rng = np.random.default_rng(seed)
+    images = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(n, size, size))
+    for start in range(0, n, 512):
+        stop = min(n, start + 512)
+        images[start:stop] = rng.integers(0, 256, (stop - start, size, size), dtype=np.uint8)
+    images.flush()
+    del images
+    records = pd.DataFrame({"image_id": [f"{dataset}{i}" for i in range(n)], "dataset": dataset, "center": "A"})
+    records["patient_id"] = records["image_id"]
+    if dataset == "aiforcovid":
+        records["prognosis"] = rng.integers(0, 2, n).astype(float)
+    else:
+        regions = rng.integers(0, 4, (n, 6)).astype(float)
+        records[list(REGION_COLUMNS)] = regions
+        records["brixia_global"] = regions.sum(axis=1)
+    return ImageArrays(np.load(path, mmap_mode="r"), records)
+
+
+def paper_cache_epoch(root: Path, sizes: tuple[int, int], image_size: int, input_size: int, batch: int,
+                      workers: int) -> tuple[float, list[tuple[str, dict[str, float]]]]:
+    """(cache MiB, [(process, status fields)]) after one epoch over both memory-mapped caches."""
+    config = Config()
+    prognosis, severity = get_task("prognosis"), get_task(config.model.severity_task)
+    sources = [memmap_source(root / "aiforcovid.npy", sizes[0], image_size, "aiforcovid", 0),
+               memmap_source(root / "brixia.npy", sizes[1], image_size, "brixia", 1)]
+    cache_mib = sum((root / f"{d}.npy").stat().st_size for d in ("aiforcovid", "brixia")) / MiB
+    tasks = [prognosis, severity]
+    dataset = MultiSourceDataset([CachedImageDataset(s, np.arange(len(s.records)), tasks, source=i)
+                                  for i, s in enumerate(sources)])
+    train = dataclasses.replace(config.train, batch_size=batch, device="cpu", num_workers=workers, threads=1)
+    loader = make_loader(dataset, train, batch_sampler=MixedBatchSampler(dataset.source_sizes, batch, seed=0))
+    torch.manual_seed(0)
+    model = build_model(dataclasses.replace(config.model, backbone="tiny_cnn", input_size=input_size), tasks)
+    trainer = Trainer(model, tasks, train, build_weighting("fixed", tasks), root / "run", "prognosis",
+                      input_size=input_size)
+    iterator = iter(loader)
+    trainer.train_epoch(_Reuse(iterator), None, 0)
+    rows = [("trainer", status_fields())]
+    for i, worker in enumerate(getattr(iterator, "_workers", [])):
+        rows.append((f"loader worker {i}", status_fields(worker.pid)))
+    del iterator
+    return cache_mib, rows
+
+
+class _Reuse:
+    """An iterable over an existing loader iterator, so its worker processes can be inspected afterwards."""
+
+    def __init__(self, iterator: object):
+        self.iterator = iterator
+
+    def __iter__(self) -> object:
+        return self.iterator
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--skip-demo", action="store_true")
+    parser.add_argument("--demo-set", nargs="*", default=["grid.seeds=[0]", "grid.protocols=[cv5]"])
+    parser.add_argument("--sizes", nargs=2, type=int, default=[1585, 4695])
+    parser.add_argument("--image-size", type=int, default=256)
+    parser.add_argument("--input-size", type=int, default=64, help="network input (the cache stays --image-size)")
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--loader-workers", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        cache_mib, rows = paper_cache_epoch(root, (args.sizes[0], args.sizes[1]), args.image_size, args.input_size,
+                                            args.batch, args.loader_workers)
+        print(f"(b) one epoch over a paper-size memory-mapped cache: {args.sizes[0]:,} + {args.sizes[1]:,} images at "
+              f"{args.image_size} px = {cache_mib:.0f} MiB of cache files; tiny_cnn at {args.input_size} px, batch "
+              f"{args.batch}, {args.loader_workers} loader workers (pid {os.getpid()})")
+        print(f"{'process':>16} {'peak RSS':>9} {'RssAnon':>8} {'RssFile':>8} {'anon/cache':>11} {'peak/cache':>11}")
+        for name, f in rows:
+            print(f"{name:>16} {f['VmHWM']:8.0f}M {f['RssAnon']:7.0f}M {f['RssFile']:7.0f}M "
+                  f"{f['RssAnon'] / cache_mib:11.2f} {f['VmHWM'] / cache_mib:11.2f}")
+        if not args.skip_demo:
+            peak, seconds, command = demo_peak(args.demo_set, root / "demo")
+            print(f"\n(a) {command}\n    peak RSS of the largest process: {peak:.0f} MiB; wall {seconds:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
