@@ -50,7 +50,8 @@ class CachedImageDataset(Dataset):
     it keeps task names and target widths, not the ``Task`` objects (their encoders are not picklable).
     """
 
-    def __init__(self, cache: ImageSource, rows: Sequence[int] | np.ndarray, tasks: Sequence[Task], source: int = 0):
+    def __init__(self, cache: ImageSource, rows: Sequence[int] | np.ndarray, tasks: Sequence[Task], source: int = 0,
+                 clinical: np.ndarray | None = None):
         images, records = cache.images, cache.records
         if images.ndim != 3 or images.dtype != np.uint8 or len(images) != len(records):
             raise DataError(f"image cache: expected uint8 images (N, S, S) with N = {len(records)} records, "
@@ -69,6 +70,8 @@ class CachedImageDataset(Dataset):
             targets, present = task.encode(subset)
             self.targets[task.name] = torch.from_numpy(targets)
             self.present[task.name] = torch.from_numpy(present)
+        self.clinical = None if clinical is None else torch.from_numpy(np.asarray(clinical, np.float32)[self.rows])
+        """Encoded clinical features of the rows (``mdmt.clinical``); items carry them as ``clinical``."""
 
     @classmethod
     def from_cache(cls, cache: ImageSource, ids: Sequence[str], tasks: Sequence[Task], source: int = 0) -> CachedImageDataset:
@@ -92,13 +95,16 @@ class CachedImageDataset(Dataset):
 
     def __getitem__(self, index: int) -> Item:
         row = int(self.rows[index])
-        return {
+        item = {
             "image": torch.from_numpy(np.array(self.cache.images[row], copy=True)).unsqueeze(0),
             "targets": {name: values[index] for name, values in self.targets.items()},
             "present": {name: values[index] for name, values in self.present.items()},
             "source": self.source,
             "row": row,
         }
+        if self.clinical is not None:
+            item["clinical"] = self.clinical[index]
+        return item
 
 
 class MultiSourceDataset(Dataset):

@@ -23,9 +23,14 @@ SEVERITY_ALIAS = "severity"
 
 
 class MultiTaskModel(nn.Module):
-    """``forward(x) -> {task: raw outputs (B, n_outputs)}`` with one backbone pass."""
+    """``forward(x) -> {task: raw outputs (B, n_outputs)}`` with one backbone pass.
 
-    def __init__(self, backbone: Backbone, heads: Mapping[str, nn.Module]):
+    The heads named in ``fused`` read ``concat(features, clinical)`` (late fusion of ``clinical_dim`` clinical
+    features); ``forward`` then needs ``clinical`` ``(B, clinical_dim)``.
+    """
+
+    def __init__(self, backbone: Backbone, heads: Mapping[str, nn.Module], clinical_dim: int = 0,
+                 fused: Sequence[str] = ()):
         super().__init__()
         if not heads:
             raise ConfigError("a model needs at least one task head")
@@ -34,6 +39,8 @@ class MultiTaskModel(nn.Module):
         self.feature_dim = backbone.feature_dim
         self.backbone_name = backbone.name
         self._normalization = (backbone.mean, backbone.std)  # plain attributes: the state dict keeps its keys
+        self.clinical_dim = int(clinical_dim)
+        self.fused = tuple(fused)
 
     @property
     def normalization(self) -> tuple[Stats, Stats]:
@@ -44,10 +51,16 @@ class MultiTaskModel(nn.Module):
         """Pooled backbone features ``(B, feature_dim)``."""
         return self.backbone(x)
 
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Every head's outputs from one shared feature pass."""
+    def forward(self, x: torch.Tensor, clinical: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Every head's outputs from one shared feature pass (fused heads also read ``clinical``)."""
         features = self.backbone(x)
-        return {name: head(features) for name, head in self.heads.items()}
+        if not self.fused:
+            return {name: head(features) for name, head in self.heads.items()}
+        if clinical is None or clinical.shape[-1] != self.clinical_dim:
+            raise ConfigError(f"heads {list(self.fused)} fuse {self.clinical_dim} clinical features; got "
+                              f"{None if clinical is None else tuple(clinical.shape)}")
+        joint = torch.cat([features, clinical.to(features.dtype)], dim=1)
+        return {name: head(joint if name in self.fused else features) for name, head in self.heads.items()}
 
 
 def head_refs(model_cfg: ModelConfig) -> dict[str, PluginRef]:
@@ -61,13 +74,16 @@ def head_refs(model_cfg: ModelConfig) -> dict[str, PluginRef]:
     return refs
 
 
-def build_model(model_cfg: ModelConfig, tasks: Sequence[Task]) -> MultiTaskModel:
+def build_model(
+    model_cfg: ModelConfig, tasks: Sequence[Task], clinical_dim: int = 0, fused: Sequence[str] = ()
+) -> MultiTaskModel:
     """The backbone ``model.backbone`` with ``model.weights`` and one head per task: ``model.heads[task]``, else
-    ``model.head``."""
+    ``model.head``; the heads of ``fused`` take ``clinical_dim`` more inputs."""
     backbone = build_backbone(model_cfg.backbone, model_cfg.weights)
     refs = head_refs(model_cfg)
-    heads = {t.name: build_head(refs.get(t.name, model_cfg.head), t, backbone.feature_dim) for t in tasks}
-    return MultiTaskModel(backbone, heads)
+    heads = {t.name: build_head(refs.get(t.name, model_cfg.head), t,
+                                backbone.feature_dim + (clinical_dim if t.name in fused else 0)) for t in tasks}
+    return MultiTaskModel(backbone, heads, clinical_dim, fused)
 
 
 def check_input_size(model: MultiTaskModel, size: int) -> None:
@@ -81,7 +97,8 @@ def check_input_size(model: MultiTaskModel, size: int) -> None:
     model.eval()
     try:
         with torch.no_grad():
-            model(torch.zeros(1, 3, size, size, device=device))
+            clinical = torch.zeros(1, model.clinical_dim, device=device) if model.fused else None
+            model(torch.zeros(1, 3, size, size, device=device), clinical)
     except torch.cuda.OutOfMemoryError:
         raise  # a full device, not a small input
     except RuntimeError as exc:

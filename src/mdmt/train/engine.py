@@ -128,6 +128,11 @@ class Batches:
             x = x.contiguous(memory_format=torch.channels_last)
         return x, targets, present
 
+    def clinical(self, batch: Mapping[str, Any]) -> torch.Tensor | None:
+        """The batch's clinical features on the device (None for a run without them)."""
+        values = batch.get("clinical")
+        return None if values is None else values.to(self.device, non_blocking=True)
+
 
 class LossMeter:
     """Sums of each task's loss over an epoch; per-task means per labelled sample and the total per sample."""
@@ -165,16 +170,17 @@ class LossMeter:
 
 
 def _forward_losses(
-    forward: Callable[[torch.Tensor], dict[str, torch.Tensor]],
+    forward: Callable[..., dict[str, torch.Tensor]],
     x: torch.Tensor,
     targets: Mapping[str, torch.Tensor],
     present: Mapping[str, torch.Tensor],
     tasks: list[Task],
     variant: str,
     amp: bool,
+    clinical: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=amp):
-        outputs = forward(x)
+        outputs = forward(x) if clinical is None else forward(x, clinical)
     outputs = {name: out.float() for name, out in outputs.items()}
     return task_losses(outputs, targets, present, tasks, variant)
 
@@ -212,7 +218,7 @@ class Trainer:
             self.model.to(memory_format=torch.channels_last)
         self.batches = Batches(self.device, self.input_size, channels_last, self.model)
         network = wrap_model(self.model, self.dist, self.device)
-        self.forward: Callable[[torch.Tensor], dict[str, torch.Tensor]] = (
+        self.forward: Callable[..., dict[str, torch.Tensor]] = (
             torch.compile(network) if self.cfg.compile else network  # type: ignore[assignment]
         )
         self.weighting.to(self.device)
@@ -283,7 +289,8 @@ class Trainer:
         meter = LossMeter(self.task_names, self.device)
         for batch in loader:
             x, targets, present = self.batches(batch, augmenter, generator)
-            losses = _forward_losses(self.forward, x, targets, present, self.tasks, self.loss_variant, self.amp)
+            losses = _forward_losses(self.forward, x, targets, present, self.tasks, self.loss_variant, self.amp,
+                                     self.batches.clinical(batch))
             self.optimizer.zero_grad(set_to_none=True)
             scale = loss_scale(x.shape[0], self.dist, self.device)
             self.weighting.backward({t: v * scale for t, v in losses.items()} if scale != 1.0 else losses,
@@ -304,7 +311,8 @@ class Trainer:
         meter = LossMeter(self.task_names, self.device)
         for batch in loader:
             x, targets, present = self.batches(batch)
-            losses = _forward_losses(self.forward, x, targets, present, self.tasks, self.loss_variant, self.amp)
+            losses = _forward_losses(self.forward, x, targets, present, self.tasks, self.loss_variant, self.amp,
+                                     self.batches.clinical(batch))
             meter.add(losses, present, x.shape[0])
         return meter
 
@@ -406,8 +414,9 @@ def predict(
     rows: list[np.ndarray] = []
     for batch in loader:
         x, _, _ = batches(batch)
+        clinical = batches.clinical(batch)
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
-            out = model(x)
+            out = model(x) if clinical is None else model(x, clinical)
         for name, value in out.items():
             outputs.setdefault(name, []).append(value.float().cpu())
         rows.append(np.asarray(batch["row"]))

@@ -27,6 +27,7 @@ import torch
 from rich.console import Console
 from torch.utils.data import DataLoader
 
+from mdmt.clinical import ClinicalEncoder, check_columns, fit_logistic
 from mdmt.config import Config, PluginRef, save_config, to_dict
 from mdmt.data.augment import BatchAugmenter
 from mdmt.data.cache import ImageCache, open_cache
@@ -107,26 +108,30 @@ def _rows(caches: dict[str, ImageCache], splits: dict[str, Split], part: str) ->
 def build_data(
     config: Config, strategy: Strategy, datasets: dict[str, Dataset], caches: dict[str, ImageCache],
     splits: dict[str, Split], tasks: list[Task], seed: int, ctx: DistContext = SINGLE,
+    clinical: dict[str, np.ndarray] | None = None,
 ) -> RunData:
     """Training loader (datasets mixed per ``train.mix``, this rank's shard), validation and test loaders.
 
     Datasets in the strategy's ``permute`` have their label columns permuted among their training images.
+    ``clinical`` (dataset → encoded features of every cache row) adds ``clinical`` to the items.
     """
+    features = clinical or {}
     train_rows = _rows(caches, splits, "train")
     train_caches = dict(caches)
     for name in strategy.stage.permute:
         records = permute_labels(caches[name].records, train_rows[name], datasets[name].label_columns, seed)
         train_caches[name] = dataclasses.replace(caches[name], records=records)
-    train_sets = [CachedImageDataset(train_caches[name], train_rows[name], tasks) for name in caches]
+    train_sets = [CachedImageDataset(train_caches[name], train_rows[name], tasks, clinical=features.get(name))
+                  for name in caches]
     sampler = MixedBatchSampler([len(d) for d in train_sets], config.train.batch_size, config.train.mix,
                                 config.train.mix_ratio, seed)
     if ctx.enabled:
         sampler = ShardedBatchSampler(sampler, ctx)
     train = make_loader(MultiSourceDataset(train_sets), config.train, seed=seed, batch_sampler=sampler)
     val_rows = _rows(caches, splits, "val")
-    val = make_loader(MultiSourceDataset([CachedImageDataset(caches[n], val_rows[n], tasks) for n in caches]),
-                      config.train)
-    test = {name: make_loader(CachedImageDataset(caches[name], rows, tasks), config.train)
+    val = make_loader(MultiSourceDataset([CachedImageDataset(caches[n], val_rows[n], tasks, clinical=features.get(n))
+                                          for n in caches]), config.train)
+    test = {name: make_loader(CachedImageDataset(caches[name], rows, tasks, clinical=features.get(name)), config.train)
             for name, rows in _rows(caches, splits, "test").items()}
     return RunData(train, val, test)
 
@@ -153,6 +158,58 @@ def labelling(task: Task, datasets: dict[str, Dataset], config: Config) -> tuple
     names = [n for n in config.data.datasets if n in datasets
              and (extra.get(task.name) == n or (task.name not in extra and datasets[n].labels_task(task.columns)))]
     return names, names[0]
+
+
+# --------------------------------------------------------------------------------------------- clinical data
+@dataclass
+class ClinicalInputs:
+    """A run's fitted clinical encoder, its features per dataset (zeros where a dataset has no clinical sheet)
+    and the tasks whose heads fuse them."""
+
+    home: str
+    encoder: ClinicalEncoder
+    features: dict[str, np.ndarray]
+    fused: list[str]
+
+
+def clinical_inputs(
+    strategy: Strategy, datasets: dict[str, Dataset], caches: Mapping[str, ImageCache], splits: dict[str, Split],
+    tasks: list[Task],
+) -> ClinicalInputs | None:
+    """The strategy's clinical columns encoded with an encoder fitted on the training fold of its first dataset."""
+    if not strategy.stage.clinical:
+        return None
+    home = strategy.datasets[0]
+    records = caches[home].records
+    check_columns(records, strategy.stage.clinical, home)
+    train = records[records["image_id"].astype(str).isin(pd.Index(splits[home].train).astype(str))]
+    encoder = ClinicalEncoder(list(strategy.stage.clinical)).fit(train)
+    features = {name: encoder.transform(cache.records) if name == home
+                else np.zeros((len(cache.records), encoder.dim), dtype=np.float32) for name, cache in caches.items()}
+    fused = [t.name for t in tasks if datasets[home].labels_task(t.columns)]
+    return ClinicalInputs(home, encoder, features, fused)
+
+
+def write_clinical_only(
+    clinical: ClinicalInputs, task: Task, caches: Mapping[str, ImageCache], splits: dict[str, Split], spec: RunSpec,
+    run_dir: Path,
+) -> None:
+    """The clinical-only baseline: a logistic regression fitted on the training fold, its test predictions."""
+    if task.kind != "classification" or task.n_classes != 2 or task.groups != 1:
+        raise ConfigError(f"strategies.{spec.strategy}: the clinical-only baseline predicts one two-class task, "
+                          f"not {task.name!r}")
+    records = caches[clinical.home].records
+    features = clinical.features[clinical.home]
+    train = rows_of(records, splits[clinical.home].train, f"{clinical.home} train")
+    targets, present = task.encode(records.iloc[train])
+    model = fit_logistic(features[train][present], targets[present, 0].astype(int), spec.seed)
+    test = rows_of(records, splits[clinical.home].test, f"{clinical.home} test")
+    test_records = records.iloc[test].reset_index(drop=True)
+    targets, present = task.encode(test_records)
+    logits = model.decision_function(features[test][present])
+    outputs = torch.from_numpy(np.stack([np.zeros_like(logits), logits], axis=1))
+    table = prediction_table(task, test_records[present], targets[present], decode(task, outputs), spec.fold)
+    atomic_write_text(table.to_csv(index=False), run_dir / predictions_file(task.name))
 
 
 # --------------------------------------------------------------------------------------------- evaluation
@@ -357,32 +414,29 @@ def _train(
         torch.set_num_threads(config.train.threads)
     seed_everything(spec.seed)
     tasks = run_tasks(strategy, config, datasets)
-    model = build_model(config.model, tasks)
+    clinical = clinical_inputs(strategy, datasets, caches, splits, tasks)
+    if clinical is not None and not strategy.stage.image:
+        with _failure_recorded(run_dir, ctx):
+            if ctx.is_main:
+                _open_run_folder(config, spec, run_dir, inputs, splits, tasks, datasets)
+                clinical.encoder.save(run_dir)
+                write_clinical_only(clinical, tasks[0], caches, splits, spec, run_dir)
+                write_metrics(run_dir)
+                atomic_write_text("done\n", run_dir / DONE_FILE)
+            barrier(ctx)
+        return
+    model = build_model(config.model, tasks, clinical.encoder.dim if clinical else 0,
+                        clinical.fused if clinical else ())
     check_input_size(model, config.model.input_size)
     strategy.init(model, spec, config, Path(config.results_dir))
     weighting = build_weighting(config.loss.weighting, tasks, config.loss.task_weights, seed=spec.seed)
     with _failure_recorded(run_dir, ctx):  # from here on this call owns the run folder
         if ctx.is_main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / FAILED_FILE).unlink(missing_ok=True)
-            for leftover in run_dir.glob("*.tmp-*"):  # a write cut short by a kill
-                leftover.unlink(missing_ok=True)
-            save_config(config, run_dir / CONFIG_FILE)
-            atomic_write_text(spec.to_json(), run_dir / SPEC_FILE)
-            write_json(inputs, run_dir / INPUTS_FILE)
-            missing = missing_split_ids(splits)
-            if len(missing):
-                atomic_write_text(missing.to_csv(index=False), run_dir / MISSING_IDS_FILE)
-                console.print(f"{spec.key}: {len(missing)} id(s) of the split files are not in the image cache "
-                              f"(listed in {run_dir / MISSING_IDS_FILE})", style="yellow", markup=False,
-                              highlight=False, soft_wrap=True)
-        if ctx.is_main:
-            entries = {}
-            for task in tasks:
-                names, home = labelling(task, datasets, config)
-                entries[task.name] = task_entry(task, names, home)
-            write_json(entries, run_dir / TASKS_FILE)
-        data = build_data(config, strategy, datasets, caches, splits, tasks, spec.seed, ctx)
+            _open_run_folder(config, spec, run_dir, inputs, splits, tasks, datasets)
+            if clinical is not None:
+                clinical.encoder.save(run_dir)
+        data = build_data(config, strategy, datasets, caches, splits, tasks, spec.seed, ctx,
+                          clinical.features if clinical else None)
         fit(
             model, tasks, data.train, data.val,
             dataclasses.replace(config.train, max_epochs=strategy.max_epochs(config)),
@@ -397,6 +451,31 @@ def _train(
             write_metrics(run_dir)
             atomic_write_text("done\n", run_dir / DONE_FILE)
         barrier(ctx)
+
+
+def _open_run_folder(
+    config: Config, spec: RunSpec, run_dir: Path, inputs: dict[str, Any], splits: dict[str, Split], tasks: list[Task],
+    datasets: dict[str, Dataset],
+) -> None:
+    """Create (or clean) the run folder and write its config, spec, inputs, missing split ids and tasks."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / FAILED_FILE).unlink(missing_ok=True)
+    for leftover in run_dir.glob("*.tmp-*"):  # a write cut short by a kill
+        leftover.unlink(missing_ok=True)
+    save_config(config, run_dir / CONFIG_FILE)
+    atomic_write_text(spec.to_json(), run_dir / SPEC_FILE)
+    write_json(inputs, run_dir / INPUTS_FILE)
+    missing = missing_split_ids(splits)
+    if len(missing):
+        atomic_write_text(missing.to_csv(index=False), run_dir / MISSING_IDS_FILE)
+        console.print(f"{spec.key}: {len(missing)} id(s) of the split files are not in the image cache "
+                      f"(listed in {run_dir / MISSING_IDS_FILE})", style="yellow", markup=False,
+                      highlight=False, soft_wrap=True)
+    entries = {}
+    for task in tasks:
+        names, home = labelling(task, datasets, config)
+        entries[task.name] = task_entry(task, names, home)
+    write_json(entries, run_dir / TASKS_FILE)
 
 
 def finished_run(config: Config, spec: RunSpec, caches: dict[str, ImageCache]) -> bool:

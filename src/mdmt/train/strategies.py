@@ -52,6 +52,11 @@ class StageParams:
     """The task whose validation loss selects the model (default: the first task)."""
     max_epochs: int | None = None
     """Epochs of this stage (default ``train.max_epochs``)."""
+    clinical: list[str] = field(default_factory=list)
+    """Clinical columns of the first dataset's records fused with the image features (late fusion) by the heads of
+    the tasks that dataset labels; empty: images only (``mdmt.clinical``)."""
+    image: bool = True
+    """False: no network; a logistic regression on the ``clinical`` columns (the clinical-only baseline)."""
     summary: str = ""
 
 
@@ -120,6 +125,9 @@ class Strategy:
             if unknown:
                 raise ConfigError(f"{where}.{key}: dataset(s) {unknown} are not in data.datasets "
                                   f"({', '.join(config.data.datasets) or 'none configured'})")
+        if not self.stage.image and (not self.stage.clinical or len(self.stage.tasks) != 1 or self.stage.start_from):
+            raise ConfigError(f"{where}.image: false (a clinical-only logistic regression) needs clinical columns, "
+                              f"exactly one two-class task and no start_from")
         stray = [d for d in self.stage.permute if d not in self.stage.datasets]
         if stray:
             raise ConfigError(f"{where}.permute: {stray} are not datasets of this strategy")
