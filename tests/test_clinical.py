@@ -47,6 +47,7 @@ def _config(tiny_config, tmp_path, **strategies):
 
 
 def test_mdmt_clinical_and_clinical_only_run(tiny_config, tiny_caches, tmp_path) -> None:
+    from mdmt.infer.model_io import load_trained
     from mdmt.train.run import train_run
 
     config = _config(
@@ -63,6 +64,8 @@ def test_mdmt_clinical_and_clinical_only_run(tiny_config, tiny_caches, tmp_path)
         predictions = pd.read_csv(run_dir / predictions_file("prognosis"))
         assert len(predictions) > 0 and predictions["score"].between(0, 1).all()
     assert not (run_dir / "best.pt").exists()  # the baseline trains no network
+    with pytest.raises(ConfigError, match="clinical columns"):
+        load_trained(run_dir)
 
 
 def test_fused_head_needs_clinical_features(tiny_config) -> None:
@@ -86,3 +89,16 @@ def test_missing_clinical_column_is_a_clear_error(tiny_config, tiny_caches, tmp_
     with pytest.raises(ConfigError, match="Ferritin.*aiforcovid"):
         train_run(config, RunSpec("bad", "tiny_cnn", "cv5", 0, 0), progress=False)
     assert not RunSpec("bad", "tiny_cnn", "cv5", 0, 0).run_dir(config.results_dir).exists()
+
+
+def test_demo_clinical_config_pairs_the_strategies() -> None:
+    from mdmt.cli import config_path
+    from mdmt.config import load_config
+    from mdmt.evaluate.report_stats import DEFAULT_COMPARISONS
+    from mdmt.train.strategies import get_strategy
+
+    config = load_config(config_path("demo_clinical"))
+    fused, baseline = get_strategy("mdmt_clinical", config), get_strategy("clinical_only", config)
+    assert fused.stage.clinical == baseline.stage.clinical and "Death" not in fused.stage.clinical
+    assert not baseline.stage.image and fused.stage.image
+    assert {("mdmt_clinical", "mdmt"), ("mdmt_clinical", "clinical_only")} <= set(DEFAULT_COMPARISONS)

@@ -27,6 +27,7 @@ MIN_PAIRED_BACKBONES = 5
 """Below this many backbones a test over backbones has too few pairs; runs are paired instead."""
 DEFAULT_COMPARISONS: list[tuple[str, str]] = [
     ("mdmt", "stl_prognosis"), ("mdmt", "stl_severity"), ("mdmt", "ft"), ("mdmt", "mdmt_permuted"), ("mdmt3", "mdmt"),
+    ("mdmt_clinical", "mdmt"), ("mdmt_clinical", "clinical_only"),
 ]
 """(proposed, baseline) pairs the report compares when both have runs of the task."""
 UNIT_COLUMNS = ["strategy", "backbone", "protocol", "metric", "mean", "std"]

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from mdmt.clinical import ENCODER_FILE
 from mdmt.config import Config, load_config
 from mdmt.errors import ConfigError, DataError
 from mdmt.evaluate.scoring import task_entry
@@ -126,6 +127,9 @@ def check_run_dir(run_dir: Path) -> None:
         failed = run_dir / FAILED_FILE
         state = "failed (see FAILED)" if failed.is_file() else "unfinished (no DONE)"
         raise ConfigError(f"{run_dir}: the run is {state}; finish it with mdmt train before using its model")
+    if (run_dir / ENCODER_FILE).is_file():
+        raise ConfigError(f"{run_dir}: the run's model reads clinical columns ({ENCODER_FILE}); predict, explain "
+                          f"and export take images only, so use a run of an image-only strategy")
 
 
 def load_trained(run_dir: str | Path, device: str = "cpu") -> TrainedModel:
