@@ -24,9 +24,11 @@ test: setup
 test-all: setup
 	$(BIN)/python -m pytest -q -m "slow or not slow"
 
-bench: setup
+bench: setup  # the CPU benchmarks (a few minutes each); gpu_throughput.py needs a CUDA device and is run by hand
 	$(BIN)/python benchmarks/data_pipeline.py
 	$(BIN)/python benchmarks/train_step.py
+	$(BIN)/python benchmarks/grid_cost.py
+	$(BIN)/python benchmarks/memory.py
 
 clean:
 	rm -rf demo-output demo-output-decoupled .mdmt-cache .pytest_cache
