@@ -168,7 +168,7 @@ class SlurmConfig:
     """CPUs of a job, and the torch threads of its run."""
     mem_gb: int = 32
     folder: str = "slurm"
-    """The jobs' scripts and logs, relative to ``results_dir`` (one subfolder per job id)."""
+    """The jobs' logs and submitit files, relative to ``results_dir`` (named by job id)."""
     executor: Literal["slurm", "local"] = "slurm"
     """``local``: each job a process on this machine (submitit's LocalExecutor), to try it without a cluster."""
     additional_parameters: dict[str, str] = field(default_factory=dict)

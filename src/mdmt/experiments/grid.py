@@ -270,7 +270,7 @@ def _slurm_jobs(run_fn: RunFn, config: Config, workers: int) -> Iterator[Submit]
     """
     submitit = _submitit(config)
     slurm = config.grid.slurm
-    folder = Path(config.results_dir) / slurm.folder / "%j"
+    folder = Path(config.results_dir) / slurm.folder
     executor: Any
     if slurm.executor == "local":
         executor = submitit.LocalExecutor(folder=folder)
