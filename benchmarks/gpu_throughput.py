@@ -33,7 +33,13 @@ import torch
 
 from mdmt.config import AugmentConfig, Config
 from mdmt.data.augment import BatchAugmenter
-from mdmt.data.dataset import CachedImageDataset, ImageArrays, MixedBatchSampler, MultiSourceDataset, make_loader
+from mdmt.data.dataset import (
+    CachedImageDataset,
+    ImageArrays,
+    MixedBatchSampler,
+    MultiSourceDataset,
+    make_loader,
+)
 from mdmt.losses import task_losses
 from mdmt.models.multitask import build_model
 from mdmt.tasks import get_task

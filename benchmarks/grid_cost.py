@@ -72,9 +72,9 @@ def mean_epochs(demo_runs: Path) -> tuple[float, str]:
         return (low + high) / 2, f"middle of the paper bounds {low}–{high} (no demo history.csv found)"
     demo_low, demo_high = DEMO_BOUNDS
     position = min(1.0, max(0.0, (statistics.mean(lengths) - demo_low) / (demo_high - demo_low)))
-    return (low + position * (high - low),
-            f"{len(lengths)} demo runs average {statistics.mean(lengths):.1f} epochs = {position:.2f} of the way "
-            f"from {demo_low} to {demo_high}; the same place between the paper bounds {low}–{high}")
+    source = (f"{len(lengths)} demo runs average {statistics.mean(lengths):.1f} epochs = {position:.2f} of the way "
+              f"from {demo_low} to {demo_high}; the same place between the paper bounds {low}–{high}")
+    return low + position * (high - low), source
 
 
 def gflops(model: torch.nn.Module, size: int) -> float:

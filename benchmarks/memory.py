@@ -30,7 +30,13 @@ import pandas as pd
 import torch
 
 from mdmt.config import Config
-from mdmt.data.dataset import CachedImageDataset, ImageArrays, MixedBatchSampler, MultiSourceDataset, make_loader
+from mdmt.data.dataset import (
+    CachedImageDataset,
+    ImageArrays,
+    MixedBatchSampler,
+    MultiSourceDataset,
+    make_loader,
+)
 from mdmt.models.multitask import build_model
 from mdmt.tasks import REGION_COLUMNS, get_task
 from mdmt.train.engine import Trainer

@@ -36,7 +36,13 @@ from rich.console import Console
 from rich.table import Table
 
 from mdmt.config import Config
-from mdmt.data.dataset import CachedImageDataset, ImageArrays, MixedBatchSampler, MultiSourceDataset, make_loader
+from mdmt.data.dataset import (
+    CachedImageDataset,
+    ImageArrays,
+    MixedBatchSampler,
+    MultiSourceDataset,
+    make_loader,
+)
 from mdmt.losses import build_weighting, task_losses
 from mdmt.models.multitask import build_model
 from mdmt.tasks import REGION_COLUMNS, Task, get_task
