@@ -4,9 +4,10 @@
 runs each one starts from (``mdmt.train.strategies.dependencies``) and orders them so that a dependency always
 comes first. ``run_grid`` skips runs whose ``DONE`` exists, runs the rest on a backend (in this process, a pool
 of spawned processes, Ray tasks, or SLURM jobs through submitit) with at most ``workers`` at once, starts a run
-only when its dependencies are done, and records each start, success and failure in the :class:`~mdmt.store.ResultsStore`. A failed
-run does not stop the others; the runs that depend on it are skipped and reported. After a crash the same call
-skips what finished and the engine resumes the interrupted run from its ``last.pt``.
+only when its dependencies are done, and records each start, success and failure in the
+:class:`~mdmt.store.ResultsStore`. A failed run does not stop the others; the runs that depend on it are skipped
+and reported. After a crash the same call skips what finished and the engine resumes the interrupted run from its
+``last.pt``.
 """
 
 from __future__ import annotations
@@ -283,7 +284,7 @@ def _slurm_jobs(run_fn: RunFn, config: Config, workers: int) -> Iterator[Submit]
                                    mem=f"{slurm.mem_gb}GB", additional_parameters=dict(slurm.additional_parameters))
         threads = slurm.cpus_per_run
     waiters = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mdmt-slurm")
-    jobs: list[Any] = []
+    live: set[Any] = set()
 
     def submit(spec: RunSpec) -> Future:
         if slurm.executor == "slurm":
@@ -294,15 +295,16 @@ def _slurm_jobs(run_fn: RunFn, config: Config, workers: int) -> Iterator[Submit]
             refused: Future = Future()
             refused.set_exception(exc)
             return refused
-        jobs.append(job)
-        return waiters.submit(_job_result, job)
+        live.add(job)
+        future = waiters.submit(_job_result, job)
+        future.add_done_callback(lambda _: live.discard(job))
+        return future
 
     try:
         yield submit
     finally:
-        for job in jobs:
-            if not job.done():
-                job.cancel(check=False)
+        for job in list(live):
+            job.cancel(check=False)
         waiters.shutdown(wait=False, cancel_futures=True)
 
 
@@ -359,8 +361,8 @@ def run_grid(
     """Run every run of ``expand_grid(config)`` that has no ``DONE`` yet; returns what happened.
 
     ``workers`` runs at most that many at once (local: spawned processes, one in this process when 1;
-    ``backend="ray"``: Ray tasks; ``backend="slurm"``: submitit jobs configured by ``config.grid.slurm``). ``run_fn(config, spec, progress) -> run_dir`` does one run (the engine's
-    ``train_run``; tests inject fakes).
+    ``backend="ray"``: Ray tasks; ``backend="slurm"``: submitit jobs configured by ``config.grid.slurm``).
+    ``run_fn(config, spec, progress) -> run_dir`` does one run (the engine's ``train_run``; tests inject fakes).
     """
     if backend not in BACKENDS:
         raise ConfigError(f"grid.backend {backend!r} is not one of {', '.join(BACKENDS)}")
