@@ -18,10 +18,11 @@ import itertools
 import multiprocessing
 import os
 import shutil
+import threading
 import time
 import traceback
 from collections.abc import Callable, Iterator
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -283,7 +284,6 @@ def _slurm_jobs(run_fn: RunFn, config: Config, workers: int) -> Iterator[Submit]
                                    gpus_per_node=slurm.gpus_per_run, cpus_per_task=slurm.cpus_per_run,
                                    mem=f"{slurm.mem_gb}GB", additional_parameters=dict(slurm.additional_parameters))
         threads = slurm.cpus_per_run
-    waiters = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mdmt-slurm")
     live: set[Any] = set()
 
     def submit(spec: RunSpec) -> Future:
@@ -296,8 +296,17 @@ def _slurm_jobs(run_fn: RunFn, config: Config, workers: int) -> Iterator[Submit]
             refused.set_exception(exc)
             return refused
         live.add(job)
-        future = waiters.submit(_job_result, job)
-        future.add_done_callback(lambda _: live.discard(job))
+        future: Future = Future()
+
+        def wait_for_job() -> None:  # a daemon thread: a grid that stops never waits for the queue
+            try:
+                future.set_result(_job_result(job))
+            except Exception as exc:  # noqa: BLE001 - the run's failure
+                future.set_exception(exc)
+            finally:
+                live.discard(job)
+
+        threading.Thread(target=wait_for_job, name=f"mdmt-slurm-{job.job_id}", daemon=True).start()
         return future
 
     try:
@@ -305,7 +314,6 @@ def _slurm_jobs(run_fn: RunFn, config: Config, workers: int) -> Iterator[Submit]
     finally:
         for job in list(live):
             job.cancel(check=False)
-        waiters.shutdown(wait=False, cancel_futures=True)
 
 
 @contextmanager
