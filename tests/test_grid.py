@@ -182,7 +182,7 @@ def test_two_workers_complete_the_same_runs_as_one(tmp_path):
 def test_unknown_backend_and_missing_ray_are_config_errors(tmp_path, monkeypatch):
     config = small_config(tmp_path)
     with pytest.raises(ConfigError, match="backend"):
-        run_grid(config, backend="slurm", run_fn=fake_run, progress=False)
+        run_grid(config, backend="nope", run_fn=fake_run, progress=False)
     monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError
     with pytest.raises(ConfigError, match=r"mdmt\[ray\]"):
         run_grid(config, backend="ray", run_fn=fake_run, progress=False)

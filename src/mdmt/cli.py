@@ -70,7 +70,7 @@ RUN_OPTIONS = (
 )
 GRID_OPTIONS = (
     _opt("--workers", key="grid.workers", type=int, help="runs in parallel (local processes)"),
-    _opt("--backend", key="grid.backend", help="local | ray"),
+    _opt("--backend", key="grid.backend", help="local | ray | slurm"),
     _opt("--results-dir", key="results_dir", help="where run directories are written"),
     _opt("--rerun-changed", key="run.rerun_changed", type=None, action="store_true",
          help="train again the runs whose inputs changed"),
