@@ -27,8 +27,8 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
+from train_step import random_records
 
 from mdmt.config import Config
 from mdmt.data.dataset import (
@@ -39,7 +39,7 @@ from mdmt.data.dataset import (
     make_loader,
 )
 from mdmt.models.multitask import build_model
-from mdmt.tasks import REGION_COLUMNS, get_task
+from mdmt.tasks import get_task
 from mdmt.train.engine import Trainer
 from mdmt.weighting import build_weighting
 
@@ -106,15 +106,7 @@ def memmap_source(path: Path, n: int, size: int, dataset: str, seed: int) -> Ima
         images[start:stop] = rng.integers(0, 256, (stop - start, size, size), dtype=np.uint8)
     images.flush()
     del images
-    records = pd.DataFrame({"image_id": [f"{dataset}{i}" for i in range(n)], "dataset": dataset, "center": "A"})
-    records["patient_id"] = records["image_id"]
-    if dataset == "aiforcovid":
-        records["prognosis"] = rng.integers(0, 2, n).astype(float)
-    else:
-        regions = rng.integers(0, 4, (n, 6)).astype(float)
-        records[list(REGION_COLUMNS)] = regions
-        records["brixia_global"] = regions.sum(axis=1)
-    return ImageArrays(np.load(path, mmap_mode="r"), records)
+    return ImageArrays(np.load(path, mmap_mode="r"), random_records(n, dataset, rng))
 
 
 def paper_cache_epoch(root: Path, sizes: tuple[int, int], image_size: int, input_size: int, batch: int,

@@ -49,9 +49,8 @@ from mdmt.tasks import REGION_COLUMNS, Task, get_task
 from mdmt.train.engine import Trainer
 
 
-def synthetic_cache(n: int, size: int, dataset: str, seed: int) -> ImageArrays:
-    """Random uint8 images with AIforCOVID-style (prognosis) or BrixIA-style (regional scores) records."""
-    rng = np.random.default_rng(seed)
+def random_records(n: int, dataset: str, rng: np.random.Generator) -> pd.DataFrame:
+    """AIforCOVID-style (random prognosis) or BrixIA-style (random regional scores) records of ``n`` images."""
     records = pd.DataFrame({"image_id": [f"{dataset}{i}" for i in range(n)], "dataset": dataset})
     records["patient_id"] = records["image_id"]
     records["center"] = "A"
@@ -61,6 +60,13 @@ def synthetic_cache(n: int, size: int, dataset: str, seed: int) -> ImageArrays:
         regions = rng.integers(0, 4, (n, 6)).astype(float)
         records[list(REGION_COLUMNS)] = regions
         records["brixia_global"] = regions.sum(axis=1)
+    return records
+
+
+def synthetic_cache(n: int, size: int, dataset: str, seed: int) -> ImageArrays:
+    """Random uint8 images with ``random_records``."""
+    rng = np.random.default_rng(seed)
+    records = random_records(n, dataset, rng)
     return ImageArrays(rng.integers(0, 256, (n, size, size), dtype=np.uint8), records)
 
 
