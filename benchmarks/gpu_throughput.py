@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
+from train_step import memmap_source
 
 from mdmt.config import AugmentConfig, Config
 from mdmt.data.augment import BatchAugmenter
@@ -47,20 +48,6 @@ from mdmt.train.engine import Trainer
 from mdmt.weighting import build_weighting
 
 NO_CUDA = "no CUDA device: nothing measured"
-
-
-def memmap_cache(path: Path, n: int, size: int, seed: int = 0) -> ImageArrays:
-    """A uint8 ``(n, size, size)`` memory-mapped file of random images with AIforCOVID-style records."""
-    rng = np.random.default_rng(seed)
-    images = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(n, size, size))
-    for start in range(0, n, 256):
-        stop = min(n, start + 256)
-        images[start:stop] = rng.integers(0, 256, (stop - start, size, size), dtype=np.uint8)
-    images.flush()
-    records = pd.DataFrame({"image_id": [f"img{i}" for i in range(n)], "dataset": "aiforcovid", "center": "A"})
-    records["patient_id"] = records["image_id"]
-    records["prognosis"] = rng.integers(0, 2, n).astype(float)
-    return ImageArrays(np.load(path, mmap_mode="r"), records)
 
 
 def sync(device: torch.device) -> None:
@@ -202,7 +189,7 @@ def main() -> None:
         root = Path(tmp)
         n = max(args.batch, args.small_batch) * (max(args.steps, args.warmup) + 1)
         cache_path = root / "images.npy"
-        cache = memmap_cache(cache_path, n, args.size)
+        cache = memmap_source(cache_path, n, args.size, "aiforcovid", 0)
         print(f"\n{'backbone':>20} {'bare img/s':>11} {'e2e img/s':>10} {'e2e/bare':>9}")
         for backbone in args.backbones:
             bare = bare_images_per_s(backbone, args.size, args.batch, args.warmup, args.steps, device)
@@ -213,7 +200,7 @@ def main() -> None:
         small_path = cache_path
         if args.small_size != args.size:
             small_path = root / "small.npy"
-            memmap_cache(small_path, n, args.small_size)
+            memmap_source(small_path, n, args.small_size, "aiforcovid", 0)
         print(f"\n{'backbone':>20} {'runs/GPU':>9} {'img/s':>9} {'runs/hour':>10} {'vs 1 run':>9}")
         for backbone in args.small:
             single = None

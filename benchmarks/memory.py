@@ -28,12 +28,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from train_step import random_records
+from train_step import memmap_source
 
 from mdmt.config import Config
 from mdmt.data.dataset import (
     CachedImageDataset,
-    ImageArrays,
     MixedBatchSampler,
     MultiSourceDataset,
     make_loader,
@@ -95,18 +94,6 @@ def demo_peak(settings: list[str], out: Path) -> tuple[float, float, float, str]
     if process.returncode:
         raise RuntimeError(f"{' '.join(command)} exited with {process.returncode}")
     return peak_one, peak_sum, time.perf_counter() - start, " ".join(command[1:])
-
-
-def memmap_source(path: Path, n: int, size: int, dataset: str, seed: int) -> ImageArrays:
-    """A uint8 ``(n, size, size)`` ``.npy`` memmap of random images with AIforCOVID- or BrixIA-style records."""
-    rng = np.random.default_rng(seed)
-    images = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(n, size, size))
-    for start in range(0, n, 512):
-        stop = min(n, start + 512)
-        images[start:stop] = rng.integers(0, 256, (stop - start, size, size), dtype=np.uint8)
-    images.flush()
-    del images
-    return ImageArrays(np.load(path, mmap_mode="r"), random_records(n, dataset, rng))
 
 
 def paper_cache_epoch(root: Path, sizes: tuple[int, int], image_size: int, input_size: int, batch: int,

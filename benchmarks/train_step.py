@@ -63,6 +63,18 @@ def random_records(n: int, dataset: str, rng: np.random.Generator) -> pd.DataFra
     return records
 
 
+def memmap_source(path: Path, n: int, size: int, dataset: str, seed: int) -> ImageArrays:
+    """A uint8 ``(n, size, size)`` ``.npy`` memmap of random images with AIforCOVID- or BrixIA-style records."""
+    rng = np.random.default_rng(seed)
+    images = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(n, size, size))
+    for start in range(0, n, 512):
+        stop = min(n, start + 512)
+        images[start:stop] = rng.integers(0, 256, (stop - start, size, size), dtype=np.uint8)
+    images.flush()
+    del images
+    return ImageArrays(np.load(path, mmap_mode="r"), random_records(n, dataset, rng))
+
+
 def synthetic_cache(n: int, size: int, dataset: str, seed: int) -> ImageArrays:
     """Random uint8 images with ``random_records``."""
     rng = np.random.default_rng(seed)
