@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from mdmt.data.sources import (
+from mdmt.data.sources.tables import (
     KNOWN_BAD_REASON,
     ImageFolders,
     SourceTable,

@@ -8,7 +8,7 @@ from typing import Any
 
 import pandas as pd
 
-from mdmt.data.sources import (
+from mdmt.data.sources.tables import (
     ID_COLUMNS,
     LABEL_COLUMNS,
     SourceTable,
