@@ -3,15 +3,17 @@
 The loop knows nothing about strategies: it gets a model, its tasks, two loaders, a task weighting and the
 task whose validation loss selects the model. Every epoch ends with ``last.pt`` (everything needed to go on,
 RNG states included) written atomically, so a run killed at any point and started again with the same inputs
-finishes with the same weights and history as one that was never interrupted.
+finishes with the same weights and history as one that was never interrupted. Each history row also says where
+the epoch's time went (``TIMING_COLUMNS``: data, forward, backward, step, validation).
 """
 
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +37,18 @@ STATUS_EVERY = 20
 
 EpochCallback = Callable[[int, dict[str, float]], None]
 """Called after each epoch's checkpoint is on disk with (epoch index, history row)."""
+
+TRAIN_PHASES = ("data", "forward", "backward", "step")
+"""Where a training epoch's time goes (history columns ``<phase>_s``): waiting for the next batch, host → device
+and augmentation; model forward and the losses; the weighting's backward; gradient averaging, optimizer step and
+bookkeeping. They add up to the training pass; ``eval_s`` is the validation pass."""
+
+TIMING_COLUMNS = ("seconds", *(f"{phase}_s" for phase in TRAIN_PHASES), "eval_s")
+"""History columns that measure time (the ones that differ between two otherwise identical runs)."""
+
+SYNC_TIMING_ENV = "MDMT_SYNC_TIMING"
+"""``MDMT_SYNC_TIMING=1`` synchronises a CUDA device at every phase boundary: exact phase times at some cost in
+speed. Off by default, so on a GPU the queued kernels' time lands in whichever phase next waits for them."""
 
 
 @dataclass
@@ -134,14 +148,39 @@ class Batches:
         return None if values is None else values.to(self.device, non_blocking=True)
 
 
+class PhaseClock:
+    """Splits wall time into phases: ``lap(phase)`` adds the seconds since the previous lap (or the start) to it.
+
+    Laps are contiguous, so the phases add up to the time from the start to the last lap. ``sync`` waits for a
+    CUDA device at each lap (a no-op elsewhere: CPU work is done when the call returns).
+    """
+
+    def __init__(self, phases: Iterable[str], device: torch.device, sync: bool = False):
+        self.seconds = dict.fromkeys(phases, 0.0)
+        self.device = device
+        self.sync = sync and device.type == "cuda"
+        self.last = time.perf_counter()
+
+    def lap(self, phase: str) -> None:
+        """Charge the time since the previous lap to ``phase``."""
+        if self.sync:
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        self.seconds[phase] += now - self.last
+        self.last = now
+
+
 class LossMeter:
-    """Sums of each task's loss over an epoch; per-task means per labelled sample and the total per sample."""
+    """Sums of each task's loss over an epoch; per-task means per labelled sample and the total per sample.
+
+    ``seconds`` holds the pass's time per phase (filled by the epoch that owns the meter)."""
 
     def __init__(self, tasks: Iterable[str], device: torch.device):
         self.tasks = list(tasks)
         self.sums = {t: torch.zeros((), dtype=torch.float64, device=device) for t in self.tasks}
         self.labelled = {t: torch.zeros((), dtype=torch.float64, device=device) for t in self.tasks}
         self.samples = 0
+        self.seconds: dict[str, float] = {}
 
     def add(self, losses: Mapping[str, torch.Tensor], present: Mapping[str, torch.Tensor], batch_size: int) -> None:
         """Add one batch: each loss is a sum over labelled samples divided by the batch size."""
@@ -201,6 +240,7 @@ class Trainer:
     shared_params: list[nn.Parameter] | None = None
     dist: DistContext = SINGLE
     device: torch.device | None = None
+    sync_timing: bool = field(default_factory=lambda: os.environ.get(SYNC_TIMING_ENV) == "1")
 
     def __post_init__(self) -> None:
         self.run_dir = Path(self.run_dir)
@@ -282,38 +322,52 @@ class Trainer:
     def train_epoch(
         self, loader: Iterable[Any], augmenter: Any, epoch: int, on_step: Callable[[LossMeter], None] | None = None
     ) -> LossMeter:
-        """One pass over ``loader`` with gradient steps; ``on_step`` sees the running meter after each step."""
+        """One pass over ``loader`` with gradient steps; ``on_step`` sees the running meter after each step.
+
+        The meter's ``seconds`` splits the pass into ``TRAIN_PHASES``."""
         self.model.train()
+        clock = PhaseClock(TRAIN_PHASES, self.device, self.sync_timing)
         _set_sampler_epoch(loader, epoch)
         generator = torch.Generator(device=self.device).manual_seed(derived_seed(self.seed, epoch, self.dist.rank))
         meter = LossMeter(self.task_names, self.device)
         for batch in loader:
             x, targets, present = self.batches(batch, augmenter, generator)
+            clinical = self.batches.clinical(batch)
+            clock.lap("data")
             losses = _forward_losses(self.forward, x, targets, present, self.tasks, self.loss_variant, self.amp,
-                                     self.batches.clinical(batch))
+                                     clinical)
+            clock.lap("forward")
             self.optimizer.zero_grad(set_to_none=True)
             scale = loss_scale(x.shape[0], self.dist, self.device)
             self.weighting.backward({t: v * scale for t, v in losses.items()} if scale != 1.0 else losses,
                                     self.shared_params)
+            clock.lap("backward")
             average_gradients(self.weighting_params, self.dist)
             self.optimizer.step()
             meter.add(losses, present, x.shape[0])
             if on_step is not None:
                 on_step(meter)
+            clock.lap("step")
+        clock.lap("data")  # the loader's end
         meter.all_reduce(self.dist)
         self.weighting.epoch_end(meter.task_means())
+        clock.lap("step")
+        meter.seconds = clock.seconds
         return meter
 
     @torch.no_grad()
     def evaluate_epoch(self, loader: Iterable[Any]) -> LossMeter:
-        """Losses on ``loader`` without augmentation or gradients."""
+        """Losses on ``loader`` without augmentation or gradients; the meter's ``seconds`` holds ``eval``."""
         self.model.eval()
+        clock = PhaseClock(("eval",), self.device, self.sync_timing)
         meter = LossMeter(self.task_names, self.device)
         for batch in loader:
             x, targets, present = self.batches(batch)
             losses = _forward_losses(self.forward, x, targets, present, self.tasks, self.loss_variant, self.amp,
                                      self.batches.clinical(batch))
             meter.add(losses, present, x.shape[0])
+        clock.lap("eval")
+        meter.seconds = clock.seconds
         return meter
 
     def _end_epoch(self, epoch: int, train: LossMeter, val: LossMeter, lr: float, seconds: float) -> dict[str, float]:
@@ -327,8 +381,9 @@ class Trainer:
         selected = self.state.observe(epoch, score, self.cfg)
         if selected and self.dist.is_main:
             self._save_best(epoch, score)
-        row: dict[str, float] = {"epoch": epoch, "lr": lr, "seconds": round(seconds, 3),
-                                 "train_loss": train.total(), "val_loss": val_total}
+        row: dict[str, float] = {"epoch": epoch, "lr": lr, "seconds": round(seconds, 3)}
+        row.update({f"{phase}_s": round(value, 4) for phase, value in {**train.seconds, **val.seconds}.items()})
+        row.update({"train_loss": train.total(), "val_loss": val_total})
         row.update({f"train_{t}_loss": v for t, v in train.task_means().items()})
         row.update({f"val_{t}_loss": v for t, v in val_means.items()})
         row["selected"] = int(selected)
