@@ -64,19 +64,30 @@ def test_mdmt_clinical_and_clinical_only_run(tiny_config, tiny_caches, tmp_path)
         predictions = pd.read_csv(run_dir / predictions_file("prognosis"))
         assert len(predictions) > 0 and predictions["score"].between(0, 1).all()
     assert not (run_dir / "best.pt").exists()  # the baseline trains no network
-    with pytest.raises(ConfigError, match="clinical columns"):
+    with pytest.raises(ConfigError, match="trains no network"):
         load_trained(run_dir)
 
 
-def test_fused_head_needs_clinical_features(tiny_config) -> None:
+def test_fusion_adds_a_linear_clinical_term_to_the_heads_logits(tiny_config) -> None:
     from mdmt.models.multitask import build_model
     from mdmt.tasks import get_task
 
     tasks = [get_task("prognosis"), get_task("severity_global4")]
-    model = build_model(tiny_config.model, tasks, clinical_dim=5, fused=["prognosis"])
-    x = torch.zeros(2, 3, 48, 48)
-    out = model(x, torch.zeros(2, 5))
-    assert out["prognosis"].shape == (2, 2)
+    torch.manual_seed(0)
+    model = build_model(tiny_config.model, tasks, clinical_dim=3, fused=["prognosis"]).eval()
+    weight, bias = torch.tensor([[0.0, 0.0, 0.0], [1.0, -2.0, 0.5]]), torch.tensor([0.0, 0.25])
+    model.set_clinical_term("prognosis", weight, bias)
+    x, clinical = torch.randn(2, 3, 48, 48), torch.tensor([[1.0, 0.0, 2.0], [0.0, 1.0, 0.0]])
+    with torch.no_grad():
+        out = model(x, clinical)
+        features = model.features(x)
+        image_only = model.heads["prognosis"](features)
+    expected = image_only + torch.tensor([[0.0, 2.25], [0.0, -1.75]])
+    torch.testing.assert_close(out["prognosis"], expected)
+    torch.testing.assert_close(out["severity_global4"], model.heads["severity_global4"](features))
+    assert model.heads["prognosis"][0].in_features == model.feature_dim  # the head reads the image only
+    assert "clinical.prognosis.weight" in model.state_dict() and not any(
+        n.startswith("clinical.") for n, _ in model.named_parameters())  # kept fixed: buffers, not parameters
     with pytest.raises(ConfigError, match="clinical"):
         model(x)
 

@@ -75,6 +75,17 @@ GRID_OPTIONS = (
     _opt("--rerun-changed", key="run.rerun_changed", type=None, action="store_true",
          help="train again the runs whose inputs changed"),
 )
+INFER_OPTIONS = (
+    _opt("--batch-size", key="infer.batch_size", type=int, help="films per forward pass (default 16)"),
+    _opt("--device", key="infer.device", help="cpu | cuda | cuda:N | mps | auto (default cpu)"),
+    _opt("--clinical", key="infer.clinical",
+         help="CSV or Excel sheet of clinical values, one row per film (a run whose model reads clinical columns)"),
+    _opt("--clinical-id", key="infer.clinical_id",
+         help="the sheet's column naming each row's film by file name or stem (default ImageFile)"),
+)
+EXPORT_OPTIONS = (
+    _opt("--device", key="infer.device", help="cpu | cuda | cuda:N | mps | auto (default cpu)"),
+)
 SYNTH_OPTIONS = (
     _opt("--preset", key="synth.preset", help="tiny | small | medium"),
     _opt("--seed", key="synth.seed", type=int, help="generator seed"),
@@ -264,9 +275,11 @@ def _print_skipped(skipped: Any) -> None:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    infer = resolve_config(args, INFER_OPTIONS).infer
     from mdmt.infer.predict import PREDICTIONS_CSV, predict_files
 
-    result = predict_files(args.run, args.paths, args.out, batch_size=args.batch_size, device=args.device)
+    result = predict_files(args.run, args.paths, args.out, batch_size=infer.batch_size, device=infer.device,
+                           clinical=infer.clinical, clinical_id=infer.clinical_id)
     _print_skipped(result.skipped)
     console.print(f"[green]{len(result.table)} film(s) predicted, {len(result.skipped)} skipped → "
                   f"{escape(str(args.out / PREDICTIONS_CSV))} (and predictions.json, skipped.csv)")
@@ -274,9 +287,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
+    infer = resolve_config(args, INFER_OPTIONS).infer
     from mdmt.infer.explain import explain_files
 
-    result = explain_files(args.run, args.paths, args.out, batch_size=args.batch_size, device=args.device)
+    result = explain_files(args.run, args.paths, args.out, batch_size=infer.batch_size, device=infer.device,
+                           clinical=infer.clinical, clinical_id=infer.clinical_id)
     _print_skipped(result.skipped)
     console.print(f"[green]{len(result.table)} film(s) explained, {len(result.skipped)} skipped → "
                   f"{escape(str(args.out))} (overlays, contact sheets, predictions.csv)")
@@ -284,21 +299,22 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    infer = resolve_config(args, EXPORT_OPTIONS).infer
     from mdmt.infer.export import export_run
 
-    for path in export_run(args.run, args.format, args.out, device=args.device):
+    for path in export_run(args.run, args.format, args.out, device=infer.device):
         console.print(f"[green]wrote {escape(str(path))}")
     return 0
 
 
 def _add_infer(sub: Any, name: str, help: str, out: str, paths: bool = True) -> argparse.ArgumentParser:
     p = sub.add_parser(name, help=help)
+    _add_config(p)
     p.add_argument("--run", type=Path, required=True, metavar="RUN_DIR", help="a finished run folder (holds DONE)")
     if paths:
         p.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="DICOM, PNG or JPEG files, or folders")
-        p.add_argument("--batch-size", type=int, default=16, help="films per forward pass (default 16)")
     p.add_argument("--out", type=Path, default=Path(out), help=f"output folder (default {out})")
-    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N | mps | auto (default cpu)")
+    _add_options(p, INFER_OPTIONS if paths else EXPORT_OPTIONS)
     return p
 
 

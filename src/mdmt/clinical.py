@@ -1,4 +1,5 @@
-"""Clinical variables as model input: an encoder fitted on a run's training records, and the clinical-only baseline.
+"""Clinical variables as model input: an encoder fitted on a run's training records, and the logistic regression
+that is both the clinical-only baseline and the clinical term of a fused head.
 
 ``ClinicalEncoder`` turns record columns into a float32 matrix. A numeric column (every present value parses)
 is standardised with the training mean and standard deviation; a blank cell becomes the training mean (0 after
@@ -110,10 +111,15 @@ class ClinicalEncoder:
         return path
 
 
-def fit_logistic(features: np.ndarray, labels: np.ndarray, seed: int) -> Any:
-    """A scikit-learn logistic regression (L2, C = 1) fitted on ``features`` → 0/1 ``labels``."""
+def fit_logit_term(features: np.ndarray, labels: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """A scikit-learn logistic regression (L2, C = 1) of 0/1 ``labels`` on ``features``, as the ``(weight (2, D),
+    bias (2,))`` of a two-logit head: logit 0 is 0 and logit 1 the regression's log-odds of class 1."""
     from sklearn.linear_model import LogisticRegression
 
     if len(np.unique(labels)) < 2:
-        raise DataError(f"the clinical-only baseline needs both classes in the training fold, got {np.unique(labels)}")
-    return LogisticRegression(C=1.0, max_iter=2000, random_state=seed).fit(features, labels)
+        raise DataError(f"the clinical logistic regression needs both classes in the training fold, got "
+                        f"{np.unique(labels)}")
+    model = LogisticRegression(C=1.0, max_iter=2000, random_state=seed).fit(features, labels)
+    weight = np.zeros((2, features.shape[1]))
+    weight[1] = model.coef_[0]
+    return weight, np.array([0.0, model.intercept_[0]])

@@ -206,6 +206,21 @@ class SynthConfig:
 
 
 @dataclass
+class InferConfig:
+    """``mdmt predict``, ``explain`` and ``export``: how new films, and their clinical sheet, are read."""
+
+    batch_size: int = 16
+    """Films per forward pass."""
+    device: str = "cpu"
+    """auto | cpu | cuda | cuda:N | mps."""
+    clinical: str | None = None
+    """A CSV or Excel sheet with one row per film: the clinical values a run whose model reads clinical columns
+    needs (``mdmt.infer.clinical``)."""
+    clinical_id: str = "ImageFile"
+    """The sheet's column naming each row's film: its file name or stem (AIforCOVID's sheets: ImageFile)."""
+
+
+@dataclass
 class RunConfig:
     """Which single run ``mdmt train`` performs (the backbone is ``model.backbone``)."""
 
@@ -248,6 +263,7 @@ class Config:
     strategies: dict[str, PluginRef] = field(default_factory=lambda: dict(PAPER_STRATEGIES))
     """Strategy name → ``{name: <strategy plug-in, default train>, params}``; ``grid.strategies`` picks from it."""
     synth: SynthConfig = field(default_factory=SynthConfig)
+    infer: InferConfig = field(default_factory=InferConfig)
     results_dir: str = "results"
     seed: int = 0
     plugins: list[str] = field(default_factory=list)

@@ -44,16 +44,19 @@ def head_scalar(task: Task, raw: torch.Tensor) -> torch.Tensor:
 
 
 class HeadScalar(nn.Module):
-    """``x → (B, 1)``: one head's scalar (``head_scalar``) of a multi-task model, what Grad-CAM explains."""
+    """``x → (B, 1)``: one head's scalar (``head_scalar``) of a multi-task model, what Grad-CAM explains; a model
+    that fuses clinical features reads the batch's ``clinical`` ``(B, D)`` with the films."""
 
-    def __init__(self, model: MultiTaskModel, task: Task):
+    def __init__(self, model: MultiTaskModel, task: Task, clinical: torch.Tensor | None = None):
         super().__init__()
         self.model = model
         self.task = task
+        self.clinical = clinical
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The head's scalar as a one-column output."""
-        return head_scalar(self.task, self.model(x)[self.task.name])[:, None]
+        extra = () if self.clinical is None else (self.clinical.to(x.device),)
+        return head_scalar(self.task, self.model(x, *extra)[self.task.name])[:, None]
 
 
 def _has_conv(module: nn.Module) -> bool:
@@ -81,12 +84,15 @@ def target_layer(backbone: nn.Module) -> nn.Module:
     return chosen
 
 
-def grad_cams(model: MultiTaskModel, task: Task, x: torch.Tensor) -> np.ndarray:
-    """Grad-CAM of ``task``'s head for the network input ``x``: ``(B, H, W)`` float32, each map scaled to [0, 1]
-    (all zeros where no region raises the head's scalar)."""
+def grad_cams(model: MultiTaskModel, task: Task, x: torch.Tensor, clinical: torch.Tensor | None = None) -> np.ndarray:
+    """Grad-CAM of ``task``'s head for the network input ``x`` (and the clinical features ``clinical`` of a model
+    that fuses them): ``(B, H, W)`` float32, each map scaled to [0, 1] (all zeros where no region raises the
+    head's scalar). A clinical term adds to the logits without touching the image features, so the map shows
+    the image branch's evidence."""
     gradcam = require("pytorch_grad_cam", "Grad-CAM")
     targets = require("pytorch_grad_cam.utils.model_targets", "Grad-CAM")
-    explainer = gradcam.GradCAM(model=HeadScalar(model, task), target_layers=[target_layer(model.backbone)])
+    explainer = gradcam.GradCAM(model=HeadScalar(model, task, clinical),
+                                target_layers=[target_layer(model.backbone)])
     training = model.training
     try:
         with torch.enable_grad():

@@ -17,6 +17,7 @@ from PIL import Image
 
 from mdmt.errors import ConfigError
 from mdmt.infer.cam import grad_cams
+from mdmt.infer.clinical import open_clinical_sheet
 from mdmt.infer.model_io import TrainedModel, load_trained
 from mdmt.infer.overlays import ContactSheets, cam_overlay, display, save_png, zone_boxes, zone_overlay
 from mdmt.infer.predict import SKIPPED_COLUMNS, Batch, PredictionResult, iter_batches, write_predictions
@@ -58,7 +59,7 @@ def zones_picture(film: Film, row: pd.Series, trained: TrainedModel) -> Image.Im
 
 def _explain_batch(trained: TrainedModel, batch: Batch, tasks: list[Task], out: Path, start: int,
                    sheets: ContactSheets) -> pd.DataFrame:
-    cams = {t.name: grad_cams(trained.model, t, batch.x) for t in tasks}
+    cams = {t.name: grad_cams(trained.model, t, batch.x, batch.clinical) for t in tasks}
     table = batch.table.copy()
     names: dict[str, list[str]] = {name: [] for name in [*cams, ZONES]}
     for i, film in enumerate(batch.films):
@@ -76,11 +77,15 @@ def _explain_batch(trained: TrainedModel, batch: Batch, tasks: list[Task], out: 
     return table
 
 
-def explain_files(run_dir: str | Path, paths: Iterable[str | Path], out: str | Path, batch_size: int = 8,
-                  device: str = "cpu", progress: bool = True) -> PredictionResult:
+def explain_files(run_dir: str | Path, paths: Iterable[str | Path], out: str | Path, batch_size: int = 16,
+                  device: str = "cpu", progress: bool = True, clinical: str | Path | None = None,
+                  clinical_id: str = "ImageFile") -> PredictionResult:
     """Grad-CAM and zone overlays of every file (folders expanded) with the finished run in ``run_dir``, written
-    to ``out`` with contact sheets and the predictions; unreadable files are skipped and listed."""
+    to ``out`` with contact sheets and the predictions; a clinical run reads each film's row of the sheet
+    ``clinical`` (matched by ``clinical_id``). Unreadable files and films without a usable row are skipped and
+    listed."""
     trained = load_trained(run_dir, device)
+    sheet = open_clinical_sheet(trained, clinical, clinical_id)
     tasks = explained_tasks(trained)
     inputs = expand_inputs(paths)
     out = Path(out)
@@ -88,7 +93,7 @@ def explain_files(run_dir: str | Path, paths: Iterable[str | Path], out: str | P
     sheets = ContactSheets(out, ["input", *(t.name for t in tasks), ZONES])
     skipped = list(inputs.skipped)
     tables: list[pd.DataFrame] = []
-    for batch in iter_batches(trained, inputs.files, batch_size, skipped, progress):
+    for batch in iter_batches(trained, inputs.files, batch_size, skipped, progress, sheet):
         tables.append(_explain_batch(trained, batch, tasks, out, sum(len(t) for t in tables), sheets))
     sheets.flush()
     table = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=["path", "image_id"])

@@ -8,6 +8,12 @@ task; the JSON gives each task's decoding (``mdmt.losses.decode``): a classifica
 logits take a softmax per group, an ordinal head's ``groups × (classes − 1)`` logits a sigmoid each (the score
 is how many exceed 0.5), a regression head gives one value per group (regional Brixia scores are clipped to
 0–3). The lung crop is not in the graph.
+
+A run whose model reads clinical columns is exported with a second input, ``clinical``: float32 ``(B, D)``, the
+encoded clinical vector. ``preprocessing.json``'s ``clinical`` entry holds what builds it from a sheet row: the
+columns, each numeric column's training mean and standard deviation (a blank is 0, the mean), each text column's
+training categories (one-hot; an unseen one gets no bit), a missing indicator after each column, and the
+``features`` order of the vector.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from mdmt.clinical import ClinicalEncoder
 from mdmt.errors import ConfigError
 from mdmt.infer.extras import require
 from mdmt.infer.model_io import TrainedModel, load_trained
@@ -32,6 +39,7 @@ FORMATS: dict[str, str] = {"onnx": "model.onnx", "torchscript": "model.pt"}
 """Format → the file name of the exported network."""
 PREPROCESSING_FILE = "preprocessing.json"
 INPUT_NAME = "image"
+CLINICAL_INPUT = "clinical"
 ONNX_OPSET = 17
 DECODING = {
     "classification": "softmax over each group's n_classes logits; the predicted class is the argmax",
@@ -41,16 +49,18 @@ DECODING = {
 
 
 class InferenceNetwork(nn.Module):
-    """``image → tuple of raw head outputs`` in the run's task order (what the exported graph computes)."""
+    """``image (, clinical) → tuple of raw head outputs`` in the run's task order (what the exported graph
+    computes)."""
 
     def __init__(self, trained: TrainedModel):
         super().__init__()
         self.model = trained.model
         self.names = [t.name for t in trained.tasks]
+        self.inputs = [INPUT_NAME, CLINICAL_INPUT] if trained.encoder is not None else [INPUT_NAME]
 
-    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def forward(self, image: torch.Tensor, *clinical: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Every head's raw outputs ``(B, n_outputs)``."""
-        outputs = self.model(image)
+        outputs = self.model(image, *clinical)
         return tuple(outputs[name] for name in self.names)
 
 
@@ -85,32 +95,51 @@ def preprocessing(trained: TrainedModel, model_file: str) -> dict[str, object]:
             "repeat the gray channel 3 times, subtract mean and divide by std per channel",
         ],
         "outputs": [_task_info(t) for t in trained.tasks],
+        **({"clinical": _clinical_info(trained.encoder)} if trained.encoder is not None else {}),
     }
 
 
-def _example(trained: TrainedModel) -> torch.Tensor:
+def _clinical_info(encoder: ClinicalEncoder) -> dict[str, object]:
+    return {
+        "input": {"name": CLINICAL_INPUT, "shape": ["batch", encoder.dim], "dtype": "float32"},
+        **encoder.to_dict(),
+        "steps": [
+            ("per column, in order: a numeric column gives (value - mean) / std, 0 when blank (numeric: [mean, "
+             "std]); a text column gives one 0/1 bit per training category (categories), none when blank or unseen"),
+            "then the column's missing indicator: 1 when blank, else 0",
+            "the vector follows the features order",
+        ],
+    }
+
+
+def _example(trained: TrainedModel) -> tuple[torch.Tensor, ...]:
     size = trained.config.model.input_size
-    return torch.zeros(2, 3, size, size, device=trained.device)
+    image = torch.zeros(2, 3, size, size, device=trained.device)
+    if trained.encoder is None:
+        return (image,)
+    return image, torch.zeros(2, trained.encoder.dim, device=trained.device)
 
 
-def _write_onnx(network: InferenceNetwork, example: torch.Tensor, path: Path) -> None:
+def _write_onnx(network: InferenceNetwork, example: tuple[torch.Tensor, ...], path: Path) -> None:
     require("onnx", "ONNX export")
-    axes = {name: {0: "batch"} for name in [INPUT_NAME, *network.names]}
+    axes = {name: {0: "batch"} for name in [*network.inputs, *network.names]}
     with atomic_target(path) as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # the TorchScript-based exporter: a simple graph
-        torch.onnx.export(network, (example,), str(tmp), input_names=[INPUT_NAME], output_names=network.names,
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)  # the input widths checked are the export's
+        torch.onnx.export(network, example, str(tmp), input_names=network.inputs, output_names=network.names,
                           dynamic_axes=axes, opset_version=ONNX_OPSET, dynamo=False)
 
 
-def _write_torchscript(network: InferenceNetwork, example: torch.Tensor, path: Path) -> None:
+def _write_torchscript(network: InferenceNetwork, example: tuple[torch.Tensor, ...], path: Path) -> None:
     with atomic_target(path) as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated but still the portable format
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
         torch.jit.save(torch.jit.trace(network, example), str(tmp))
 
 
 def export_run(run_dir: str | Path, fmt: ExportFormat, out: str | Path, device: str = "cpu") -> list[Path]:
     """Write the finished run's network in ``fmt`` (``model.onnx`` or ``model.pt``) and ``preprocessing.json``
-    into ``out``; returns both paths."""
+    (with the clinical encoder of a run that reads clinical columns) into ``out``; returns both paths."""
     if fmt not in FORMATS:
         raise ConfigError(f"export format {fmt!r} is not one of {', '.join(FORMATS)}")
     trained = load_trained(run_dir, device)

@@ -3,7 +3,9 @@
 A run folder (``mdmt.runs``) holds ``config.yaml``, ``tasks.json``, ``best.pt`` and ``DONE``. The model is
 rebuilt from the config (backbone, heads) and the task list, and the checkpoint's weights are loaded
 strictly: an unfinished run, a missing or foreign checkpoint, or a checkpoint whose heads or tensors do not
-fit the config is refused with an error naming the folder.
+fit the config is refused with an error naming the folder. A run whose model reads clinical columns also holds
+``clinical_encoder.json`` (the encoder fitted on its training fold); the heads with a clinical term are those
+with ``clinical.<task>.*`` entries in the checkpoint.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import Any
 
 import torch
 
-from mdmt.clinical import ENCODER_FILE
+from mdmt.clinical import ENCODER_FILE, ClinicalEncoder
 from mdmt.config import Config, load_config
 from mdmt.errors import ConfigError, DataError
 from mdmt.evaluate.scoring import task_entry
@@ -30,6 +32,7 @@ from mdmt.train.engine import resolve_device
 PROGNOSIS = "prognosis"
 SEVERITY_PREFIX = "severity_"
 HEADS_PREFIX = "heads."
+CLINICAL_PREFIX = "clinical."
 
 
 @dataclass
@@ -41,6 +44,8 @@ class TrainedModel:
     tasks: list[Task]
     model: MultiTaskModel
     device: torch.device
+    encoder: ClinicalEncoder | None = None
+    """The run's clinical encoder when its model reads clinical columns."""
 
     @property
     def normalization(self) -> tuple[Stats, Stats]:
@@ -63,9 +68,11 @@ class TrainedModel:
         return preferred or next((t for t in self.tasks if t.name.startswith(SEVERITY_PREFIX)), None)
 
     @torch.no_grad()
-    def outputs(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Every head's raw outputs for the network input ``x`` (on CPU)."""
-        return {k: v.float().cpu() for k, v in self.model(x.to(self.device)).items()}
+    def outputs(self, x: torch.Tensor, clinical: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Every head's raw outputs for the network input ``x`` and, for a clinical run, the encoded clinical
+        features ``(B, D)`` (on CPU)."""
+        extra = () if clinical is None else (clinical.to(self.device),)
+        return {k: v.float().cpu() for k, v in self.model(x.to(self.device), *extra).items()}
 
 
 def _read_tasks(run_dir: Path, config: Config) -> list[Task]:
@@ -96,13 +103,22 @@ def _read_tasks(run_dir: Path, config: Config) -> list[Task]:
     return tasks
 
 
-def _load_weights(run_dir: Path, model: MultiTaskModel, tasks: list[Task]) -> None:
-    """``best.pt`` into ``model``: the same heads as the task list and every tensor fitting (strict)."""
+def _read_state(run_dir: Path) -> dict[str, torch.Tensor]:
+    """The model state dict of ``best.pt``."""
     path = run_dir / BEST_CHECKPOINT
     state = load_checkpoint(path)["model"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise DataError(f"{path}: the checkpoint's model entry is not a state dict of tensors")
-    heads = sorted({k.split(".")[1] for k in state if k.startswith(HEADS_PREFIX)})
+    return state
+
+
+def _entries(state: dict[str, torch.Tensor], prefix: str) -> list[str]:
+    return sorted({k.split(".")[1] for k in state if k.startswith(prefix)})
+
+
+def _load_weights(run_dir: Path, model: MultiTaskModel, state: dict[str, torch.Tensor], tasks: list[Task]) -> None:
+    """``state`` into ``model``: the same heads as the task list and every tensor fitting (strict)."""
+    heads = _entries(state, HEADS_PREFIX)
     names = sorted(t.name for t in tasks)
     if heads != names:
         raise ConfigError(f"{run_dir}: {BEST_CHECKPOINT} holds heads {heads} but {TASKS_FILE} lists {names}: the "
@@ -113,6 +129,25 @@ def _load_weights(run_dir: Path, model: MultiTaskModel, tasks: list[Task]) -> No
         reason = str(exc).strip().splitlines()[0]
         raise ConfigError(f"{run_dir}: {BEST_CHECKPOINT} does not fit the model {CONFIG_FILE} describes "
                           f"(another run or version): {reason}") from None
+
+
+def _read_encoder(run_dir: Path, state: dict[str, torch.Tensor]) -> ClinicalEncoder | None:
+    """The run's clinical encoder; ConfigError when it and the checkpoint's clinical terms disagree."""
+    path = run_dir / ENCODER_FILE
+    fused = _entries(state, CLINICAL_PREFIX)
+    if not path.is_file():
+        if fused:
+            raise ConfigError(f"{run_dir}: {BEST_CHECKPOINT} has clinical terms for {fused} but the folder has no "
+                              f"{ENCODER_FILE}")
+        return None
+    try:
+        encoder = ClinicalEncoder.from_dict(json.loads(path.read_text()))
+    except (ValueError, OSError, KeyError, TypeError, IndexError) as exc:
+        raise DataError(f"{path}: unreadable clinical encoder ({type(exc).__name__}: {exc})") from None
+    if not fused:
+        raise ConfigError(f"{run_dir}: {BEST_CHECKPOINT} has no clinical term (a run fusing clinical data from "
+                          f"an older mdmt, or another run's checkpoint); train it again")
+    return encoder
 
 
 def check_run_dir(run_dir: Path) -> None:
@@ -127,19 +162,24 @@ def check_run_dir(run_dir: Path) -> None:
         failed = run_dir / FAILED_FILE
         state = "failed (see FAILED)" if failed.is_file() else "unfinished (no DONE)"
         raise ConfigError(f"{run_dir}: the run is {state}; finish it with mdmt train before using its model")
-    if (run_dir / ENCODER_FILE).is_file():
-        raise ConfigError(f"{run_dir}: the run's model reads clinical columns ({ENCODER_FILE}); predict, explain "
-                          f"and export take images only, so use a run of an image-only strategy")
+    if (run_dir / ENCODER_FILE).is_file() and not (run_dir / BEST_CHECKPOINT).is_file():
+        raise ConfigError(f"{run_dir}: the run trains no network (the clinical-only logistic regression); "
+                          f"use a run of a strategy with images")
 
 
 def load_trained(run_dir: str | Path, device: str = "cpu") -> TrainedModel:
-    """The finished run in ``run_dir``: config, tasks and the ``best.pt`` weights on ``device`` (eval mode)."""
+    """The finished run in ``run_dir``: config, tasks, clinical encoder (when its model reads clinical columns)
+    and the ``best.pt`` weights on ``device`` (eval mode)."""
     run_dir = Path(run_dir)
     check_run_dir(run_dir)
     config = load_config(run_dir / CONFIG_FILE)
     tasks = _read_tasks(run_dir, config)
+    state = _read_state(run_dir)
+    encoder = _read_encoder(run_dir, state)
+    fused = _entries(state, CLINICAL_PREFIX)
     # the checkpoint holds every weight: the backbone is built without downloading or reading weights files
-    model = build_model(dataclasses.replace(config.model, weights="none"), tasks)
-    _load_weights(run_dir, model, tasks)
+    model = build_model(dataclasses.replace(config.model, weights="none"), tasks,
+                        encoder.dim if encoder else 0, [t.name for t in tasks if t.name in fused])
+    _load_weights(run_dir, model, state, tasks)
     target = resolve_device(device)
-    return TrainedModel(run_dir, config, tasks, model.to(target).eval(), target)
+    return TrainedModel(run_dir, config, tasks, model.to(target).eval(), target, encoder)

@@ -6,7 +6,9 @@ SEVERE, the more probable); with a ``severity_global4`` head ``brixia_bin`` (0�
 (``0-4`` … ``15-18``) and ``p_bin_0`` … ``p_bin_3``; with a regional head (``severity_regions`` or
 ``severity_ordinal``) ``brixia_A`` … ``brixia_F`` clipped to 0–3, ``brixia_global`` (their sum) and the bin of
 that sum; any other head as ``<task>_<column>`` of ``mdmt.losses.decode``; then ``crop_method``, ``crop_ok``,
-``crop_note`` and the crop box ``crop_x0`` … ``crop_y1`` in the film's pixels. Unreadable files go to
+``crop_note`` and the crop box ``crop_x0`` … ``crop_y1`` in the film's pixels; for a run whose model reads
+clinical columns, ``clinical_imputed`` (the columns the film's sheet row left blank, imputed as in training).
+Unreadable files, and films the clinical sheet has no usable row for (``mdmt.infer.clinical``), go to
 ``skipped.csv`` (``path``, ``reason``) and to the ``skipped`` list of the JSON.
 """
 
@@ -24,6 +26,7 @@ import torch
 from mdmt.errors import ConfigError, ImageReadError
 from mdmt.evaluate.metrics import REGION_SCORE_RANGE
 from mdmt.evaluate.scoring import scorer_of
+from mdmt.infer.clinical import IMPUTED_COLUMN, ClinicalSheet, open_clinical_sheet
 from mdmt.infer.model_io import TrainedModel, load_trained
 from mdmt.infer.preprocess import Film, expand_inputs, load_film, network_input
 from mdmt.losses import decode
@@ -41,10 +44,12 @@ PROGNOSIS_CLASSES: tuple[str, ...] = get_task("prognosis").class_names
 
 @dataclass
 class Batch:
-    """Preprocessed films, their network input, every head's raw outputs and the prediction rows."""
+    """Preprocessed films, their network input (and encoded clinical features), every head's raw outputs and the
+    prediction rows."""
 
     films: list[Film]
     x: torch.Tensor
+    clinical: torch.Tensor | None
     outputs: dict[str, torch.Tensor]
     table: pd.DataFrame
 
@@ -104,32 +109,41 @@ def film_columns(films: Sequence[Film]) -> dict[str, list[object]]:
     }
 
 
-def _batch(trained: TrainedModel, films: list[Film]) -> Batch:
+def _batch(trained: TrainedModel, films: list[Film], sheet: ClinicalSheet | None) -> Batch:
     x = network_input([f.image for f in films], trained)
-    outputs = trained.outputs(x)
-    table = pd.DataFrame({"path": [str(f.path) for f in films], "image_id": [f.image_id for f in films],
+    ids = [f.image_id for f in films]
+    clinical = sheet.features(ids) if sheet is not None else None
+    outputs = trained.outputs(x, clinical)
+    table = pd.DataFrame({"path": [str(f.path) for f in films], "image_id": ids,
                           **head_columns(trained, outputs), **film_columns(films)})
-    return Batch(films, x, outputs, table)
+    if sheet is not None:
+        table[IMPUTED_COLUMN] = sheet.imputed(ids)
+    return Batch(films, x, clinical, outputs, table)
 
 
 def iter_batches(trained: TrainedModel, files: Sequence[Path], batch_size: int, skipped: list[tuple[str, str]],
-                 progress: bool = True) -> Iterator[Batch]:
-    """Batches of up to ``batch_size`` readable files, under a progress bar; an unreadable file is appended to
-    ``skipped`` as ``(path, reason)``."""
+                 progress: bool = True, sheet: ClinicalSheet | None = None) -> Iterator[Batch]:
+    """Batches of up to ``batch_size`` readable files, under a progress bar, with their clinical rows of ``sheet``
+    (a clinical run's); an unreadable file, or one without a usable sheet row, is appended to ``skipped`` as
+    ``(path, reason)``."""
     if batch_size < 1:
         raise ConfigError(f"batch size must be at least 1, got {batch_size}")
     films: list[Film] = []
     for path in progress_bar(files, "predict", total=len(files), enabled=progress):
+        problem = sheet.problem(path.stem) if sheet is not None else None
+        if problem is not None:
+            skipped.append((str(path), problem))
+            continue
         try:
             films.append(load_film(path, trained.config.data))
         except ImageReadError as exc:
             skipped.append((str(path), exc.reason))
             continue
         if len(films) == batch_size:
-            yield _batch(trained, films)
+            yield _batch(trained, films, sheet)
             films = []
     if films:
-        yield _batch(trained, films)
+        yield _batch(trained, films, sheet)
 
 
 def write_predictions(trained: TrainedModel, table: pd.DataFrame, skipped: pd.DataFrame, out: Path) -> list[Path]:
@@ -144,14 +158,17 @@ def write_predictions(trained: TrainedModel, table: pd.DataFrame, skipped: pd.Da
     return paths
 
 
-def predict_files(run_dir: str | Path, paths: Iterable[str | Path], out: str | Path, batch_size: int = 32,
-                  device: str = "cpu", progress: bool = True) -> PredictionResult:
+def predict_files(run_dir: str | Path, paths: Iterable[str | Path], out: str | Path, batch_size: int = 16,
+                  device: str = "cpu", progress: bool = True, clinical: str | Path | None = None,
+                  clinical_id: str = "ImageFile") -> PredictionResult:
     """Predict every file (folders expanded) with the finished run in ``run_dir`` and write the results to
-    ``out``; unreadable files are skipped and listed, never fatal."""
+    ``out``; a clinical run reads each film's row of the sheet ``clinical`` (matched by ``clinical_id``).
+    Unreadable files and films without a usable sheet row are skipped and listed, never fatal."""
     trained = load_trained(run_dir, device)
+    sheet = open_clinical_sheet(trained, clinical, clinical_id)
     inputs = expand_inputs(paths)
     skipped = list(inputs.skipped)
-    tables = [b.table for b in iter_batches(trained, inputs.files, batch_size, skipped, progress)]
+    tables = [b.table for b in iter_batches(trained, inputs.files, batch_size, skipped, progress, sheet)]
     table = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=["path", "image_id"])
     skipped_table = pd.DataFrame(skipped, columns=SKIPPED_COLUMNS)
     return PredictionResult(table, skipped_table, write_predictions(trained, table, skipped_table, Path(out)))

@@ -22,25 +22,55 @@ SEVERITY_ALIAS = "severity"
 """A ``model.heads`` key standing for ``model.severity_task``."""
 
 
+class ClinicalTerm(nn.Module):
+    """``clinical (B, D) → clinical @ weight.T + bias (B, n_outputs)``: the clinical part of a fused head's logits.
+
+    ``trainable`` False keeps ``weight`` and ``bias`` as buffers (saved, never optimised); True makes them
+    parameters. Either way the state-dict keys are ``weight`` and ``bias``.
+    """
+
+    def __init__(self, clinical_dim: int, n_outputs: int, trainable: bool = False):
+        super().__init__()
+        weight, bias = torch.zeros(n_outputs, clinical_dim), torch.zeros(n_outputs)
+        if trainable:
+            self.weight, self.bias = nn.Parameter(weight), nn.Parameter(bias)
+        else:
+            self.register_buffer("weight", weight)
+            self.register_buffer("bias", bias)
+
+    def forward(self, clinical: torch.Tensor) -> torch.Tensor:
+        """The term's outputs for a batch of encoded clinical features."""
+        return torch.nn.functional.linear(clinical, self.weight, self.bias)
+
+
 class MultiTaskModel(nn.Module):
     """``forward(x) -> {task: raw outputs (B, n_outputs)}`` with one backbone pass.
 
-    The heads named in ``fused`` read ``concat(features, clinical)`` (late fusion of ``clinical_dim`` clinical
-    features); ``forward`` then needs ``clinical`` ``(B, clinical_dim)``.
+    Late fusion at the logits: a head named in ``fused`` outputs ``head(features) + clinical_term(clinical)``,
+    a linear term of ``clinical_dim`` encoded clinical features (``ClinicalTerm``, keys ``clinical.<task>.*``);
+    ``forward`` then needs ``clinical`` ``(B, clinical_dim)``.
     """
 
-    def __init__(self, backbone: Backbone, heads: Mapping[str, nn.Module], clinical_dim: int = 0,
-                 fused: Sequence[str] = ()):
+    def __init__(self, backbone: Backbone, heads: Mapping[str, nn.Module],
+                 clinical: Mapping[str, ClinicalTerm] | None = None):
         super().__init__()
         if not heads:
             raise ConfigError("a model needs at least one task head")
+        terms = dict(clinical or {})
+        unknown = [name for name in terms if name not in heads]
+        if unknown:
+            raise ConfigError(f"clinical term(s) for {unknown} have no head (heads: {list(heads)})")
+        if len({term.weight.shape[1] for term in terms.values()}) > 1:
+            raise ConfigError("the clinical terms of a model must read the same clinical features")
         self.backbone = backbone.module
         self.heads = nn.ModuleDict(dict(heads))
         self.feature_dim = backbone.feature_dim
         self.backbone_name = backbone.name
         self._normalization = (backbone.mean, backbone.std)  # plain attributes: the state dict keeps its keys
-        self.clinical_dim = int(clinical_dim)
-        self.fused = tuple(fused)
+        self.fused = tuple(terms)
+        self.clinical_dim = next(iter(terms.values())).weight.shape[1] if terms else 0
+        if terms:
+            self.clinical = nn.ModuleDict(terms)
 
     @property
     def normalization(self) -> tuple[Stats, Stats]:
@@ -51,16 +81,26 @@ class MultiTaskModel(nn.Module):
         """Pooled backbone features ``(B, feature_dim)``."""
         return self.backbone(x)
 
+    def set_clinical_term(self, task: str, weight: torch.Tensor, bias: torch.Tensor) -> None:
+        """Set the clinical term of fused head ``task`` (e.g. to a logistic regression's coefficients)."""
+        term = self.clinical[task]
+        with torch.no_grad():
+            term.weight.copy_(weight)
+            term.bias.copy_(bias)
+
     def forward(self, x: torch.Tensor, clinical: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """Every head's outputs from one shared feature pass (fused heads also read ``clinical``)."""
+        """Every head's outputs from one shared feature pass (fused heads add their clinical term)."""
         features = self.backbone(x)
+        outputs = {name: head(features) for name, head in self.heads.items()}
         if not self.fused:
-            return {name: head(features) for name, head in self.heads.items()}
+            return outputs
         if clinical is None or clinical.shape[-1] != self.clinical_dim:
             raise ConfigError(f"heads {list(self.fused)} fuse {self.clinical_dim} clinical features; got "
                               f"{None if clinical is None else tuple(clinical.shape)}")
-        joint = torch.cat([features, clinical.to(features.dtype)], dim=1)
-        return {name: head(joint if name in self.fused else features) for name, head in self.heads.items()}
+        clinical = clinical.to(features.dtype)
+        for name in self.fused:
+            outputs[name] = outputs[name] + self.clinical[name](clinical).to(outputs[name].dtype)
+        return outputs
 
 
 def head_refs(model_cfg: ModelConfig) -> dict[str, PluginRef]:
@@ -75,15 +115,19 @@ def head_refs(model_cfg: ModelConfig) -> dict[str, PluginRef]:
 
 
 def build_model(
-    model_cfg: ModelConfig, tasks: Sequence[Task], clinical_dim: int = 0, fused: Sequence[str] = ()
+    model_cfg: ModelConfig, tasks: Sequence[Task], clinical_dim: int = 0, fused: Sequence[str] = (),
+    clinical_trainable: bool = False,
 ) -> MultiTaskModel:
     """The backbone ``model.backbone`` with ``model.weights`` and one head per task: ``model.heads[task]``, else
-    ``model.head``; the heads of ``fused`` take ``clinical_dim`` more inputs."""
+    ``model.head``; the heads of ``fused`` add a clinical term of ``clinical_dim`` features (zero until set)."""
     backbone = build_backbone(model_cfg.backbone, model_cfg.weights)
     refs = head_refs(model_cfg)
-    heads = {t.name: build_head(refs.get(t.name, model_cfg.head), t,
-                                backbone.feature_dim + (clinical_dim if t.name in fused else 0)) for t in tasks}
-    return MultiTaskModel(backbone, heads, clinical_dim, fused)
+    heads = {t.name: build_head(refs.get(t.name, model_cfg.head), t, backbone.feature_dim) for t in tasks}
+    terms = {t.name: ClinicalTerm(clinical_dim, t.n_outputs, clinical_trainable) for t in tasks if t.name in fused}
+    missing = [name for name in fused if name not in terms]
+    if missing:
+        raise ConfigError(f"fused task(s) {missing} are not among the model's tasks {[t.name for t in tasks]}")
+    return MultiTaskModel(backbone, heads, terms)
 
 
 def check_input_size(model: MultiTaskModel, size: int) -> None:

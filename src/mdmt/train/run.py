@@ -27,7 +27,7 @@ import torch
 from rich.console import Console
 from torch.utils.data import DataLoader
 
-from mdmt.clinical import ClinicalEncoder, check_columns, fit_logistic
+from mdmt.clinical import ClinicalEncoder, check_columns, fit_logit_term
 from mdmt.config import Config, PluginRef, save_config, to_dict
 from mdmt.data.augment import BatchAugmenter
 from mdmt.data.cache import ImageCache, open_cache
@@ -163,51 +163,60 @@ def labelling(task: Task, datasets: dict[str, Dataset], config: Config) -> tuple
 # --------------------------------------------------------------------------------------------- clinical data
 @dataclass
 class ClinicalInputs:
-    """A run's fitted clinical encoder, its features per dataset (zeros where a dataset has no clinical sheet)
-    and the tasks whose heads fuse them."""
+    """A run's fitted clinical encoder, its features per dataset (zeros where a dataset has no clinical sheet), and
+    per fused task (a two-class task of the first dataset) the logistic regression's logit term ``(weight, bias)``,
+    all fitted on the training fold."""
 
     home: str
     encoder: ClinicalEncoder
     features: dict[str, np.ndarray]
-    fused: list[str]
+    terms: dict[str, tuple[np.ndarray, np.ndarray]]
+
+
+def _two_class(task: Task) -> bool:
+    return task.kind == "classification" and task.n_classes == 2 and task.groups == 1
 
 
 def clinical_inputs(
     strategy: Strategy, datasets: dict[str, Dataset], caches: Mapping[str, ImageCache], splits: dict[str, Split],
-    tasks: list[Task],
+    tasks: list[Task], seed: int,
 ) -> ClinicalInputs | None:
-    """The strategy's clinical columns encoded with an encoder fitted on the training fold of its first dataset."""
+    """The strategy's clinical columns encoded with an encoder fitted on the training fold of its first dataset, and
+    a logistic regression on them per two-class task that dataset labels, fitted on the same fold."""
     if not strategy.stage.clinical:
         return None
     home = strategy.datasets[0]
     records = caches[home].records
     check_columns(records, strategy.stage.clinical, home)
-    train = records[records["image_id"].astype(str).isin(pd.Index(splits[home].train).astype(str))]
-    encoder = ClinicalEncoder(list(strategy.stage.clinical)).fit(train)
+    train = rows_of(records, splits[home].train, f"{home} train")
+    encoder = ClinicalEncoder(list(strategy.stage.clinical)).fit(records.iloc[train])
     features = {name: encoder.transform(cache.records) if name == home
                 else np.zeros((len(cache.records), encoder.dim), dtype=np.float32) for name, cache in caches.items()}
-    fused = [t.name for t in tasks if datasets[home].labels_task(t.columns)]
-    return ClinicalInputs(home, encoder, features, fused)
+    fused = [t for t in tasks if datasets[home].labels_task(t.columns) and _two_class(t)]
+    if not fused:
+        raise ConfigError(f"strategies.{strategy.name}.params.clinical: the clinical term is added to two-class "
+                          f"heads of {home}'s tasks, and {[t.name for t in tasks]} has none")
+    terms = {}
+    for task in fused:
+        targets, present = task.encode(records.iloc[train])
+        terms[task.name] = fit_logit_term(features[home][train][present], targets[present, 0].astype(int), seed)
+    return ClinicalInputs(home, encoder, features, terms)
 
 
 def write_clinical_only(
     clinical: ClinicalInputs, task: Task, caches: Mapping[str, ImageCache], splits: dict[str, Split], spec: RunSpec,
     run_dir: Path,
 ) -> None:
-    """The clinical-only baseline: a logistic regression fitted on the training fold, its test predictions."""
-    if task.kind != "classification" or task.n_classes != 2 or task.groups != 1:
+    """The clinical-only baseline: the logistic regression fitted on the training fold, its test predictions."""
+    if task.name not in clinical.terms:
         raise ConfigError(f"strategies.{spec.strategy}: the clinical-only baseline predicts one two-class task, "
                           f"not {task.name!r}")
+    weight, bias = clinical.terms[task.name]
     records = caches[clinical.home].records
-    features = clinical.features[clinical.home]
-    train = rows_of(records, splits[clinical.home].train, f"{clinical.home} train")
-    targets, present = task.encode(records.iloc[train])
-    model = fit_logistic(features[train][present], targets[present, 0].astype(int), spec.seed)
     test = rows_of(records, splits[clinical.home].test, f"{clinical.home} test")
     test_records = records.iloc[test].reset_index(drop=True)
     targets, present = task.encode(test_records)
-    logits = model.decision_function(features[test][present])
-    outputs = torch.from_numpy(np.stack([np.zeros_like(logits), logits], axis=1))
+    outputs = torch.from_numpy(clinical.features[clinical.home][test][present].astype(np.float64) @ weight.T + bias)
     table = prediction_table(task, test_records[present], targets[present], decode(task, outputs), spec.fold)
     atomic_write_text(table.to_csv(index=False), run_dir / predictions_file(task.name))
 
@@ -271,7 +280,7 @@ def resolved_config(config: Config, spec: RunSpec) -> Config:
 def fingerprint(config: Config) -> dict[str, Any]:
     """The config keys a run's result depends on (not where things are, not machine settings)."""
     values = to_dict(config)
-    for section in ("grid", "synth", "results_dir", "plugins"):
+    for section in ("grid", "synth", "infer", "results_dir", "plugins"):
         values.pop(section, None)
     values["run"].pop("rerun_changed", None)
     values["data"].pop("datasets", None)  # the data enter through the cache keys and split ids
@@ -414,7 +423,7 @@ def _train(
         torch.set_num_threads(config.train.threads)
     seed_everything(spec.seed)
     tasks = run_tasks(strategy, config, datasets)
-    clinical = clinical_inputs(strategy, datasets, caches, splits, tasks)
+    clinical = clinical_inputs(strategy, datasets, caches, splits, tasks, spec.seed)
     if clinical is not None and not strategy.stage.image:
         with _failure_recorded(run_dir, ctx):
             if ctx.is_main:
@@ -426,7 +435,9 @@ def _train(
             barrier(ctx)
         return
     model = build_model(config.model, tasks, clinical.encoder.dim if clinical else 0,
-                        clinical.fused if clinical else ())
+                        list(clinical.terms) if clinical else (), strategy.stage.clinical_trainable)
+    for name, (weight, bias) in (clinical.terms if clinical else {}).items():  # start from the logistic regression
+        model.set_clinical_term(name, torch.from_numpy(weight), torch.from_numpy(bias))
     check_input_size(model, config.model.input_size)
     strategy.init(model, spec, config, Path(config.results_dir))
     weighting = build_weighting(config.loss.weighting, tasks, config.loss.task_weights, seed=spec.seed)

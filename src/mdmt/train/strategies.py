@@ -53,8 +53,12 @@ class StageParams:
     max_epochs: int | None = None
     """Epochs of this stage (default ``train.max_epochs``)."""
     clinical: list[str] = field(default_factory=list)
-    """Clinical columns of the first dataset's records fused with the image features (late fusion) by the heads of
-    the tasks that dataset labels; empty: images only (``mdmt.clinical``)."""
+    """Clinical columns of the first dataset's records, fused at the logits (late fusion) with the heads of the
+    two-class tasks that dataset labels: head logits + a linear term of the encoded columns that starts as the
+    logistic regression fitted on the training fold; empty: images only (``mdmt.clinical``)."""
+    clinical_trainable: bool = False
+    """False: the clinical term stays the logistic regression's and the image branch learns the residual; True:
+    the term is trained with the network from there."""
     image: bool = True
     """False: no network; a logistic regression on the ``clinical`` columns (the clinical-only baseline)."""
     summary: str = ""
