@@ -88,6 +88,15 @@ def seconds(calls: list[tuple[float, float]], within: list[tuple[float, float]] 
                if within is None or any(a <= start and end <= b for a, b in within))
 
 
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), else the architecture."""
+    cpuinfo = Path("/proc/cpuinfo")
+    for line in cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []:
+        if line.startswith("model name"):
+            return line.partition(":")[2].strip()
+    return platform.machine()
+
+
 def run_phases(results_dir: Path) -> tuple[pd.DataFrame, int]:
     """Per finished run: wall seconds (the store), epochs and summed ``<phase>_s`` of its history; runs not done."""
     runs = ResultsStore(results_dir).runs()
@@ -125,7 +134,7 @@ def profile(config: Config, out: Path) -> dict[str, Any]:
     total = wall * workers
     share = (in_runs["grid: forward"] + in_runs["grid: backward"]) / total
     return {
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}",
+        "machine": f"{cpu_model()}, {os.cpu_count()} cores, Python {platform.python_version()}",
         "load_average": {"before": load_before[0], "after": os.getloadavg()[0]},
         "workers": workers, "runs": len(runs), "runs_not_done": not_done, "epochs": int(runs["epochs"].sum()),
         "run_wall_s": float(runs["wall"].sum()), "wall_s": wall,
@@ -137,21 +146,25 @@ def profile(config: Config, out: Path) -> dict[str, Any]:
 
 
 def table(figures: dict[str, Any]) -> Table:
-    """The figures as one table: core seconds and share per phase, the headline in the caption."""
-    share = figures["forward_backward_share"]
-    result = Table(
-        title=f"mdmt demo: {figures['runs']} runs, {figures['epochs']} epochs, {figures['wall_s']:.0f} s wall × "
-              f"{figures['workers']} workers = {figures['wall_s'] * figures['workers']:.0f} core-s",
-        caption=f"forward + backward: {share:.1%} of core time (target ≥ {figures['target']:.0%}: "
-                f"{'met' if figures['met'] else 'not met'}); load average {figures['load_average']['before']:.1f} "
-                f"before, {figures['load_average']['after']:.1f} after",
-    )
+    """Core seconds and share per phase."""
+    result = Table(title=f"mdmt demo: {figures['runs']} runs, {figures['epochs']} epochs, {figures['wall_s']:.0f} s "
+                         f"wall × {figures['workers']} workers = {figures['wall_s'] * figures['workers']:.0f} core-s")
     for column in ("phase", "core-s", "share"):
         result.add_column(column, justify="left" if column == "phase" else "right")
     for name, value in figures["core_s"].items():
         result.add_row(name, f"{value:.1f}", f"{figures['share'][name]:.1%}")
     result.add_row("total", f"{sum(figures['core_s'].values()):.1f}", f"{sum(figures['share'].values()):.1%}")
     return result
+
+
+def summary(figures: dict[str, Any]) -> str:
+    """The headline against the target, the phases' wall seconds and the machine's load."""
+    walls = ", ".join(f"{name} {value:.1f}" for name, value in figures["phase_wall_s"].items())
+    load = figures["load_average"]
+    return (f"forward + backward: {figures['forward_backward_share']:.1%} of core time (target ≥ "
+            f"{figures['target']:.0%}: {'met' if figures['met'] else 'not met'})\n"
+            f"wall s per phase: {walls}\n"
+            f"{figures['machine']}; load average {load['before']:.1f} before, {load['after']:.1f} after")
 
 
 def main() -> None:
@@ -173,6 +186,7 @@ def main() -> None:
     figures["config"] = str(args.config)
     figures["overrides"] = overrides
     Console().print(table(figures))
+    print(summary(figures))
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2))
 
