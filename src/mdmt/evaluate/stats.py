@@ -79,6 +79,33 @@ def stars(p: float) -> str:
     return NOT_SIGNIFICANT
 
 
+PERMUTATION_MAX_PAIRS = 13
+"""scipy's Wilcoxon test takes its exact permutation path up to this many pairs when there are ties or zeros."""
+
+
+def wilcoxon(diff: np.ndarray, alternative: str) -> tuple[float, float]:
+    """``scipy.stats.wilcoxon(diff, alternative=...)`` as ``(statistic, p)``: the same numbers, faster.
+
+    With ties or zero differences and at most 13 pairs (accuracy differences on small folds), scipy enumerates
+    all 2^n sign flips calling its statistic once per flip; here ``scipy.stats.permutation_test`` evaluates the
+    same statistic (the positive rank sum) on all flips at once. Every other case is scipy's own call.
+    """
+    diff = np.asarray(diff, dtype=np.float64)
+    nonzero = diff[diff != 0]
+    tied = nonzero.size < diff.size or np.unique(np.abs(nonzero)).size < nonzero.size
+    if not tied or diff.size > PERMUTATION_MAX_PAIRS:
+        result = scipy_stats.wilcoxon(diff, alternative=alternative)
+        return float(result.statistic), float(result.pvalue)
+
+    def positive_rank_sum(d: np.ndarray, axis: int) -> np.ndarray:
+        return scipy_stats.wilcoxon(d, alternative="greater", method="asymptotic", axis=axis).statistic
+
+    statistic = scipy_stats.wilcoxon(diff, alternative=alternative, method="asymptotic").statistic
+    p = scipy_stats.permutation_test((diff,), positive_rank_sum, permutation_type="samples", vectorized=True,
+                                     n_resamples=np.inf, alternative=alternative, axis=-1).pvalue
+    return float(statistic), float(p)
+
+
 def one_tailed_paired_tests(
     better: ArrayLike, worse: ArrayLike, alternative: Alternative = "greater"
 ) -> dict[str, float]:
@@ -99,7 +126,7 @@ def one_tailed_paired_tests(
         if diff.size >= 2:
             t_stat, t_p = scipy_stats.ttest_rel(first, second, alternative=alternative)
         if np.any(diff != 0):
-            w_stat, w_p = scipy_stats.wilcoxon(first, second, alternative=alternative)
+            w_stat, w_p = wilcoxon(diff, alternative)
     sign = 1.0 if alternative == "greater" else -1.0
     return {
         "t_statistic": float(t_stat), "p": float(t_p), "wilcoxon_statistic": float(w_stat), "p_wilcoxon": float(w_p),
@@ -220,7 +247,7 @@ def friedman_holm(scores: pd.DataFrame, higher_is_better: bool = True, alpha: fl
         warnings.simplefilter("ignore", RuntimeWarning)
         for a, b in pairs:
             diff = scores[a] - scores[b]
-            p_pairs.append(float(scipy_stats.wilcoxon(scores[a], scores[b]).pvalue) if diff.any() else 1.0)
+            p_pairs.append(wilcoxon(diff.to_numpy(np.float64), "two-sided")[1] if diff.any() else 1.0)
     pairwise = pd.DataFrame({
         "a": [a for a, _ in pairs], "b": [b for _, b in pairs],
         "mean_diff": [float((scores[a] - scores[b]).mean()) for a, b in pairs],
