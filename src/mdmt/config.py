@@ -198,6 +198,8 @@ class SynthConfig:
     seed: int = 0
     decoupled: bool = False
     opacity: float | None = None
+    image_size: int | None = None
+    """Image side in px (before each device's size jitter); None: the preset's."""
     faults: list[str] = field(default_factory=list)
     cohort: bool = False
     """Also write a third dataset: a cohort from hospitals G and H as a manifest, with both labels."""

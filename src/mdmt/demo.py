@@ -18,10 +18,10 @@ console = Console()
 
 
 def _synthetic_data(config: Config, data_dir: Path) -> None:
-    """Generate the synthetic twin unless the same parameters already produced ``data_dir``."""
-    from mdmt.data.synthetic import generate
+    """Generate the synthetic twin unless the same parameters and generator version already produced ``data_dir``."""
+    from mdmt.data.synthetic import GENERATOR_VERSION, generate
 
-    params = dataclasses.asdict(config.synth)
+    params = dataclasses.asdict(config.synth) | {"generator_version": GENERATOR_VERSION}
     params.pop("out")
     stamp = data_dir / "demo-params.json"
     if stamp.is_file() and json.loads(stamp.read_text()) == params:
@@ -29,7 +29,7 @@ def _synthetic_data(config: Config, data_dir: Path) -> None:
         return
     s = config.synth
     summary = generate(data_dir, preset=s.preset, seed=s.seed, decoupled=s.decoupled, faults=s.faults,
-                       opacity=s.opacity, cohort=s.cohort)
+                       opacity=s.opacity, cohort=s.cohort, image_size=s.image_size)
     if hasattr(summary, "table"):
         console.print(summary.table())
     stamp.write_text(json.dumps(params))

@@ -89,6 +89,7 @@ RULES: tuple[Rule, ...] = (
     *within(Interval(0, 180), "augment.rotation"),
     *within(Interval(0, 1, low_open=True, high_open=True), "train.scheduler_factor", "protocol.loco_val_fraction"),
     *within(Interval(3), "protocol.cv_folds"),
+    *within(Interval(32), "synth.image_size"),
     ordered_pair("data.clip_percentiles", Interval(0, 100), strict=True),
     ordered_pair("augment.elastic_alpha", NON_NEGATIVE, strict=False),
     Rule("protocol.paired_cv_fold", lambda fold, config: 0 <= fold < config.protocol.cv_folds,

@@ -6,7 +6,7 @@ import json
 import shutil
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import pandas as pd
@@ -132,11 +132,12 @@ def _prepare_out(out: Path, wanted: dict[str, object], overwrite: bool) -> None:
 
 def generate(out: str | Path, preset: str | SynthPreset = "small", seed: int = 0, decoupled: bool = False,
              faults: Sequence[str] = (), opacity: float | None = None, progress: bool = True,
-             cohort: bool = False, overwrite: bool = True) -> SynthSummary:
+             cohort: bool = False, overwrite: bool = True, image_size: int | None = None) -> SynthSummary:
     """Write the synthetic BrixIA + AIforCOVID twin under ``out`` (``BRIXIA/``, ``AIforCOVID/``, truth).
 
     ``preset`` is a name of ``PRESETS`` or a ``SynthPreset``; ``opacity`` overrides its opacity strength
-    (0.19 by default; the "subtle" setting is 0.14). ``decoupled`` makes prognosis follow the heart size
+    (0.19 by default; the "subtle" setting is 0.14) and ``image_size`` its image side (px, before each device's
+    own size jitter). ``decoupled`` makes prognosis follow the heart size
     instead of the lung severity (negative control; the images stay the same). Each name in ``faults``
     (see ``FAULTS``) plants exactly one faulty AIforCOVID item. ``cohort`` adds a third dataset,
     ``COHORT/manifest.csv`` and ``COHORT/images/``: hospitals G and H, half as many patients as
@@ -147,6 +148,8 @@ def generate(out: str | Path, preset: str | SynthPreset = "small", seed: int = 0
     """
     start = time.perf_counter()
     spec = resolve_preset(preset)
+    if image_size is not None:
+        spec = replace(spec, image_size=int(image_size))
     check_preset(spec)
     unknown = sorted(set(faults) - set(FAULTS))
     if unknown:
