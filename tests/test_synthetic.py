@@ -40,10 +40,9 @@ INT64_MAX = 2**63 - 1
 SHEETS = {"imgs": "AIforCOVID.xlsx", "imgs_r2": "AIforCOVID_r2.xlsx", "imgs_r3": "AIforCOVID_r3.xlsx"}
 ID_PATTERNS = {"imgs": r"P_\d+", "imgs_r2": r"P_[12]_\d+", "imgs_r3": r"P_3_\d+"}
 MANIFEST_COLUMNS = ["image", "patient", "center", "outcome", *(f"brixia_{r}" for r in REGIONS), "brixia_global"]
-TINY_SEED0_DIGEST = "2513d5096e039533ceaf26330bc1ab5f93454fb7b941ffff73526e86043fae76"
-"""``tree_digest`` of ``generate(out, "tiny", seed=0)`` as written by the single-module generator (commit 9f58894),
-except the three AIforCOVID workbooks, whose clinical columns gained an outcome signal and the blood gas panel's
-missingness (the clinical stream only: every other file is byte-identical)."""
+TINY_SEED0_DIGEST = "86406aedb7c75a037c28e05b396b74371d714c38fe480adbf5659beb4e720eed"
+"""``tree_digest`` of ``generate(out, "tiny", seed=0)`` with generator version 2 (the lungs' darkness varies per
+patient; prognosis slope 2.0). A change that moves it must bump ``GENERATOR_VERSION``."""
 
 
 def file_hashes(root: Path) -> dict[str, str]:
@@ -251,9 +250,9 @@ def test_same_seed_is_byte_identical_and_a_new_seed_replaces_it(tiny_data: Path,
         assert other[name] != reference[name]
 
 
-def test_tiny_output_is_the_single_module_generators(tiny_data: Path):
-    """The package writes exactly the bytes the generator wrote before it was split into modules (the digest
-    also depends on the pinned pydicom, openpyxl, pandas and Pillow versions)."""
+def test_tiny_output_is_pinned(tiny_data: Path):
+    """The generator writes exactly the pinned bytes for its version (the digest also depends on the pinned
+    pydicom, openpyxl, pandas and Pillow versions)."""
     assert tree_digest(tiny_data) == TINY_SEED0_DIGEST
 
 
@@ -306,16 +305,22 @@ def test_each_fault_adds_exactly_its_faulty_item(tiny_data: Path, tmp_path: Path
 
 
 # ------------------------------------------------------------------------------------------------ learnability
-def test_zone_intensity_follows_the_zone_score(tiny_data: Path):
-    means, scores = [], []
+def test_zone_intensity_follows_the_zone_score_within_a_film(tiny_data: Path):
+    """Opacities brighten a zone against the film's other zones, but the lungs' darkness varies from patient to
+    patient, so raw brightness across films is a weak read-out of the score: a model has to find the opacities."""
+    raw_means, raw_scores, relative_means, relative_scores = [], [], [], []
     for row in truth(tiny_data, "brixia").itertuples():
         image = normalize_intensity(read_image(tiny_data / row.path))
         zones = zone_map(tiny_data, "brixia", row.image_id)
-        for k, region in enumerate(REGIONS, start=1):
-            means.append(image[zones == k].mean())
-            scores.append(getattr(row, f"true_{region}"))
-    assert spearmanr(means, scores).statistic > 0.5
-    assert len(set(scores)) == 4
+        means = np.array([image[zones == k].mean() for k in range(1, len(REGIONS) + 1)])
+        scores = np.array([getattr(row, f"true_{region}") for region in REGIONS])
+        raw_means += list(means)
+        raw_scores += list(scores)
+        relative_means += list(means - means.mean())
+        relative_scores += list(scores - scores.mean())
+    assert spearmanr(relative_means, relative_scores).statistic > 0.6
+    assert spearmanr(raw_means, raw_scores).statistic < 0.5
+    assert len(set(raw_scores)) == 4
 
 
 def test_prognosis_follows_severity_and_the_hospital_rates(probe: dict[bool, Path]):

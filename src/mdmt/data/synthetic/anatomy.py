@@ -2,11 +2,12 @@
 
 The geometry and the opacity model were calibrated on 64 × 64 px images, where a small CNN trained on
 the twin shows the multi-task gain in minutes: a soft elliptical body, two dark lung ellipses with
-faint ribs, a bright mediastinum and a heart whose half-width follows a latent heart size ``h``. A
-latent severity ``s`` sets the target coverage of smoothed-noise opacities in the six Brixia zones
-(three equal heights per lung, A–C on the image's left); each zone score is read from the RENDERED
-coverage, not from ``s``. The opacity strength is the main knob of the benchmark: 0.28 makes the
-severity task easy, 0.14 makes the opacities subtle, and the default 0.19 lies between.
+faint ribs (their darkness varies from patient to patient), a bright mediastinum and a heart whose
+half-width follows a latent heart size ``h``. A latent severity ``s`` sets the target coverage of
+smoothed-noise opacities in the six Brixia zones (three equal heights per lung, A–C on the image's
+left); each zone score is read from the RENDERED coverage, not from ``s``. The opacity strength is a
+knob of the benchmark: 0.28 makes the severity task easy, 0.14 makes the opacities subtle, and the
+default 0.19 lies between.
 """
 
 from __future__ import annotations
@@ -25,6 +26,9 @@ CALIBRATION_SIZE = 64
 BODY_CENTRE, BODY_RADII, BODY_LEVEL = (0.5, 0.56), (0.44, 0.56), 0.55
 LUNG_X, LUNG_Y, LUNG_RADII, LUNG_LEVEL = (0.31, 0.69), 0.47, (0.13, 0.30), -0.38
 LUNG_CENTRE_JITTER, LUNG_RADIUS_JITTER = 0.012, 0.03
+LUNG_LEVEL_SD = 0.10
+"""Per-patient spread (sd) of the lung field's darkness: habitus, depth of inspiration, exposure. It keeps the mean
+brightness of the lungs from being a clean read-out of the opacity coverage, so a model has to find the opacities."""
 RIB_AMPLITUDE, RIB_CYCLES, RIB_BEND = 0.04, 9, 0.06
 """Rib stripes: 9 cycles over a lung height, descending by RIB_BEND at x = 0.5 ± RIB_HALF_SPAN."""
 RIB_HALF_SPAN = 0.32
@@ -59,6 +63,7 @@ class Anatomy:
     heart_x: float
     heart_size: float
     """The latent h ~ Beta(2, 3): heart half-width = 0.07 + 0.09 h."""
+    lung_level: float = LUNG_LEVEL
 
 
 def draw_anatomy(heart_size: float, rng: np.random.Generator) -> Anatomy:
@@ -72,6 +77,7 @@ def draw_anatomy(heart_size: float, rng: np.random.Generator) -> Anatomy:
         lung_ry=(LUNG_RADII[1] * radius[0, 1], LUNG_RADII[1] * radius[1, 1]),
         heart_x=HEART_CENTRE[0] + float(rng.normal(0.0, LUNG_CENTRE_JITTER)),
         heart_size=float(heart_size),
+        lung_level=LUNG_LEVEL + float(rng.normal(0.0, LUNG_LEVEL_SD)),
     )
 
 
@@ -164,7 +170,7 @@ def render(anatomy: Anatomy, severity: float, profile: DeviceProfile, opacity: f
     lung_top = min(y - ry for y, ry in zip(anatomy.lung_y, anatomy.lung_ry))
     bent = v - lung_top - RIB_BEND * ((u - 0.5) / RIB_HALF_SPAN) ** 2
     ribs = np.sin(2.0 * np.pi * RIB_CYCLES * bent / (2 * LUNG_RADII[1]))
-    image = body * BODY_LEVEL + dense * DENSE_LEVEL + lung * (LUNG_LEVEL + RIB_AMPLITUDE * ribs.astype(np.float32))
+    image = body * BODY_LEVEL + dense * DENSE_LEVEL + lung * (anatomy.lung_level + RIB_AMPLITUDE * ribs.astype(np.float32))
     mask, coverage = _opacities(zones, severity, scale, rng)
     image += np.float32(opacity) * mask
     image = (np.clip(image, 0.0, 1.0) ** np.float32(profile.gamma) * np.float32(profile.contrast)

@@ -6,7 +6,7 @@ import enum
 
 import numpy as np
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 """Bump when the same seed and parameters start to write different files."""
 
 BRIXIA_DIR, AIFORCOVID_DIR, TRUTH_DIR = "BRIXIA", "AIforCOVID", "_synthetic_truth"
