@@ -97,6 +97,32 @@ def test_multisource_items_carry_every_task_and_collate():
     assert batch["present"]["severity_regions"].tolist() == [False] * 10 + [True] * 6
 
 
+def assert_same_batch(got, expected, where="batch"):
+    if isinstance(expected, dict):
+        assert set(got) == set(expected), where
+        for key in expected:
+            assert_same_batch(got[key], expected[key], f"{where}.{key}")
+    else:
+        assert got.dtype == expected.dtype and got.shape == expected.shape and torch.equal(got, expected), where
+
+
+def test_whole_batch_fetch_equals_collating_the_items():
+    """``__getitems__`` (one fancy index per source) gives exactly what collating item by item gives, in the order
+    asked, for one source, for mixed sources and with clinical features."""
+    clinical = np.arange(30, dtype=np.float32).reshape(10, 3)
+    afc = CachedImageDataset(aiforcovid(), np.arange(10)[::-1], [TASKS[0]], clinical=clinical)
+    mixed = MultiSourceDataset([CachedImageDataset(aiforcovid(), np.arange(10), [TASKS[0]]),
+                                CachedImageDataset(brixia(), np.arange(6), [TASKS[1]])])
+    rng = np.random.default_rng(0)
+    for dataset in (afc, mixed):
+        for size in (1, 5, len(dataset)):
+            indices = rng.permutation(len(dataset))[:size].tolist()
+            expected = torch.utils.data.default_collate([dataset[i] for i in indices])
+            assert_same_batch(dataset.__getitems__(indices), expected)
+    with pytest.raises(IndexError):
+        mixed.__getitems__([0, 16])
+
+
 def test_dataset_pickles_for_workers():
     dataset = CachedImageDataset(aiforcovid(), [2, 5], TASKS)
     clone = pickle.loads(pickle.dumps(dataset))

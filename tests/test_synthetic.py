@@ -256,6 +256,11 @@ def test_tiny_output_is_pinned(tiny_data: Path):
     assert tree_digest(tiny_data) == TINY_SEED0_DIGEST
 
 
+def test_rendering_in_processes_writes_the_same_bytes(tmp_path: Path):
+    generate(tmp_path / "twin", "tiny", seed=0, progress=False, workers=2)
+    assert tree_digest(tmp_path / "twin") == TINY_SEED0_DIGEST
+
+
 def test_refuses_to_write_over_foreign_data(tmp_path: Path):
     (tmp_path / "BRIXIA").mkdir()
     (tmp_path / "BRIXIA" / "keep.txt").write_text("real data")

@@ -150,7 +150,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
     out = args.out or config.synth.out
     s = config.synth
     summary = generate(out, preset=s.preset, seed=s.seed, decoupled=s.decoupled, faults=s.faults, opacity=s.opacity,
-                       cohort=s.cohort, overwrite=s.overwrite, image_size=s.image_size)
+                       cohort=s.cohort, overwrite=s.overwrite, image_size=s.image_size, workers=s.workers)
     console.print(summary.table() if hasattr(summary, "table") else summary)
     console.print(f"[green]synthetic data written to {Path(out).resolve()}")
     return 0

@@ -82,7 +82,7 @@ RULES: tuple[Rule, ...] = (
     *within(NON_NEGATIVE, "data.workers", "train.weight_decay", "train.min_lr", "train.warmup_epochs",
             "train.early_stopping", "train.scheduler_patience", "train.num_workers", "train.threads",
             "augment.shift", "loss.task_weights[]", "grid.seeds[]", "grid.folds[]", "run.fold", "seed",
-            "synth.seed", "synth.opacity", "grid.slurm.gpus_per_run"),
+            "synth.seed", "synth.opacity", "synth.workers", "grid.slurm.gpus_per_run"),
     *within(FRACTION, "data.max_drop_fraction", "augment.p", "train.mix_ratio"),
     *within(Interval(0, 0.5, high_open=True), "data.crop_margin"),
     *within(Interval(0, 1, high_open=True), "augment.zoom"),

@@ -106,6 +106,22 @@ class CachedImageDataset(Dataset):
             item["clinical"] = self.clinical[index]
         return item
 
+    def __getitems__(self, indices: Sequence[int]) -> Item:
+        """The items at ``indices`` already collated (what ``default_collate`` makes of them), from one fancy index
+        into the cache instead of one read and one dict per item; the DataLoader calls it for whole batches."""
+        index = torch.as_tensor(np.asarray(indices, dtype=np.int64))
+        rows = self.rows[index.numpy()]
+        batch = {
+            "image": torch.from_numpy(np.asarray(self.cache.images[rows])).unsqueeze(1),
+            "targets": {name: values[index] for name, values in self.targets.items()},
+            "present": {name: values[index] for name, values in self.present.items()},
+            "source": torch.full((len(rows),), self.source, dtype=torch.int64),
+            "row": torch.from_numpy(rows),
+        }
+        if self.clinical is not None:
+            batch["clinical"] = self.clinical[index]
+        return batch
+
 
 class MultiSourceDataset(Dataset):
     """Datasets one after the other (index = offset of the dataset + index within it).
@@ -145,6 +161,40 @@ class MultiSourceDataset(Dataset):
                 item["present"][name] = torch.tensor(False)
         item["source"] = source
         return item
+
+    def __getitems__(self, indices: Sequence[int]) -> Item:
+        """The items at ``indices`` already collated, one ``CachedImageDataset.__getitems__`` per source, in the
+        order asked (a task a source lacks: zero targets, present False)."""
+        indices = np.asarray(indices, dtype=np.int64)
+        if len(indices) and not (0 <= indices.min() and indices.max() < len(self)):
+            raise IndexError(f"indices out of range for {len(self)} items")
+        sources = np.searchsorted(self.offsets, indices, side="right") - 1
+        parts, order = [], []
+        for source in np.unique(sources):
+            where = np.flatnonzero(sources == source)
+            part = self.datasets[source].__getitems__(indices[where] - int(self.offsets[source]))
+            for name, dim in self.target_dims.items():
+                if name not in part["targets"]:
+                    part["targets"][name] = torch.zeros(len(where), dim, dtype=torch.float32)
+                    part["present"][name] = torch.zeros(len(where), dtype=torch.bool)
+            part["source"] = torch.full((len(where),), int(source), dtype=torch.int64)
+            parts.append(part)
+            order.append(where)
+        inverse = torch.from_numpy(np.argsort(np.concatenate(order), kind="stable"))
+        return _concatenated(parts, inverse)
+
+
+def _concatenated(parts: list[Any], inverse: torch.Tensor) -> Any:
+    """Batches of the same structure joined along the first axis, rows reordered by ``inverse``."""
+    first = parts[0]
+    if isinstance(first, dict):
+        return {key: _concatenated([part[key] for part in parts], inverse) for key in first}
+    return torch.cat(parts)[inverse]
+
+
+def already_collated(batch: Item) -> Item:
+    """The DataLoader's ``collate_fn`` for datasets whose ``__getitems__`` returns a collated batch."""
+    return batch
 
 
 def batch_counts(batch_size: int, ratios: Sequence[float]) -> list[int]:
@@ -268,6 +318,8 @@ def make_loader(
         "pin_memory": train.device != "cpu" and torch.cuda.is_available(),
         "persistent_workers": workers > 0,
     }
+    if hasattr(dataset, "__getitems__"):
+        common["collate_fn"] = already_collated
     if batch_sampler is not None:
         return DataLoader(dataset, batch_sampler=batch_sampler, **common)
     return DataLoader(dataset, batch_size=train.batch_size, shuffle=False, **common)

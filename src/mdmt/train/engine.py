@@ -41,9 +41,12 @@ EpochCallback = Callable[[int, dict[str, float]], None]
 TRAIN_PHASES = ("data", "forward", "backward", "step")
 """Where a training epoch's time goes (history columns ``<phase>_s``): waiting for the next batch, host → device
 and augmentation; model forward and the losses; the weighting's backward; gradient averaging, optimizer step and
-bookkeeping. They add up to the training pass; ``eval_s`` is the validation pass."""
+bookkeeping. They add up to the training pass."""
 
-TIMING_COLUMNS = ("seconds", *(f"{phase}_s" for phase in TRAIN_PHASES), "eval_s")
+EVAL_PHASES = ("eval_data", "eval_forward")
+"""The validation pass's time: waiting for the next batch and host → device; model forward and the losses."""
+
+TIMING_COLUMNS = ("seconds", *(f"{phase}_s" for phase in (*TRAIN_PHASES, *EVAL_PHASES)))
 """History columns that measure time (the ones that differ between two otherwise identical runs)."""
 
 SYNC_TIMING_ENV = "MDMT_SYNC_TIMING"
@@ -357,16 +360,20 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate_epoch(self, loader: Iterable[Any]) -> LossMeter:
-        """Losses on ``loader`` without augmentation or gradients; the meter's ``seconds`` holds ``eval``."""
+        """Losses on ``loader`` without augmentation or gradients; the meter's ``seconds`` splits the pass into
+        ``EVAL_PHASES``."""
         self.model.eval()
-        clock = PhaseClock(("eval",), self.device, self.sync_timing)
+        clock = PhaseClock(EVAL_PHASES, self.device, self.sync_timing)
         meter = LossMeter(self.task_names, self.device)
         for batch in loader:
             x, targets, present = self.batches(batch)
+            clinical = self.batches.clinical(batch)
+            clock.lap("eval_data")
             losses = _forward_losses(self.forward, x, targets, present, self.tasks, self.loss_variant, self.amp,
-                                     self.batches.clinical(batch))
+                                     clinical)
             meter.add(losses, present, x.shape[0])
-        clock.lap("eval")
+            clock.lap("eval_forward")
+        clock.lap("eval_data")  # the loader's end
         meter.seconds = clock.seconds
         return meter
 
