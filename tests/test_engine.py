@@ -192,6 +192,22 @@ def test_killed_run_resumes_to_the_same_result(reference, tiny_caches, tmp_path)
     assert all(torch.equal(best_a[k], best_b[k]) for k in best_a)
 
 
+def test_checkpoint_interval_replays_to_the_same_result(reference, tiny_caches, tmp_path):
+    """With ``checkpoint_every_s`` longer than the run, ``last.pt`` is written only after the last epoch; a run killed
+    before it starts again and still ends with the reference's history and weights."""
+    config, _, result, model = reference
+    sparse = dataclasses.replace(config, train=dataclasses.replace(config.train, checkpoint_every_s=1e9))
+    with pytest.raises(Killed):
+        _fit(sparse, tiny_caches, tmp_path / "run", kill_after=1)
+    assert not (tmp_path / "run" / LAST_CHECKPOINT).exists()
+    assert pd.read_csv(tmp_path / "run" / HISTORY_FILE)["epoch"].tolist() == [0, 1]
+    again, model_again = _fit(sparse, tiny_caches, tmp_path / "run")
+    pd.testing.assert_frame_equal(_comparable(again.history), _comparable(result.history))
+    for (name, a), b in zip(model.state_dict().items(), model_again.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    assert load_checkpoint(tmp_path / "run" / LAST_CHECKPOINT)["loop"]["finished"]
+
+
 @pytest.mark.parametrize("weighting", ["uncertainty", "dwa"])
 def test_resume_restores_the_task_weighting_state(weighting, tiny_config, tiny_caches, tmp_path):
     config = _engine_config(tiny_config, max_epochs=4)

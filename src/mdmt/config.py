@@ -139,6 +139,9 @@ class TrainConfig:
     amp: bool = True
     channels_last: bool = True
     compile: bool = False
+    checkpoint_every_s: float = 0.0
+    """``last.pt`` (exact resume) after an epoch only when this many seconds have passed since the last one, and
+    always after the last epoch; 0: after every epoch. A crash then replays at most that much training."""
 
 
 @dataclass

@@ -80,7 +80,7 @@ RULES: tuple[Rule, ...] = (
             "grid.workers", "grid.slurm.time_minutes", "grid.slurm.cpus_per_run", "grid.slurm.mem_gb"),
     *within(POSITIVE, "train.lr", "augment.elastic_sigma"),
     *within(NON_NEGATIVE, "data.workers", "train.weight_decay", "train.min_lr", "train.warmup_epochs",
-            "train.early_stopping", "train.scheduler_patience", "train.num_workers", "train.threads",
+            "train.early_stopping", "train.scheduler_patience", "train.checkpoint_every_s", "train.num_workers", "train.threads",
             "augment.shift", "loss.task_weights[]", "grid.seeds[]", "grid.folds[]", "run.fold", "seed",
             "synth.seed", "synth.opacity", "synth.workers", "grid.slurm.gpus_per_run"),
     *within(FRACTION, "data.max_drop_fraction", "augment.p", "train.mix_ratio"),

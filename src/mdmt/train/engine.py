@@ -36,7 +36,7 @@ STATUS_EVERY = 20
 """Steps between running-loss updates of the progress bar on a GPU (each costs a device sync)."""
 
 EpochCallback = Callable[[int, dict[str, float]], None]
-"""Called after each epoch's checkpoint is on disk with (epoch index, history row)."""
+"""Called after each epoch's bookkeeping (history, and ``last.pt`` when due) with (epoch index, history row)."""
 
 TRAIN_PHASES = ("data", "forward", "backward", "step")
 """Where a training epoch's time goes (history columns ``<phase>_s``): waiting for the next batch, host → device
@@ -247,6 +247,7 @@ class Trainer:
 
     def __post_init__(self) -> None:
         self.run_dir = Path(self.run_dir)
+        self.last_checkpoint = time.perf_counter()
         self.task_names = [t.name for t in self.tasks]
         if self.select_task not in self.task_names:
             raise ConfigError(f"select_task {self.select_task!r} is not one of the model's tasks {self.task_names}")
@@ -397,7 +398,10 @@ class Trainer:
         self.history.append(row)
         if self.dist.is_main:
             self._write_history()
-            save_checkpoint(self._checkpoint(), self.run_dir / LAST_CHECKPOINT)
+            now = time.perf_counter()
+            if self.state.finished or now - self.last_checkpoint >= self.cfg.checkpoint_every_s:
+                save_checkpoint(self._checkpoint(), self.run_dir / LAST_CHECKPOINT)
+                self.last_checkpoint = now
         return row
 
     def fit(

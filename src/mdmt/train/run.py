@@ -67,7 +67,7 @@ from mdmt.train.strategies import Strategy, get_strategy, permute_labels
 
 RUNTIME_KEYS = {
     "data": ("cache_dir", "workers"),
-    "train": ("num_workers", "threads", "device", "compile"),
+    "train": ("num_workers", "threads", "device", "compile", "checkpoint_every_s"),
 }
 """Keys that may change between a run and its resumption (where things are, machine settings)."""
 console = Console()
