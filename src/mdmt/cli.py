@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import importlib
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -269,33 +270,28 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_skipped(skipped: Any) -> None:
-    for row in skipped.itertuples(index=False):
+def _films(args: argparse.Namespace, module: str, function: str, verb: str, written: Callable[[Any], str]) -> int:
+    """Apply ``mdmt.infer.<module>.<function>`` of the run to the films (the config is checked before the heavy
+    import); print each skipped film with its reason, then ``written(result)``: what was written."""
+    infer = resolve_config(args, INFER_OPTIONS).infer
+    apply = getattr(importlib.import_module(f"mdmt.infer.{module}"), function)
+    result = apply(args.run, args.paths, args.out, batch_size=infer.batch_size, device=infer.device,
+                   clinical=infer.clinical, clinical_id=infer.clinical_id)
+    for row in result.skipped.itertuples(index=False):
         console.print(f"skipped {row.path}: {row.reason}", markup=False, highlight=False)
+    console.print(f"[green]{len(result.table)} film(s) {verb}, {len(result.skipped)} skipped → "
+                  f"{escape(written(result))}")
+    return 0
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    infer = resolve_config(args, INFER_OPTIONS).infer
-    from mdmt.infer.predict import PREDICTIONS_CSV, predict_files
-
-    result = predict_files(args.run, args.paths, args.out, batch_size=infer.batch_size, device=infer.device,
-                           clinical=infer.clinical, clinical_id=infer.clinical_id)
-    _print_skipped(result.skipped)
-    console.print(f"[green]{len(result.table)} film(s) predicted, {len(result.skipped)} skipped → "
-                  f"{escape(str(args.out / PREDICTIONS_CSV))} (and predictions.json, skipped.csv)")
-    return 0
+    return _films(args, "predict", "predict_files", "predicted",
+                  lambda result: f"{result.written[0]} (and predictions.json, skipped.csv)")
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
-    infer = resolve_config(args, INFER_OPTIONS).infer
-    from mdmt.infer.explain import explain_files
-
-    result = explain_files(args.run, args.paths, args.out, batch_size=infer.batch_size, device=infer.device,
-                           clinical=infer.clinical, clinical_id=infer.clinical_id)
-    _print_skipped(result.skipped)
-    console.print(f"[green]{len(result.table)} film(s) explained, {len(result.skipped)} skipped → "
-                  f"{escape(str(args.out))} (overlays, contact sheets, predictions.csv)")
-    return 0
+    return _films(args, "explain", "explain_files", "explained",
+                  lambda result: f"{args.out} (overlays, contact sheets, predictions.csv)")
 
 
 def cmd_export(args: argparse.Namespace) -> int:

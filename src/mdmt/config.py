@@ -204,7 +204,7 @@ class SynthConfig:
     image_size: int | None = None
     """Image side in px (before each device's size jitter); None: the preset's."""
     workers: int = 0
-    """Processes that render the images (0 or 1: this one); the files are the same either way."""
+    """Processes that render the images (0: this one); the files are the same either way."""
     faults: list[str] = field(default_factory=list)
     cohort: bool = False
     """Also write a third dataset: a cohort from hospitals G and H as a manifest, with both labels."""

@@ -23,9 +23,8 @@ import re
 import shutil
 import sys
 import time
-from collections.abc import Iterable, Iterator
-from concurrent.futures import ProcessPoolExecutor
-from contextlib import ExitStack
+from collections.abc import Iterable
+from contextlib import ExitStack, closing
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -37,9 +36,10 @@ import pandas as pd
 from mdmt.config import DataConfig
 from mdmt.data.crop_qc import crop_table
 from mdmt.data.lungs import find_mask
-from mdmt.data.preprocess import Preprocessed, file_identity, file_sha256, preprocess_params, try_preprocess
+from mdmt.data.preprocess import file_identity, file_sha256, preprocess_params, try_preprocess
 from mdmt.data.sources import SourceTable
 from mdmt.errors import DataError, ImageReadError
+from mdmt.parallel import ordered_map
 from mdmt.progress import progress_bar
 from mdmt.runs import atomic_write_text
 
@@ -222,17 +222,6 @@ def _versions() -> dict[str, str]:
     return versions
 
 
-def _preprocessed(items: list[tuple[str, str]], cfg: DataConfig, stack: ExitStack) -> Iterable[Preprocessed | str]:
-    """Results in input order: in-process, or from ``cfg.workers`` processes in chunks."""
-    work = functools.partial(try_preprocess, cfg=cfg)
-    if cfg.workers <= 0:
-        return map(work, items)
-    pool = stack.enter_context(ProcessPoolExecutor(max_workers=cfg.workers))
-    stack.callback(pool.shutdown, cancel_futures=True)
-    chunk = max(1, min(32, len(items) // (4 * cfg.workers)))
-    return pool.map(work, items, chunksize=chunk)
-
-
 def _check_space(final: Path, n_images: int, size: int) -> None:
     """DataError naming the cache folder ``final`` when the disk of its (existing) parent cannot hold ``n_images``
     images of ``size × size`` bytes."""
@@ -255,7 +244,8 @@ def _write_images(
     added: list[dict[str, Any]] = []
     failures: list[dict[str, str]] = []
     with open(images_path, "wb") as out, ExitStack() as stack:
-        results: Iterator[Preprocessed | str] = iter(_preprocessed(items, cfg, stack))
+        results = stack.enter_context(closing(ordered_map(functools.partial(try_preprocess, cfg=cfg), items,
+                                                          cfg.workers)))
         for row, result in enumerate(progress_bar(results, f"caching {name}", total=len(items), enabled=progress)):
             path, image_id = items[row]
             if isinstance(result, str):

@@ -312,7 +312,6 @@ def return_freed_batches() -> None:
     libc.mallopt(M_MMAP_THRESHOLD, LARGE_ALLOCATION)
 
 
-
 def seed_worker(worker_id: int) -> None:
     """Seed ``random`` and numpy in a DataLoader worker from its torch seed (set from the loader's generator); return
     freed batch buffers to the system (``return_freed_batches``)."""

@@ -2,7 +2,8 @@
 
 The loop knows nothing about strategies: it gets a model, its tasks, two loaders, a task weighting and the
 task whose validation loss selects the model. Every epoch ends with ``last.pt`` (everything needed to go on,
-RNG states included) written atomically, so a run killed at any point and started again with the same inputs
+RNG states included) written atomically, or, with ``train.checkpoint_every_s``, the first epoch that many seconds
+after the last one and the last epoch; a run killed at any point and started again with the same inputs
 finishes with the same weights and history as one that was never interrupted. Each history row also says where
 the epoch's time went (``TIMING_COLUMNS``: data, forward, backward, step, validation).
 """

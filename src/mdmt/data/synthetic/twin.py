@@ -6,8 +6,8 @@ import functools
 import json
 import shutil
 import time
-from collections.abc import Iterable, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Sequence
+from contextlib import closing
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -49,6 +49,7 @@ from mdmt.data.synthetic.sheets import (
 )
 from mdmt.data.synthetic.writers import write_image
 from mdmt.errors import ConfigError
+from mdmt.parallel import ordered_map
 from mdmt.progress import progress_bar
 
 INTERCEPTS_KEY = "prognosis_intercepts"
@@ -139,15 +140,6 @@ def _draw_image(plan: ImagePlan, out: Path, seed: int, strength: float) -> dict[
     return write_image(plan, rendered, out, seed)
 
 
-def _in_processes(work: functools.partial, items: list[ImagePlan], workers: int) -> Iterable[dict[str, object]]:
-    """``work`` over ``items`` in order: here, or in ``workers`` processes (chunks of up to 32)."""
-    if workers <= 1:
-        yield from map(work, items)
-        return
-    with ProcessPoolExecutor(max_workers=workers) as pool:
-        yield from pool.map(work, items, chunksize=max(1, min(32, len(items) // (4 * workers))))
-
-
 def generate(out: str | Path, preset: str | SynthPreset = "small", seed: int = 0, decoupled: bool = False,
              faults: Sequence[str] = (), opacity: float | None = None, progress: bool = True,
              cohort: bool = False, overwrite: bool = True, image_size: int | None = None,
@@ -156,7 +148,7 @@ def generate(out: str | Path, preset: str | SynthPreset = "small", seed: int = 0
 
     ``preset`` is a name of ``PRESETS`` or a ``SynthPreset``; ``opacity`` overrides its opacity strength
     (0.19 by default; the "subtle" setting is 0.14) and ``image_size`` its image side (px, before each device's
-    own size jitter). ``workers`` > 1 renders in that many processes (the same bytes: every image has its own
+    own size jitter). ``workers`` >= 1 renders in that many processes (the same bytes: every image has its own
     random stream). ``decoupled`` makes prognosis follow the heart size
     instead of the lung severity (negative control; the images stay the same). Each name in ``faults``
     (see ``FAULTS``) plants exactly one faulty AIforCOVID item. ``cohort`` adds a third dataset,
@@ -200,9 +192,9 @@ def generate(out: str | Path, preset: str | SynthPreset = "small", seed: int = 0
     rows: dict[str, list[dict[str, object]]] = {name: [] for name in plans}
     every = [p for group in plans.values() for p in group]
     draw = functools.partial(_draw_image, out=out, seed=seed, strength=strength)
-    for plan, row in zip(every, progress_bar(_in_processes(draw, every, workers), "synthetic images",
-                                             total=len(every), enabled=progress)):
-        rows[plan.dataset].append(row)
+    with closing(ordered_map(draw, every, workers)) as drawn:
+        for plan, row in zip(every, progress_bar(drawn, "synthetic images", total=len(every), enabled=progress)):
+            rows[plan.dataset].append(row)
 
     truths = {"brixia": write_brixia_tables(plans["brixia"], pd.DataFrame(rows["brixia"]), out, seed)}
     truths["aiforcovid"], intercepts = write_aiforcovid_sheets(plans["aiforcovid"], pd.DataFrame(rows["aiforcovid"]),
