@@ -51,9 +51,9 @@ TARGET = 0.70
 """The issue's target share of forward + backward in the demo's core time."""
 
 RUN_PHASES = (*TRAIN_PHASES, *EVAL_PHASES)
+"""The per-epoch phases of ``history.csv`` (columns ``<phase>_s``)."""
 MODEL_PHASES = ("forward", "backward", "eval_forward")
 """The model's own work: forward (training and validation) and backward."""
-"""The per-epoch phases of ``history.csv`` (columns ``<phase>_s``)."""
 
 SMOKE = ["synth.preset=tiny", "grid.protocols=[cv5]", "grid.folds=[0]", "grid.seeds=[0]", "train.max_epochs=2",
          "train.warmup_epochs=0"]

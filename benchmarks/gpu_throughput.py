@@ -44,7 +44,7 @@ from mdmt.data.dataset import (
 from mdmt.losses import task_losses
 from mdmt.models.multitask import build_model
 from mdmt.tasks import get_task
-from mdmt.train.engine import Trainer
+from mdmt.train.engine import Trainer, make_optimizer
 from mdmt.weighting import build_weighting
 
 NO_CUDA = "no CUDA device: nothing measured"
@@ -65,7 +65,7 @@ def bare_images_per_s(backbone: str, size: int, batch: int, warmup: int, steps: 
     x = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=torch.channels_last)
     targets = {task.name: torch.randint(0, 2, (batch, 1), device=device).float()}
     present = {task.name: torch.ones(batch, dtype=torch.bool, device=device)}
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    optimizer = make_optimizer(model.parameters(), device, lr=1e-3)
 
     def step() -> None:
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):

@@ -1,5 +1,11 @@
 """Cost of the paper's grid: 18 backbones × (5-fold CV + 6 LOCO folds) × (STL τ1, STL τ2, FT, MDMT).
 
+The runs are those ``mdmt grid --config paper`` trains (``expand_grid``): STL τ2 runs only on BrixIA's 5 CV folds,
+since every LOCO fold pairs with the same BrixIA fold (``protocol.paired_cv_fold``), and FT starts from them. Each
+run's training and validation images come from the paper's split files (``--splits``, default
+``../shared/data/official-splits``: counted) or, without them, from the protocol's fractions (CV: train 3/5,
+validation 1/5; LOCO: one center of 6 out, a tenth of the rest validates).
+
 Per backbone at 256 px (the paper's ``model.input_size``):
   - training throughput: **measured** on this machine's CPU for ``--measure`` backbones (a bare training step:
     forward + loss + backward + Adam, channels_last, ``--threads`` threads, CPU time of this process, median of
@@ -12,10 +18,10 @@ Per backbone at 256 px (the paper's ``model.input_size``):
     when the anchor is not measured. ``--gpu-cap`` is the assumed ceiling of the data path (loader +
     augmentation) for small backbones.
 Images per run: epochs × (training images + validation images / 3, a forward costing about a third of a step).
-Epochs per run: the paper config's bounds are warm-up 40 + patience 65 ≈ 106 (stops as soon as it may) and 300;
+Epochs per run: the paper config's bounds are warm-up 40 + patience 65 + 1 = 106 (stops as soon as it may) and 300;
 the assumed mean places the demo's ``history.csv`` runs (``--demo-runs``) at the same relative position between the
-demo's own bounds, or the middle of the paper's bounds when no demo output exists. Target: ≤ 12 GPU-hours on one
-H100-class GPU.
+demo config's own bounds, or the middle of the paper's bounds when no demo output exists. Target: ≤ 12 GPU-hours
+on one H100-class GPU.
 
     python benchmarks/grid_cost.py [--measure resnet18 shufflenet_v2_x0_5 ...] [--speedup 800] [--gpu-json F]
 """
@@ -24,9 +30,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import statistics
 import time
+from collections import Counter
 from pathlib import Path
 
 import pandas as pd
@@ -35,42 +43,72 @@ from rich.console import Console
 from rich.table import Table
 from torch.utils.flop_counter import FlopCounterMode
 
-from mdmt.config import ModelConfig, TrainConfig
+from mdmt.cli import config_path
+from mdmt.config import Config, ModelConfig, PluginRef, load_config, parse_override
+from mdmt.data.datasets import paired_fold
+from mdmt.data.splits import official_splits
+from mdmt.experiments.grid import expand_grid
 from mdmt.losses import task_losses
 from mdmt.models.multitask import build_model
+from mdmt.runs import RunSpec
 from mdmt.tasks import Task, get_task
+from mdmt.train.engine import make_optimizer
+from mdmt.train.strategies import get_strategy
 
-BACKBONES = ["densenet121", "densenet161", "densenet169", "densenet201",
-             "efficientnet_b0", "efficientnet_b1_pruned", "efficientnet_es", "efficientnet_es_pruned",
-             "efficientnet_lite0", "googlenet", "mobilenet_v2",
-             "resnet18", "resnet34", "resnet50", "resnet101", "wide_resnet50_2",
-             "shufflenet_v2_x0_5", "shufflenet_v2_x1_0"]
-N_AIFORCOVID, N_BRIXIA = 1585, 4695
-CV_FOLDS, LOCO_FOLDS = 5, 6
-TRAIN_FRACTION, VAL_FRACTION = 0.72, 0.08  # CV: a fifth is test, a tenth of the rest validates
-STRATEGY_DATASETS = {"stl_prognosis": ("aiforcovid",), "stl_severity": ("brixia",), "ft": ("aiforcovid",),
-                     "mdmt": ("aiforcovid", "brixia")}
-SIZES = {"aiforcovid": N_AIFORCOVID, "brixia": N_BRIXIA}
-PAPER_BOUNDS = (TrainConfig().warmup_epochs + TrainConfig().early_stopping + 1, TrainConfig().max_epochs)
-DEMO_BOUNDS = (2 + 8 + 1, 20)  # demo.yaml: warm-up 2, patience 8, max 20
+SIZES = {"aiforcovid": 1585, "brixia": 4695}
+"""Images of each dataset (the paper's counts), for the fractions when no split files are given."""
+LOCO_CENTERS = 6
 
 
-def images_per_epoch() -> float:
-    """Images one epoch of every strategy of one fold processes, in training-step equivalents, summed."""
+def bounds(config: Config) -> tuple[int, int]:
+    """Fewest and most epochs a run of ``config`` trains: warm-up + patience + 1, and ``max_epochs``."""
+    return config.train.warmup_epochs + config.train.early_stopping + 1, config.train.max_epochs
+
+
+def paper_grid(splits: Path | None) -> tuple[Config, list[RunSpec]]:
+    """The paper config (official protocols when ``splits`` is given, else cv5 and loco) and its runs, as
+    ``mdmt grid`` lists them."""
+    overrides = ["data.datasets.aiforcovid.params.root=unread",
+                 "data.datasets.brixia.params.root=unread"]  # the grid's runs are listed without reading any data
+    overrides.append(f"protocol.official_splits_dir={splits}" if splits else "grid.protocols=[cv5, loco]")
+    config = load_config(config_path("paper"), [parse_override(o) for o in overrides])
+    return config, expand_grid(config)
+
+
+@functools.cache
+def _split_sizes(splits: Path, protocol: str, dataset: str) -> list[tuple[int, int]]:
+    return [(len(s.train), len(s.val)) for s in official_splits(splits, protocol, dataset)]
+
+
+def train_val(dataset: str, protocol: str, fold: int, config: Config, splits: Path | None) -> tuple[float, float]:
+    """Training and validation images of ``dataset`` in (protocol, fold): counted in the split files or by fraction."""
+    if splits:
+        return _split_sizes(splits, protocol, dataset)[fold]
+    n, k = SIZES[dataset], config.protocol.cv_folds
+    if protocol == "cv5":
+        return n * (k - 2) / k, n / k
+    rest = n * (1 - 1 / LOCO_CENTERS)
+    return rest * (1 - config.protocol.loco_val_fraction), rest * config.protocol.loco_val_fraction
+
+
+def images_per_epoch(config: Config, spec: RunSpec, splits: Path | None) -> float:
+    """Training-step equivalents of one epoch of ``spec``: training images + validation images / 3."""
     total = 0.0
-    for datasets in STRATEGY_DATASETS.values():
-        n = sum(SIZES[d] for d in datasets)
-        total += n * TRAIN_FRACTION + n * VAL_FRACTION / 3
+    for dataset in get_strategy(spec.strategy, config).datasets:
+        protocol, fold = ((spec.protocol, spec.fold) if dataset == config.protocol.dataset
+                          else paired_fold(spec.protocol, spec.fold, config))
+        train, val = train_val(dataset, protocol, fold, config, splits)
+        total += train + val / 3
     return total
 
 
-def mean_epochs(demo_runs: Path) -> tuple[float, str]:
+def mean_epochs(demo_runs: Path, paper: Config) -> tuple[float, str]:
     """Assumed mean epochs per paper run and where the figure comes from."""
     lengths = [len(pd.read_csv(p)) for p in demo_runs.rglob("history.csv")] if demo_runs.is_dir() else []
-    low, high = PAPER_BOUNDS
+    low, high = bounds(paper)
     if not lengths:
         return (low + high) / 2, f"middle of the paper bounds {low}–{high} (no demo history.csv found)"
-    demo_low, demo_high = DEMO_BOUNDS
+    demo_low, demo_high = bounds(load_config(config_path("demo")))
     position = min(1.0, max(0.0, (statistics.mean(lengths) - demo_low) / (demo_high - demo_low)))
     source = (f"{len(lengths)} demo runs average {statistics.mean(lengths):.1f} epochs = {position:.2f} of the way "
               f"from {demo_low} to {demo_high}; the same place between the paper bounds {low}–{high}")
@@ -91,7 +129,7 @@ def cpu_seconds_per_image(model: torch.nn.Module, task: Task, size: int, batch: 
     x = torch.randn(batch, 3, size, size).contiguous(memory_format=torch.channels_last)
     targets = {task.name: torch.randint(0, 2, (batch, task.target_dim)).float()}
     present = {task.name: torch.ones(batch, dtype=torch.bool)}
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    optimizer = make_optimizer(model.parameters(), torch.device("cpu"), lr=1e-3)
     times = []
     for i in range(repeats + 1):
         start = time.process_time()
@@ -120,16 +158,21 @@ def main() -> None:
     parser.add_argument("--gpu-cap", type=float, default=8000.0, help="assumed data-path ceiling, images/s")
     parser.add_argument("--gpu-json", type=Path, default=None, help="gpu_throughput.py --json output")
     parser.add_argument("--demo-runs", type=Path, default=Path("demo-output/results/runs"))
+    parser.add_argument("--splits", type=Path, default=Path("../shared/data/official-splits"),
+                        help="the paper's split files (sizes counted there; fractions when the folder is missing)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     task = get_task("prognosis")
     gpu = json.loads(args.gpu_json.read_text()).get("end_to_end", {}) if args.gpu_json else {}
-    epochs, epochs_source = mean_epochs(args.demo_runs)
-    per_fold = images_per_epoch() * epochs
-    runs_images = per_fold * (CV_FOLDS + LOCO_FOLDS)
+    splits = args.splits if args.splits.is_dir() else None
+    paper, specs = paper_grid(splits)
+    backbones = [PluginRef.of(b).name for b in paper.grid.backbones]
+    epochs, epochs_source = mean_epochs(args.demo_runs, paper)
+    per_epoch = {spec: images_per_epoch(paper, spec, splits) for spec in specs}
+    images = {b: epochs * sum(n for spec, n in per_epoch.items() if spec.backbone == b) for b in backbones}
 
     rows = {}
-    for backbone in BACKBONES:
+    for backbone in backbones:
         cfg = dataclasses.replace(ModelConfig(), backbone=backbone, input_size=args.size)
         torch.manual_seed(0)
         model = build_model(cfg, [task])
@@ -143,8 +186,8 @@ def main() -> None:
     else:
         speedup, speedup_source = args.speedup, "--speedup (assumed)"
 
-    table = Table(title=f"paper grid cost, {args.size} px, {len(BACKBONES)} backbones × {CV_FOLDS + LOCO_FOLDS} folds "
-                        f"× {len(STRATEGY_DATASETS)} strategies, {epochs:.0f} epochs per run (assumed)",
+    table = Table(title=f"paper grid cost, {args.size} px, {len(specs)} runs of {len(backbones)} backbones, "
+                        f"{epochs:.0f} epochs per run (assumed)",
                   caption=f"m = measured, p = projected; CPU: {args.threads} thread(s), CPU time; GPU p = min("
                           f"{args.gpu_cap:g}, CPU img/s × {speedup:.0f}) (assumed)")
     for column in ("backbone", "GFLOPs", "CPU img/s", "", "GPU img/s", " ", "CPU-hours", "GPU-hours"):
@@ -155,7 +198,7 @@ def main() -> None:
         gpu_ips = gpu.get(backbone)
         gpu_label = "m" if gpu_ips else "p"
         gpu_ips = gpu_ips or min(args.gpu_cap, speedup / cpu_s)
-        cpu_hours, gpu_hours = runs_images * cpu_s / 3600, runs_images / gpu_ips / 3600
+        cpu_hours, gpu_hours = images[backbone] * cpu_s / 3600, images[backbone] / gpu_ips / 3600
         total_cpu += cpu_hours
         total_gpu += gpu_hours
         table.add_row(backbone, f"{r['gflops']:.2f}", f"{1 / cpu_s:.2f}", "m" if "cpu_s" in r else "p",
@@ -165,8 +208,14 @@ def main() -> None:
     console.print(table)
     console.print(f"epochs per run: {epochs:.1f} ({epochs_source})")
     console.print(f"speed-up CPU → H100: {speedup:.0f}× ({speedup_source})")
-    console.print(f"images per fold (4 strategies, train + val/3, all epochs): {per_fold:,.0f}; "
-                  f"runs: {len(BACKBONES) * (CV_FOLDS + LOCO_FOLDS) * len(STRATEGY_DATASETS)}")
+    per_strategy = Counter(spec.strategy for spec in specs if spec.backbone == backbones[0])
+    console.print(f"runs: {len(specs)} = {len(backbones)} backbones × ("
+                  + " + ".join(f"{n} {name}" for name, n in per_strategy.items()) + "); split sizes "
+                  + (f"counted in {args.splits}" if splits else "from the protocol's fractions"))
+    console.print(f"images per backbone (train + val/3, all epochs): {images[backbones[0]]:,.0f}; per epoch by "
+                  "strategy: "
+                  + ", ".join(f"{name} {statistics.mean(v for k, v in per_epoch.items() if k.strategy == name):,.0f}"
+                              for name in per_strategy))
     verdict = "within" if total_gpu <= 12 else "over"
     console.print(f"projected GPU-hours {total_gpu:.1f} vs target 12 on one H100-class GPU: {verdict} "
                   f"({'measured' if gpu else 'no'} GPU figures used)")

@@ -46,7 +46,7 @@ from mdmt.data.dataset import (
 from mdmt.losses import build_weighting, task_losses
 from mdmt.models.multitask import build_model
 from mdmt.tasks import REGION_COLUMNS, Task, get_task
-from mdmt.train.engine import Trainer
+from mdmt.train.engine import Trainer, make_optimizer
 
 
 def random_records(n: int, dataset: str, rng: np.random.Generator) -> pd.DataFrame:
@@ -118,7 +118,7 @@ def bare_step(model: torch.nn.Module, tasks: list[Task], batch: int, size: int) 
     model.to(memory_format=torch.channels_last)
     x, targets, present = random_batch(tasks, batch, size)
     weighting = build_weighting("fixed", tasks)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    optimizer = make_optimizer(model.parameters(), torch.device("cpu"), lr=1e-3)
 
     def step() -> None:
         losses = task_losses(model(x), targets, present, tasks, "clean")
@@ -134,7 +134,7 @@ def official_mdmt_step(model: torch.nn.Module, tasks: list[Task], batch: int, si
     """(c) official: ``ParallelMultiObjective.forward`` runs the backbone once per head (same memory format)."""
     model.to(memory_format=torch.channels_last)
     x, targets, present = random_batch(tasks, batch, size)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    optimizer = make_optimizer(model.parameters(), torch.device("cpu"), lr=1e-3)
 
     def step() -> None:
         outputs = {name: head(model.backbone(x)) for name, head in model.heads.items()}

@@ -270,3 +270,18 @@ def test_a_timm_model_with_a_pre_logits_head_reports_the_width_it_outputs():
     with torch.no_grad():
         out = backbone.module(torch.zeros(1, 3, 64, 64))
     assert out.shape == (1, backbone.feature_dim) and backbone.feature_dim == 1024
+
+
+def test_a_tiny_cnn_run_never_imports_torchvision():
+    """torchvision costs a second to import in every grid worker; a run whose backbone is not one of its models (the
+    demo's tiny_cnn) must not pay it. A torchvision backbone imports it when built."""
+    import subprocess
+
+    script = ("import sys; from mdmt.config import ModelConfig; from mdmt.models.multitask import build_model; "
+              "from mdmt.tasks import get_task; import mdmt.train.run, mdmt.experiments.grid; "
+              "build_model(ModelConfig(backbone='tiny_cnn', input_size=32), [get_task('prognosis')]); "
+              "print('torchvision' in sys.modules); "
+              "build_model(ModelConfig(backbone='resnet18', input_size=32), [get_task('prognosis')]); "
+              "print('torchvision' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["False", "True"]

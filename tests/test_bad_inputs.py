@@ -483,10 +483,10 @@ def writer_fails(number: int, name: str) -> Setup:
 
         real = mdmt.runs.atomic_write_bytes
 
-        def write_bytes(data: bytes, path: str | Path) -> None:
+        def write_bytes(data: bytes, path: str | Path, durable: bool = True) -> None:
             if Path(path).name == name:
                 raise OSError(number, os.strerror(number), str(path))
-            real(data, path)
+            real(data, path, durable)
 
         monkeypatch.setattr(mdmt.runs, "atomic_write_bytes", write_bytes)
 

@@ -58,3 +58,33 @@ def test_demo_profile_figures_add_up(tmp_path: Path) -> None:
     model = core["grid: forward"] + core["grid: backward"] + core["grid: eval_forward"]
     assert figures["forward_backward_share"] == pytest.approx(model / total)
     assert figures["target"] == 0.7 and figures["met"] == (figures["forward_backward_share"] >= 0.7)
+
+
+def _grid_cost():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("grid_cost", SCRIPT.with_name("grid_cost.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_grid_cost_counts_the_runs_the_grid_trains(official_splits_dir: Path) -> None:
+    """The projection prices the runs ``mdmt grid --config paper`` trains: per backbone 11 STL τ1, FT and MDMT runs
+    and only 5 STL τ2 runs (every LOCO fold pairs with BrixIA's fold 0); sizes counted in the split files."""
+    cost = _grid_cost()
+    for splits in (official_splits_dir, None):
+        config, specs = cost.paper_grid(splits)
+        per_strategy = {name: sum(s.strategy == name and s.backbone == "resnet18" for s in specs)
+                        for name in config.grid.strategies}
+        assert per_strategy == {"stl_prognosis": 11, "stl_severity": 5, "ft": 11, "mdmt": 11}
+    config, specs = cost.paper_grid(official_splits_dir)
+    lines = {part: len((official_splits_dir / "AFC" / "5" / "0" / f"{part}.txt").read_text().splitlines()) - 1
+             for part in ("train", "val")}
+    first = next(s for s in specs if s.strategy == "stl_prognosis" and s.protocol == "official-cv5" and s.fold == 0)
+    assert cost.images_per_epoch(config, first, official_splits_dir) == lines["train"] + lines["val"] / 3
+    mdmt = next(s for s in specs if s.strategy == "mdmt" and s.protocol == "official-loco" and s.fold == 2)
+    brixia = cost.train_val("brixia", "official-cv5", 0, config, official_splits_dir)
+    assert cost.images_per_epoch(config, mdmt, official_splits_dir) == pytest.approx(
+        sum(cost.train_val("aiforcovid", "official-loco", 2, config, official_splits_dir)[i] / (1, 3)[i]
+            for i in (0, 1)) + brixia[0] + brixia[1] / 3)

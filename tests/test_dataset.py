@@ -200,3 +200,9 @@ def test_shuffled_loader_follows_set_epoch():
     assert sorted(sum(first, [])) == list(range(10))
     unshuffled = make_loader(dataset, TrainConfig(batch_size=4))
     assert sum((b["row"].tolist() for b in unshuffled), []) == list(range(10))
+
+
+def test_mixing_datasets_with_and_without_clinical_features_is_refused():
+    with_features = CachedImageDataset(aiforcovid(), np.arange(4), [TASKS[0]], clinical=np.zeros((10, 2), np.float32))
+    with pytest.raises(ConfigError, match="clinical features for some"):
+        MultiSourceDataset([with_features, CachedImageDataset(brixia(), np.arange(3), [TASKS[1]])])

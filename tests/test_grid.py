@@ -179,6 +179,33 @@ def test_two_workers_complete_the_same_runs_as_one(tmp_path):
     assert {c["threads"] for c in calls(tmp_path / "parallel")} == {max(1, cpu_count() // 2)}
 
 
+def where_and_what(config: Config, spec: RunSpec, progress: bool = True) -> Path:
+    """A run that records the folder it works in, an environment variable and whether it imported the engine."""
+    run_dir = write_fake_run(config.results_dir, spec)
+    (run_dir / "seen.json").write_text(json.dumps({"cwd": os.getcwd(), "mark": os.environ.get("MDMT_TEST_MARK"),
+                                                   "engine_imported": "mdmt.train.run" in sys.modules,
+                                                   "pid": os.getpid()}))
+    return run_dir
+
+
+def test_workers_see_the_grids_folder_and_environment_of_each_call(tmp_path, monkeypatch):
+    """Workers fork from a fork server that imported the engine once; what the grid's process changed since (its
+    folder, its environment) still reaches every run, as it would in a freshly spawned process."""
+    seen = {}
+    for call in ("first", "second"):
+        here = tmp_path / call
+        here.mkdir()
+        monkeypatch.chdir(here)
+        monkeypatch.setenv("MDMT_TEST_MARK", call)
+        config = make_config("results", "grid.strategies=[stl_prognosis]", "grid.protocols=[cv5]",
+                             "protocol.cv_folds=3", "grid.backbones=[net_a]")
+        assert run_grid(config, workers=2, run_fn=where_and_what, progress=False).ok
+        seen[call] = [json.loads(p.read_text()) for p in (here / "results").rglob("seen.json")]
+        assert len(seen[call]) == 3
+        assert {s["cwd"] for s in seen[call]} == {str(here)} and {s["mark"] for s in seen[call]} == {call}
+        assert all(s["engine_imported"] and s["pid"] != os.getpid() for s in seen[call])
+
+
 def test_unknown_backend_and_missing_ray_are_config_errors(tmp_path, monkeypatch):
     config = small_config(tmp_path)
     with pytest.raises(ConfigError, match="backend"):

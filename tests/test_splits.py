@@ -231,3 +231,30 @@ def test_restrict_reports_ids_missing_from_the_records(caplog):
         limited = restrict(split, records)
     assert limited.train.tolist() == ["a", "c"] and limited.val.tolist() == ["d"] and limited.test.tolist() == ["f"]
     assert limited.dropped["image_id"].tolist() == ["b", "e"] and "2 split id(s)" in caplog.text
+
+
+def test_a_process_computes_each_fold_once(tiny_config, tiny_caches, monkeypatch):
+    """Runs of one grid worker share their folds: a second request with the same records, protocol section and seed
+    gets the split already computed; another seed, another protocol section or other records are computed anew."""
+    import dataclasses
+
+    from mdmt.data import datasets as datasets_module
+    from mdmt.data.datasets import build_splits, select
+
+    calls = []
+    compute = datasets_module.dataset_folds
+    monkeypatch.setattr(datasets_module, "dataset_folds", lambda *a, **k: calls.append(a[2:]) or compute(*a, **k))
+    monkeypatch.setattr(datasets_module, "_split_memo", {})
+    chosen = select(tiny_config, ["aiforcovid"])
+    first = build_splits(tiny_config, chosen, tiny_caches, "cv5", 1, 0)["aiforcovid"]
+    again = build_splits(tiny_config, chosen, tiny_caches, "cv5", 1, 0)["aiforcovid"]
+    assert again is first and len(calls) == 1
+    other_seed = build_splits(tiny_config, chosen, tiny_caches, "cv5", 1, 1)["aiforcovid"]
+    assert len(calls) == 2 and not np.array_equal(np.sort(other_seed.test), np.sort(first.test))
+    three = dataclasses.replace(tiny_config, protocol=dataclasses.replace(tiny_config.protocol, cv_folds=3))
+    build_splits(three, chosen, tiny_caches, "cv5", 1, 0)
+    assert len(calls) == 3
+    copy = {"aiforcovid": dataclasses.replace(tiny_caches["aiforcovid"],
+                                              records=tiny_caches["aiforcovid"].records.copy())}
+    fresh = build_splits(tiny_config, chosen, copy, "cv5", 1, 0)["aiforcovid"]
+    assert len(calls) == 4 and fresh is not first and np.array_equal(fresh.test, first.test)

@@ -205,7 +205,7 @@ def cmd_grid(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from mdmt.evaluate.report import build_report, headline_table_text
+    from mdmt.evaluate.report import build_report, collect, headline_table_text
 
     for path, what in ((args.results, "results folder"), (args.out, "report folder (--out)")):
         if path is not None and path.exists() and not path.is_dir():
@@ -214,8 +214,9 @@ def cmd_report(args: argparse.Namespace) -> int:
         from mdmt.evaluate.scoring import rescore
 
         console.print(f"rescored {rescore(args.results)} run(s) from their prediction files")
-    path = build_report(args.results, args.out, task=args.task)
-    _say(headline_table_text(args.results, args.task))
+    data = collect(args.results, args.task)
+    path = build_report(args.results, args.out, task=args.task, data=data)
+    _say(headline_table_text(args.results, args.task, data))
     _say(f"report: {path}", style="green")
     return 0
 

@@ -101,18 +101,20 @@ def task_of_predictions(path: Path) -> str:
 
 # --------------------------------------------------------------------------------------------- writing
 @contextlib.contextmanager
-def atomic_target(path: str | Path) -> Iterator[Path]:
+def atomic_target(path: str | Path, durable: bool = True) -> Iterator[Path]:
     """A temporary path beside ``path``; on success it is fsynced and renamed over ``path``, on error removed.
 
     ``with atomic_target(p) as tmp: torch.save(obj, tmp)`` leaves either the old file or the complete new one.
+    ``durable=False`` skips the fsync: a crash of the process still leaves the old or the new file, a power cut may
+    leave neither (for files the caller makes durable later with ``fsync_file``).
     An OSError that names no file (a write on a full disk) is raised again naming ``path``.
     """
     path = Path(path)
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     try:
         yield tmp
-        with open(tmp, "rb+") as handle:
-            os.fsync(handle.fileno())
+        if durable:
+            fsync_file(tmp)
         os.replace(tmp, path)
     except BaseException as exc:
         with contextlib.suppress(OSError):
@@ -122,15 +124,21 @@ def atomic_target(path: str | Path) -> Iterator[Path]:
         raise
 
 
-def atomic_write_bytes(data: bytes, path: str | Path) -> None:
-    """Write ``data`` to ``path`` through a temporary file, an fsync and a rename."""
-    with atomic_target(path) as tmp:
+def fsync_file(path: str | Path) -> None:
+    """Flush ``path``'s data to the disk."""
+    with open(path, "rb+") as handle:
+        os.fsync(handle.fileno())
+
+
+def atomic_write_bytes(data: bytes, path: str | Path, durable: bool = True) -> None:
+    """Write ``data`` to ``path`` through a temporary file, an fsync (unless not ``durable``) and a rename."""
+    with atomic_target(path, durable) as tmp:
         tmp.write_bytes(data)
 
 
-def atomic_write_text(text: str, path: str | Path) -> None:
-    """Write ``text`` (UTF-8) to ``path`` through a temporary file, an fsync and a rename."""
-    atomic_write_bytes(text.encode("utf-8"), path)
+def atomic_write_text(text: str, path: str | Path, durable: bool = True) -> None:
+    """Write ``text`` (UTF-8) to ``path`` through a temporary file, an fsync (unless not ``durable``) and a rename."""
+    atomic_write_bytes(text.encode("utf-8"), path, durable)
 
 
 def strict_json(value: Any) -> Any:

@@ -142,6 +142,18 @@ class MultiSourceDataset(Dataset):
                     raise ConfigError(f"task {name!r} has target_dim {self.target_dims[name]} in one dataset "
                                       f"and {dim} in another")
         self.offsets = np.cumsum([0] + [len(d) for d in self.datasets])
+        # whole batches are gathered from these: per item its source, its cache row, every task's target and flag
+        self.sources = np.repeat(np.arange(len(self.datasets), dtype=np.int64), [len(d) for d in self.datasets])
+        self.rows = np.concatenate([d.rows for d in self.datasets])
+        self.targets = {name: torch.cat([d.targets.get(name, torch.zeros(len(d), dim, dtype=torch.float32))
+                                         for d in self.datasets]) for name, dim in self.target_dims.items()}
+        self.present = {name: torch.cat([d.present.get(name, torch.zeros(len(d), dtype=torch.bool))
+                                         for d in self.datasets]) for name in self.target_dims}
+        with_clinical = [d.clinical is not None for d in self.datasets]
+        if any(with_clinical) and not all(with_clinical):
+            raise ConfigError("MultiSourceDataset: clinical features for some of the datasets only (give the others "
+                              "zeros, as mdmt.train.run does)")
+        self.clinical = torch.cat([d.clinical for d in self.datasets]) if all(with_clinical) else None
 
     @property
     def source_sizes(self) -> list[int]:
@@ -164,33 +176,28 @@ class MultiSourceDataset(Dataset):
         return item
 
     def __getitems__(self, indices: Sequence[int]) -> Item:
-        """The items at ``indices`` already collated, one ``CachedImageDataset.__getitems__`` per source, in the
-        order asked (a task a source lacks: zero targets, present False)."""
-        indices = np.asarray(indices, dtype=np.int64)
-        if len(indices) and not (0 <= indices.min() and indices.max() < len(self)):
+        """The items at ``indices`` already collated, in the order asked (a task a source lacks: zero targets, present
+        False): one fancy index into each source's cache, one gather per target, flag and clinical table."""
+        index = np.asarray(indices, dtype=np.int64)
+        if len(index) and not (0 <= index.min() and index.max() < len(self)):
             raise IndexError(f"indices out of range for {len(self)} items")
-        sources = np.searchsorted(self.offsets, indices, side="right") - 1
-        parts, order = [], []
+        sources, rows = self.sources[index], self.rows[index]
+        first = self.datasets[0].cache.images
+        images = np.empty((len(index), *first.shape[1:]), dtype=first.dtype)
         for source in np.unique(sources):
-            where = np.flatnonzero(sources == source)
-            part = self.datasets[source].__getitems__(indices[where] - int(self.offsets[source]))
-            for name, dim in self.target_dims.items():
-                if name not in part["targets"]:
-                    part["targets"][name] = torch.zeros(len(where), dim, dtype=torch.float32)
-                    part["present"][name] = torch.zeros(len(where), dtype=torch.bool)
-            part["source"] = torch.full((len(where),), int(source), dtype=torch.int64)
-            parts.append(part)
-            order.append(where)
-        inverse = torch.from_numpy(np.argsort(np.concatenate(order), kind="stable"))
-        return _concatenated(parts, inverse)
-
-
-def _concatenated(parts: list[Any], inverse: torch.Tensor) -> Any:
-    """Batches of the same structure joined along the first axis, rows reordered by ``inverse``."""
-    first = parts[0]
-    if isinstance(first, dict):
-        return {key: _concatenated([part[key] for part in parts], inverse) for key in first}
-    return torch.cat(parts)[inverse]
+            where = sources == source
+            images[where] = self.datasets[source].cache.images[rows[where]]
+        at = torch.from_numpy(index)
+        batch = {
+            "image": torch.from_numpy(images).unsqueeze(1),
+            "targets": {name: values[at] for name, values in self.targets.items()},
+            "present": {name: values[at] for name, values in self.present.items()},
+            "source": torch.from_numpy(sources),
+            "row": torch.from_numpy(rows),
+        }
+        if self.clinical is not None:
+            batch["clinical"] = self.clinical[at]
+        return batch
 
 
 def already_collated(batch: Item) -> Item:

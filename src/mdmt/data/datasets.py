@@ -334,13 +334,32 @@ def dataset_folds(dataset: Dataset, records: pd.DataFrame, protocol: str, config
     return [split_lib.keep_groups_apart(split, grouped) for split in folds]
 
 
+SPLIT_MEMO_SIZE = 256
+"""Splits ``dataset_split`` keeps per process (a grid worker's runs share their folds: 44 in the demo)."""
+_split_memo: dict[tuple[object, ...], tuple[pd.DataFrame, Split]] = {}
+
+
 def dataset_split(dataset: Dataset, records: pd.DataFrame, protocol: str, fold: int, config: Config, seed: int
                   ) -> Split:
-    """The split of ``dataset`` in run (protocol, fold), checked at patient level (duplicate images merged)."""
+    """The split of ``dataset`` in run (protocol, fold), checked at patient level (duplicate images merged).
+
+    A k-fold or LOCO split is computed from ``records`` alone, so it is kept for the next run of this process
+    that asks with the same records object (a grid worker opens each cache once), dataset, protocol section and
+    seed; official splits are read from their files every time.
+    """
     if dataset.id != config.protocol.dataset:
         protocol, fold = paired_fold(protocol, fold, config)
+    key = (id(records), dataset.id, repr(config.data.datasets.get(dataset.id)), repr(config.protocol), protocol,
+           fold, seed)
+    kept = _split_memo.get(key)
+    if kept is not None and kept[0] is records:  # the memo holds the frame, so its id is not reused meanwhile
+        return kept[1]
     split = _pick(dataset_folds(dataset, records, protocol, config, seed), fold, f"{dataset.id} {protocol}")
     split.check(split_groups(records))
+    if not protocol.startswith("official-"):
+        if len(_split_memo) >= SPLIT_MEMO_SIZE:
+            _split_memo.pop(next(iter(_split_memo)))
+        _split_memo[key] = (records, split)
     return split
 
 

@@ -85,7 +85,9 @@ def _view_of(entry: dict[str, Any] | None, task: str) -> tables.TaskView:
 
 
 def collect(results_dir: str | Path, task: str = "prognosis") -> ReportData:
-    """Rescan the store of ``results_dir`` and compute the tables of ``task``."""
+    """Rescan the store of ``results_dir`` and compute the tables of ``task`` (DataError, creating nothing, when the
+    folder does not exist)."""
+    _check_results(Path(results_dir))
     store = ResultsStore(results_dir)
     store.rescan()
     runs = store.runs()
@@ -105,11 +107,10 @@ def collect(results_dir: str | Path, task: str = "prognosis") -> ReportData:
                       tables.aggregated_tables(per_backbone, pooled, view.headline), detail, notes + pooled_notes)
 
 
-def headline_table_text(results_dir: str | Path, task: str = "prognosis") -> str:
-    """The headline tables (both aggregations) as plain text, for the command line."""
-    results_dir = Path(results_dir)
-    _check_results(results_dir)
-    data = collect(results_dir, task)
+def headline_table_text(results_dir: str | Path, task: str = "prognosis", data: ReportData | None = None) -> str:
+    """The headline tables (both aggregations) as plain text, for the command line; ``data``: what
+    ``collect(results_dir, task)`` returns, when the caller has it already."""
+    data = data if data is not None else collect(results_dir, task)
     percent = [label for metric, label in data.view.headline.items() if metric in data.view.percent]
     units = f"{', '.join(percent)} in %" if percent else "values"
     parts = []
@@ -271,16 +272,16 @@ def _write_csv(frame: pd.DataFrame, path: Path) -> None:
 
 
 def build_report(results_dir: str | Path, out_dir: str | Path | None = None, task: str = "prognosis",
-                 comparisons: Sequence[tuple[str, str]] | None = None) -> Path:
+                 comparisons: Sequence[tuple[str, str]] | None = None, data: ReportData | None = None) -> Path:
     """Rebuild the report of ``task`` from the run folders of ``results_dir``; returns the path of ``report.html``.
 
     ``comparisons``: the (proposed, baseline) pairs to test, default ``report_stats.DEFAULT_COMPARISONS`` (pairs
     without runs of the task are left out). A missing results folder is a DataError and nothing is created.
+    ``data``: what ``collect(results_dir, task)`` returns, when the caller has it already.
     """
     results_dir = Path(results_dir)
-    _check_results(results_dir)
     pairs = list(report_stats.DEFAULT_COMPARISONS if comparisons is None else comparisons)
-    data = collect(results_dir, task)
+    data = data if data is not None else collect(results_dir, task)
     units, note = report_stats.paired_units(data.per_backbone, data.metrics, list(data.view.headline))
     significance_table, note = report_stats.significance(units, note, data.view, pairs)
     effects = report_stats.effect_sizes(units, data.view, pairs)

@@ -3,7 +3,7 @@
 ``expand_grid`` turns ``config.grid`` (backbones × strategies × protocols × folds × seeds) into RunSpecs, adds the
 runs each one starts from (``mdmt.train.strategies.dependencies``) and orders them so that a dependency always
 comes first. ``run_grid`` skips runs whose ``DONE`` exists, runs the rest on a backend (in this process, a pool
-of spawned processes, Ray tasks, or SLURM jobs through submitit) with at most ``workers`` at once, starts a run
+of processes forked from a fork server that imported the engine once, Ray tasks, or SLURM jobs through submitit) with at most ``workers`` at once, starts a run
 only when its dependencies are done, and records each start, success and failure in the
 :class:`~mdmt.store.ResultsStore`. A failed run does not stop the others; the runs that depend on it are skipped
 and reported. After a crash the same call skips what finished and the engine resumes the interrupted run from its
@@ -170,13 +170,41 @@ def cpu_count() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def run_with_threads(run_fn: RunFn, config: Config, spec: RunSpec, threads: int) -> Path:
-    """Worker entry point: limit torch to ``threads`` threads, then run ``spec`` quietly."""
+def run_with_threads(run_fn: RunFn, config: Config, spec: RunSpec, threads: int,
+                     context: tuple[str, dict[str, str]] | None = None) -> Path:
+    """Worker entry point: take the grid's working folder and environment (``context``: what ``os.getcwd()`` and
+    ``os.environ`` were at submission), limit torch to ``threads`` threads, then run ``spec`` quietly."""
     import torch
 
+    if context is not None:
+        cwd, environment = context
+        os.chdir(cwd)
+        os.environ.clear()
+        os.environ.update(environment)
     load_plugins(config.plugins)
     torch.set_num_threads(threads)
     return run_fn(config, spec, False)
+
+
+WORKER_PRELOAD = ["__main__", "mdmt.train.run", "mdmt.experiments.grid", "torch._dynamo"]
+"""What the local pool's fork server imports once, so that no worker imports it again: about 3 s of one core per
+worker otherwise (``torch._dynamo`` is imported by the first optimizer a process makes). ``__main__``: the main
+script, as spawned workers import it, so a ``run_fn`` defined there can be unpickled."""
+
+
+def worker_context() -> multiprocessing.context.BaseContext:
+    """Processes for the local pool: forked from a fork server that has imported ``WORKER_PRELOAD`` (started at
+    once, so its imports overlap whatever the grid does before its first run), or spawned where the platform has
+    no fork server. A worker forked from it starts in the server's folder and environment, so each submission
+    carries the grid's own (``run_with_threads``)."""
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    from multiprocessing import forkserver
+
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(WORKER_PRELOAD)
+    forkserver.ensure_running()
+    return context
 
 
 def _inline(run_fn: RunFn, config: Config, progress: bool) -> Submit:
@@ -195,17 +223,18 @@ def _inline(run_fn: RunFn, config: Config, progress: bool) -> Submit:
 
 @contextmanager
 def _process_pool(run_fn: RunFn, config: Config, workers: int) -> Iterator[Submit]:
-    """A pool of ``workers`` spawned processes, each run limited to cores // workers torch threads."""
+    """A pool of ``workers`` processes (``worker_context``), each run limited to cores // workers torch threads."""
     threads = max(1, cpu_count() // workers)
-    context = multiprocessing.get_context("spawn")
+    context = worker_context()
     pools = [ProcessPoolExecutor(max_workers=workers, mp_context=context)]
 
     def submit(spec: RunSpec) -> Future:
+        arguments = (run_with_threads, run_fn, config, spec, threads, (os.getcwd(), dict(os.environ)))
         try:
-            return pools[-1].submit(run_with_threads, run_fn, config, spec, threads)
+            return pools[-1].submit(*arguments)
         except BrokenProcessPool:  # a worker died (its runs are recorded as failed): start a fresh pool
             pools.append(ProcessPoolExecutor(max_workers=workers, mp_context=context))
-            return pools[-1].submit(run_with_threads, run_fn, config, spec, threads)
+            return pools[-1].submit(*arguments)
 
     try:
         yield submit
@@ -379,6 +408,8 @@ def run_grid(
     workers = max(1, int(workers))
     start = time.perf_counter()
     results_dir = Path(config.results_dir)
+    if backend == "local" and workers > 1:
+        worker_context()  # the fork server imports while the caches are built
     with ExitStack() as stack:
         caches = prepare(config, progress=progress) if run_fn is train_run else None  # built once, here
         home = caches.get(config.protocol.dataset) if caches else None

@@ -29,7 +29,6 @@ from typing import Any
 from urllib.error import URLError
 
 import torch
-import torchvision
 from torch import nn
 
 from mdmt.config import PluginRef
@@ -207,6 +206,8 @@ BACKBONES: Registry[Backbone] = Registry("backbone")
 
 
 def _torchvision_names() -> list[str]:
+    import torchvision  # here, not at the top: importing it costs a second, and tiny_cnn runs never need it
+
     return sorted(torchvision.models.list_models(module=torchvision.models))
 
 
@@ -220,6 +221,8 @@ def _download_failed(name: str, exc: Exception, cache_hint: str) -> ConfigError:
 
 def _build_torchvision(params: ModelParams, name: str, weights: str) -> Backbone:
     """A torchvision classification model (``torchvision.models.get_model``) without its classifier."""
+    import torchvision
+
     enum = torchvision.models.get_model_weights(name).DEFAULT if weights == "imagenet" else None
     options = dict(params.kwargs)
     if name in ("googlenet", "inception_v3"):  # train mode then returns a tensor, not a namedtuple

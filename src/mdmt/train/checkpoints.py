@@ -61,13 +61,14 @@ def set_rng_states(states: Mapping[str, Any]) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
-def save_checkpoint(values: dict[str, Any], path: Path) -> None:
-    """``torch.save`` of ``values`` (with the format number) through a temporary file, an fsync and a rename.
+def save_checkpoint(values: dict[str, Any], path: Path, durable: bool = True) -> None:
+    """``torch.save`` of ``values`` (with the format number) through a temporary file, an fsync (unless not
+    ``durable``: ``atomic_target``) and a rename.
 
     The file is written through an unbuffered Python handle, so a full disk raises its OSError (ENOSPC) rather
     than the RuntimeError torch's zip writer turns it into.
     """
-    with atomic_target(path) as tmp, open(tmp, "wb", buffering=0) as handle:
+    with atomic_target(path, durable) as tmp, open(tmp, "wb", buffering=0) as handle:
         try:
             torch.save({"format": CHECKPOINT_FORMAT, **values}, handle)
         except RuntimeError as exc:

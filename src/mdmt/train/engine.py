@@ -4,12 +4,15 @@ The loop knows nothing about strategies: it gets a model, its tasks, two loaders
 task whose validation loss selects the model. Every epoch ends with ``last.pt`` (everything needed to go on,
 RNG states included) written atomically, or, with ``train.checkpoint_every_s``, the first epoch that many seconds
 after the last one and the last epoch; a run killed at any point and started again with the same inputs
-finishes with the same weights and history as one that was never interrupted. Each history row also says where
+finishes with the same weights and history as one that was never interrupted. ``history.csv`` (every epoch) and
+``best.pt`` (every new best) are replaced atomically and fsynced with ``last.pt``. Each history row also says where
 the epoch's time went (``TIMING_COLUMNS``: data, forward, backward, step, validation).
 """
 
 from __future__ import annotations
 
+import csv
+import io
 import math
 import os
 import time
@@ -28,10 +31,29 @@ from mdmt.data.augment import IMAGENET_MEAN, IMAGENET_STD, to_network_input
 from mdmt.errors import ConfigError, DataError
 from mdmt.losses import Weighting, task_losses
 from mdmt.progress import RunProgress
-from mdmt.runs import BEST_CHECKPOINT, HISTORY_FILE, LAST_CHECKPOINT, atomic_write_text
+from mdmt.runs import (
+    BEST_CHECKPOINT,
+    HISTORY_FILE,
+    LAST_CHECKPOINT,
+    atomic_write_text,
+    fsync_file,
+)
 from mdmt.tasks import Task
-from mdmt.train.checkpoints import derived_seed, load_checkpoint, rng_states, save_checkpoint, set_rng_states
-from mdmt.train.distributed import SINGLE, DistContext, all_reduce_sum, average_gradients, loss_scale, wrap_model
+from mdmt.train.checkpoints import (
+    derived_seed,
+    load_checkpoint,
+    rng_states,
+    save_checkpoint,
+    set_rng_states,
+)
+from mdmt.train.distributed import (
+    SINGLE,
+    DistContext,
+    all_reduce_sum,
+    average_gradients,
+    loss_scale,
+    wrap_model,
+)
 
 STATUS_EVERY = 20
 """Steps between running-loss updates of the progress bar on a GPU (each costs a device sync)."""
@@ -49,6 +71,11 @@ EVAL_PHASES = ("eval_data", "eval_forward")
 
 TIMING_COLUMNS = ("seconds", *(f"{phase}_s" for phase in (*TRAIN_PHASES, *EVAL_PHASES)))
 """History columns that measure time (the ones that differ between two otherwise identical runs)."""
+
+FUSED_ADAM_DEVICES = ("cpu", "cuda", "mps", "xpu")
+"""Devices where Adam runs torch's fused kernel (one kernel per parameter instead of a dozen elementwise ops; on
+the demo's CPU the optimizer step takes half the time). Its numbers differ from the loop implementation's in the
+last bits, so a run's results are those of the implementation it was trained with."""
 
 SYNC_TIMING_ENV = "MDMT_SYNC_TIMING"
 """``MDMT_SYNC_TIMING=1`` synchronises a CUDA device at every phase boundary: exact phase times at some cost in
@@ -103,6 +130,26 @@ class LoopState:
         self.stopped_early = eligible and self.bad_epochs >= cfg.early_stopping
         self.finished = self.stopped_early or self.epoch >= cfg.max_epochs
         return selected
+
+
+def history_csv(rows: list[dict[str, float]]) -> str:
+    """``rows`` as the CSV text ``pandas.DataFrame(rows).to_csv(index=False)`` writes (columns in order of first
+    appearance, NaN as an empty field) at a fiftieth of its cost: the engine rewrites it after every epoch."""
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(columns)
+    for row in rows:
+        values = [row.get(column, math.nan) for column in columns]
+        writer.writerow(["" if isinstance(v, float) and math.isnan(v) else v for v in values])
+    return text.getvalue()
+
+
+def make_optimizer(params: Iterable[Any], device: torch.device, lr: float, weight_decay: float = 0.0
+                   ) -> torch.optim.Adam:
+    """The engine's Adam over ``params`` (tensors or parameter groups): torch's fused kernel on the devices that have
+    one (``FUSED_ADAM_DEVICES``). The benchmarks' bare steps use it too, so they time the same step."""
+    return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, fused=device.type in FUSED_ADAM_DEVICES)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -249,6 +296,7 @@ class Trainer:
     def __post_init__(self) -> None:
         self.run_dir = Path(self.run_dir)
         self.last_checkpoint = time.perf_counter()
+        self.best_unsynced = False
         self.task_names = [t.name for t in self.tasks]
         if self.select_task not in self.task_names:
             raise ConfigError(f"select_task {self.select_task!r} is not one of the model's tasks {self.task_names}")
@@ -271,7 +319,7 @@ class Trainer:
         groups: list[dict[str, Any]] = [{"params": [p for p in self.model.parameters() if p.requires_grad]}]
         if self.weighting_params:  # learned task weights: no weight decay
             groups.append({"params": self.weighting_params, "weight_decay": 0.0})
-        self.optimizer = torch.optim.Adam(groups, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+        self.optimizer = make_optimizer(groups, self.device, self.cfg.lr, self.cfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
             self.optimizer, mode="min", patience=self.cfg.scheduler_patience, factor=self.cfg.scheduler_factor,
             min_lr=self.cfg.min_lr,
@@ -314,14 +362,16 @@ class Trainer:
         return True
 
     def _save_best(self, epoch: int, score: float) -> None:
+        """``best.pt``, made durable with the next ``last.pt`` (``_end_epoch``)."""
         save_checkpoint(
             {"model": self.model.state_dict(), "epoch": epoch, "score": score, "select_task": self.select_task,
              "tasks": self.task_names},
-            self.run_dir / BEST_CHECKPOINT,
+            self.run_dir / BEST_CHECKPOINT, durable=False,
         )
+        self.best_unsynced = True
 
-    def _write_history(self) -> None:
-        atomic_write_text(pd.DataFrame(self.history).to_csv(index=False), self.run_dir / HISTORY_FILE)
+    def _write_history(self, durable: bool) -> None:
+        atomic_write_text(history_csv(self.history), self.run_dir / HISTORY_FILE, durable)
 
     # ----------------------------------------------------------------- epochs
     def train_epoch(
@@ -397,10 +447,14 @@ class Trainer:
         row.update({f"val_{t}_loss": v for t, v in val_means.items()})
         row["selected"] = int(selected)
         self.history.append(row)
-        if self.dist.is_main:
-            self._write_history()
+        if self.dist.is_main:  # every file is replaced atomically; fsynced (durable) only with last.pt
             now = time.perf_counter()
-            if self.state.finished or now - self.last_checkpoint >= self.cfg.checkpoint_every_s:
+            checkpoint = self.state.finished or now - self.last_checkpoint >= self.cfg.checkpoint_every_s
+            self._write_history(durable=checkpoint)
+            if checkpoint:
+                if self.best_unsynced:
+                    fsync_file(self.run_dir / BEST_CHECKPOINT)
+                    self.best_unsynced = False
                 save_checkpoint(self._checkpoint(), self.run_dir / LAST_CHECKPOINT)
                 self.last_checkpoint = now
         return row
