@@ -57,7 +57,6 @@ from mdmt.train.strategies import get_strategy
 
 SIZES = {"aiforcovid": 1585, "brixia": 4695}
 """Images of each dataset (the paper's counts), for the fractions when no split files are given."""
-LOCO_CENTERS = 6
 
 
 def bounds(config: Config) -> tuple[int, int]:
@@ -87,7 +86,7 @@ def train_val(dataset: str, protocol: str, fold: int, config: Config, splits: Pa
     n, k = SIZES[dataset], config.protocol.cv_folds
     if protocol == "cv5":
         return n * (k - 2) / k, n / k
-    rest = n * (1 - 1 / LOCO_CENTERS)
+    rest = n * (1 - 1 / len(config.protocol.loco_centers))
     return rest * (1 - config.protocol.loco_val_fraction), rest * config.protocol.loco_val_fraction
 
 

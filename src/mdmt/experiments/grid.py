@@ -3,11 +3,11 @@
 ``expand_grid`` turns ``config.grid`` (backbones × strategies × protocols × folds × seeds) into RunSpecs, adds the
 runs each one starts from (``mdmt.train.strategies.dependencies``) and orders them so that a dependency always
 comes first. ``run_grid`` skips runs whose ``DONE`` exists, runs the rest on a backend (in this process, a pool
-of processes forked from a fork server that imported the engine once, Ray tasks, or SLURM jobs through submitit) with at most ``workers`` at once, starts a run
-only when its dependencies are done, and records each start, success and failure in the
-:class:`~mdmt.store.ResultsStore`. A failed run does not stop the others; the runs that depend on it are skipped
-and reported. After a crash the same call skips what finished and the engine resumes the interrupted run from its
-``last.pt``.
+of processes forked from a fork server that imported the engine once, Ray tasks, or SLURM jobs through submitit)
+with at most ``workers`` at once, starts a run only when its dependencies are done, and records each start, success
+and failure in the :class:`~mdmt.store.ResultsStore`. A failed run does not stop the others; the runs that depend
+on it are skipped and reported. After a crash the same call skips what finished and the engine resumes the
+interrupted run from its ``last.pt``.
 """
 
 from __future__ import annotations

@@ -74,7 +74,7 @@ TIMING_COLUMNS = ("seconds", *(f"{phase}_s" for phase in (*TRAIN_PHASES, *EVAL_P
 
 FUSED_ADAM_DEVICES = ("cpu", "cuda", "mps", "xpu")
 """Devices where Adam runs torch's fused kernel (one kernel per parameter instead of a dozen elementwise ops; on
-the demo's CPU the optimizer step takes half the time). Its numbers differ from the loop implementation's in the
+the demo's CPU its step phase took 8 core-s instead of 12). Its numbers differ from the loop implementation's in the
 last bits, so a run's results are those of the implementation it was trained with."""
 
 SYNC_TIMING_ENV = "MDMT_SYNC_TIMING"
@@ -134,7 +134,7 @@ class LoopState:
 
 def history_csv(rows: list[dict[str, float]]) -> str:
     """``rows`` as the CSV text ``pandas.DataFrame(rows).to_csv(index=False)`` writes (columns in order of first
-    appearance, NaN as an empty field) at a fiftieth of its cost: the engine rewrites it after every epoch."""
+    appearance, NaN as an empty field) at a quarter of its cost: the engine rewrites it after every epoch."""
     columns = list(dict.fromkeys(key for row in rows for key in row))
     text = io.StringIO()
     writer = csv.writer(text, lineterminator="\n")
