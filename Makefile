@@ -10,7 +10,7 @@ export HF_HUB_OFFLINE := 1
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet torch==2.14.1 torchvision==0.29.1
-	$(BIN)/pip install --quiet -e ".[dev,timm,infer,slurm]"
+	$(BIN)/pip install --quiet -e ".[dev,timm,infer,slurm,xrv,tensorboard]"
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -20,7 +20,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from mdmt.config import AugmentConfig, DataConfig, TrainConfig
+from mdmt.config import AugmentConfig, DataConfig, RuntimeConfig, TrainConfig
 from mdmt.data.augment import BatchAugmenter
 from mdmt.data.cache import build_cache
 from mdmt.data.dataset import CachedImageDataset, MultiSourceDataset, make_loader
@@ -86,7 +86,8 @@ def main() -> None:
                 for i, (name, cache) in enumerate(zip(sources, caches, strict=True))
             ]
         )
-        loader = make_loader(dataset, TrainConfig(batch_size=args.batch_size, device="cpu"), shuffle=True, seed=0)
+        loader = make_loader(dataset, TrainConfig(batch_size=args.batch_size), shuffle=True, seed=0,
+                             runtime=RuntimeConfig(device="cpu"))
         augmenter = BatchAugmenter(AugmentConfig(), list(task_of.values()))
         generator = torch.Generator().manual_seed(0)
 

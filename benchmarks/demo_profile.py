@@ -9,8 +9,8 @@ folder and splits its wall time into phases:
   setup     the rest (folders, the saved config).
 The grid's runs work in ``grid.workers`` processes at once, so the figures are core time: a phase's wall seconds ×
 workers. Inside the grid, each run's ``history.csv`` splits its epochs into data, forward (model forward and the
-losses), backward, step (optimizer step and bookkeeping), and the validation pass's data and forward; the results store (``index.sqlite``) holds
-each run's wall seconds, and a run's overhead is its wall time less those phases (process start, splits, loaders,
+losses), backward, step (optimizer step and bookkeeping), and the validation pass's data and forward; the grid's
+summary (``GridSummary.run_seconds``) holds each run's wall seconds, and a run's overhead is its wall time less those phases (process start, splits, loaders,
 model, checkpoints, predictions, metrics). Idle is the grid's core time no run used (dependency waits, the last
 run finishing alone). The headline is Σ over runs of model forward (training and validation) + backward ÷ (demo
 wall × workers); on a GPU it is only exact with ``MDMT_SYNC_TIMING=1`` (``--sync``).
@@ -61,15 +61,20 @@ SMOKE = ["synth.preset=tiny", "grid.protocols=[cv5]", "grid.folds=[0]", "grid.se
 
 
 @contextmanager
-def timed(module: Any, name: str, calls: list[tuple[float, float]]) -> Iterator[None]:
-    """Record (start, end) of every call to ``module.name`` in ``calls``, wherever an mdmt module bound it by name."""
+def timed(module: Any, name: str, calls: list[tuple[float, float]], returned: list[Any] | None = None
+          ) -> Iterator[None]:
+    """Record (start, end) of every call to ``module.name`` in ``calls`` (and what it returned in ``returned``),
+    wherever an mdmt module bound it by name."""
     original: Callable[..., Any] = getattr(module, name)
 
     @wraps(original)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         start = time.perf_counter()
         try:
-            return original(*args, **kwargs)
+            result = original(*args, **kwargs)
+            if returned is not None:
+                returned.append(result)
+            return result
         finally:
             calls.append((start, time.perf_counter()))
 
@@ -99,14 +104,15 @@ def cpu_model() -> str:
     return platform.machine()
 
 
-def run_phases(results_dir: Path) -> tuple[pd.DataFrame, int]:
-    """Per finished run: wall seconds (the store), epochs and summed ``<phase>_s`` of its history; runs not done."""
+def run_phases(results_dir: Path, run_seconds: dict[str, float]) -> tuple[pd.DataFrame, int]:
+    """Per finished run: wall seconds (``run_seconds``: the grid's), epochs and summed ``<phase>_s`` of its history;
+    runs not done."""
     runs = ResultsStore(results_dir).runs()
     done = runs[runs["status"] == "done"]
     rows = []
     for run in done.itertuples(index=False):
         history = pd.read_csv(Path(run.run_dir) / HISTORY_FILE)
-        rows.append({"key": run.key, "wall": float(run.seconds), "epochs": len(history),
+        rows.append({"key": run.key, "wall": run_seconds[run.key], "epochs": len(history),
                      **{phase: float(history[f"{phase}_s"].sum()) for phase in RUN_PHASES}})
     return pd.DataFrame(rows, columns=["key", "wall", "epochs", *RUN_PHASES]), len(runs) - len(done)
 
@@ -114,16 +120,17 @@ def run_phases(results_dir: Path) -> tuple[pd.DataFrame, int]:
 def profile(config: Config, out: Path) -> dict[str, Any]:
     """Run the demo into ``out`` and return its figures (core seconds and shares per phase, the headline)."""
     calls: dict[str, list[tuple[float, float]]] = {"twin": [], "caches": [], "grid": []}
+    grids: list[Any] = []
     load_before = os.getloadavg()
     with ExitStack() as stack:
         stack.enter_context(timed(mdmt.data.synthetic, "generate", calls["twin"]))
         stack.enter_context(timed(mdmt.data.datasets, "prepare", calls["caches"]))
-        stack.enter_context(timed(mdmt.experiments.grid, "run_grid", calls["grid"]))
+        stack.enter_context(timed(mdmt.experiments.grid, "run_grid", calls["grid"], grids))
         start = time.perf_counter()
         mdmt.demo.run_demo(config, out)
         wall = time.perf_counter() - start
     workers = max(1, config.grid.workers)
-    runs, not_done = run_phases(out / "results")
+    runs, not_done = run_phases(out / "results", grids[-1].run_seconds)
     grid_end = calls["grid"][-1][1]
     walls = {"twin": seconds(calls["twin"]), "caches": seconds(calls["caches"]),
              "grid": seconds(calls["grid"]) - seconds(calls["caches"], calls["grid"]), "report": start + wall - grid_end}

@@ -64,7 +64,7 @@ def train(twin: Path, work: Path, crop: str, epochs: int) -> Path:
         "data.image_size=128",
         "model.input_size=128",
         f"train.max_epochs={epochs}",
-        "train.threads=2",
+        "runtime.threads=2",
     ]
     config = load_config(DEMO_CONFIG, [parse_override(o) for o in overrides])
     return train_run(config, RunSpec("stl_severity", "tiny_cnn", "cv5", 0, 0))

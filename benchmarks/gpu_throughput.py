@@ -32,7 +32,7 @@ import pandas as pd
 import torch
 from train_step import memmap_source
 
-from mdmt.config import AugmentConfig, Config
+from mdmt.config import AugmentConfig, Config, RuntimeConfig
 from mdmt.data.augment import BatchAugmenter
 from mdmt.data.dataset import (
     CachedImageDataset,
@@ -90,18 +90,19 @@ def end_to_end_images_per_s(backbone: str, cache: ImageArrays, size: int, batch:
     """mdmt's training epoch from the memory-mapped cache: loader workers, pinned memory, GPU augmentation, bf16."""
     task = get_task("prognosis")
     config = Config()
-    train = dataclasses.replace(config.train, batch_size=batch, device=device.type, num_workers=workers,
-                                amp=True, channels_last=True)
+    train = dataclasses.replace(config.train, batch_size=batch, amp=True, channels_last=True)
+    runtime = RuntimeConfig(device=device.type, loader_workers=workers)
     torch.manual_seed(0)
     model = build_model(dataclasses.replace(config.model, backbone=backbone, input_size=size), [task])
     trainer = Trainer(model, [task], train, build_weighting("fixed", [task]), run_dir, "prognosis",
                       input_size=size, device=device)
     augmenter = BatchAugmenter(AugmentConfig(), [task])
     warm = MultiSourceDataset([CachedImageDataset(cache, np.arange(batch * warmup) % len(cache.records), [task])])
-    trainer.train_epoch(make_loader(warm, train, batch_sampler=MixedBatchSampler(warm.source_sizes, batch, seed=0)),
-                        augmenter, 0)
+    trainer.train_epoch(make_loader(warm, train, batch_sampler=MixedBatchSampler(warm.source_sizes, batch, seed=0),
+                                    runtime=runtime), augmenter, 0)
     timed = MultiSourceDataset([CachedImageDataset(cache, np.arange(batch * steps) % len(cache.records), [task])])
-    loader = make_loader(timed, train, batch_sampler=MixedBatchSampler(timed.source_sizes, batch, seed=1))
+    loader = make_loader(timed, train, batch_sampler=MixedBatchSampler(timed.source_sizes, batch, seed=1),
+                         runtime=runtime)
     sync(device)
     start = time.perf_counter()
     trainer.train_epoch(loader, augmenter, 1)

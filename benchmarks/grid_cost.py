@@ -11,11 +11,12 @@ Per backbone at 256 px (the paper's ``model.input_size``):
     forward + loss + backward + Adam, channels_last, ``--threads`` threads, CPU time of this process, median of
     ``--repeats`` after one warm-up step); the other backbones are **projected** from their forward FLOPs
     (counted with ``torch.utils.flop_counter``) at the median measured CPU seconds per GFLOP;
-  - GPU throughput: **measured** when ``--gpu-json`` (written by ``benchmarks/gpu_throughput.py --json``) holds the
-    backbone's end-to-end images/s, otherwise **projected** as min(``--gpu-cap``, CPU images/s × speed-up). The
-    speed-up is an assumption anchored on one figure: ``--anchor`` (resnet50) trains at ``--anchor-gpu`` images/s
-    on an H100 in bf16 at 256 px (assumed, not measured here) ÷ its measured CPU images/s; ``--speedup`` instead
-    when the anchor is not measured. ``--gpu-cap`` is the assumed ceiling of the data path (loader +
+  - GPU throughput: **measured** when ``--gpu-json`` (``benchmarks/gpu_throughput.py --json``, or the
+    ``throughput.json`` of ``benchmarks/gpu_check.py``, at ``--size``) holds the backbone's end-to-end images/s,
+    otherwise **projected** as min(``--gpu-cap``, CPU images/s × speed-up). The speed-up is anchored on one figure:
+    ``--anchor`` (resnet50)'s GPU images/s ÷ its measured CPU images/s, the GPU figure measured when ``--gpu-json``
+    holds it, else ``--anchor-gpu`` (assumed: bf16 on an H100 at 256 px); ``--speedup`` instead when the anchor's
+    CPU figure is not measured. ``--gpu-cap`` is the assumed ceiling of the data path (loader +
     augmentation) for small backbones.
 Images per run: epochs × (training images + validation images / 3, a forward costing about a third of a step).
 Epochs per run: the paper config's bounds are warm-up 40 + patience 65 + 1 = 106 (stops as soon as it may) and 300;
@@ -45,7 +46,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from mdmt.cli import config_path
 from mdmt.config import Config, ModelConfig, PluginRef, load_config, parse_override
-from mdmt.data.datasets import paired_fold
+from mdmt.protocols import get_protocol, run_fold
 from mdmt.data.splits import official_splits
 from mdmt.experiments.grid import expand_grid
 from mdmt.losses import task_losses
@@ -76,7 +77,7 @@ def paper_grid(splits: Path | None) -> tuple[Config, list[RunSpec]]:
 
 @functools.cache
 def _split_sizes(splits: Path, protocol: str, dataset: str) -> list[tuple[int, int]]:
-    return [(len(s.train), len(s.val)) for s in official_splits(splits, protocol, dataset)]
+    return [(len(s.train), len(s.val)) for s in official_splits(splits, get_protocol(protocol).folder, dataset)]
 
 
 def train_val(dataset: str, protocol: str, fold: int, config: Config, splits: Path | None) -> tuple[float, float]:
@@ -94,8 +95,7 @@ def images_per_epoch(config: Config, spec: RunSpec, splits: Path | None) -> floa
     """Training-step equivalents of one epoch of ``spec``: training images + validation images / 3."""
     total = 0.0
     for dataset in get_strategy(spec.strategy, config).datasets:
-        protocol, fold = ((spec.protocol, spec.fold) if dataset == config.protocol.dataset
-                          else paired_fold(spec.protocol, spec.fold, config))
+        protocol, fold = run_fold(spec.protocol, spec.fold, [dataset], config)
         train, val = train_val(dataset, protocol, fold, config, splits)
         total += train + val / 3
     return total
@@ -141,6 +141,31 @@ def cpu_seconds_per_image(model: torch.nn.Module, task: Task, size: int, batch: 
     return statistics.median(times)
 
 
+def gpu_figures(path: Path | None, size: int) -> dict[str, float]:
+    """End-to-end GPU images/s per backbone from ``path`` (none without it); SystemExit naming the file when its
+    figures come from a smoke run or were measured at another image side than ``size``."""
+    if path is None:
+        return {}
+    figures = json.loads(path.read_text())
+    if figures.get("smoke"):
+        raise SystemExit(f"{path}: figures of a --smoke run check code paths, they are not measurements")
+    if figures.get("size", size) != size:
+        raise SystemExit(f"{path}: measured at {figures['size']} px, the projection is at --size {size}")
+    return {backbone: float(ips) for backbone, ips in figures.get("end_to_end", {}).items()}
+
+
+def speedup(anchor: str, anchor_cpu_s: float | None, gpu: dict[str, float], anchor_gpu: float,
+            fallback: float) -> tuple[float, str]:
+    """GPU images/s ÷ CPU images/s of the anchor (its GPU figure measured when ``gpu`` holds it, else
+    ``anchor_gpu``, assumed), or ``fallback`` (assumed) when its CPU figure is not measured; and where it comes
+    from."""
+    if anchor_cpu_s is None:
+        return fallback, "--speedup (assumed)"
+    if anchor in gpu:
+        return gpu[anchor] * anchor_cpu_s, f"{anchor} {gpu[anchor]:.0f} img/s on the GPU (measured) ÷ its CPU img/s"
+    return anchor_gpu * anchor_cpu_s, f"{anchor} {anchor_gpu:g} img/s on H100 (assumed) ÷ its measured CPU img/s"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--measure", nargs="+", default=["shufflenet_v2_x0_5", "mobilenet_v2", "resnet18",
@@ -155,14 +180,15 @@ def main() -> None:
     parser.add_argument("--anchor-gpu", type=float, default=2000.0,
                         help="assumed H100 bf16 training images/s of the anchor at 256 px")
     parser.add_argument("--gpu-cap", type=float, default=8000.0, help="assumed data-path ceiling, images/s")
-    parser.add_argument("--gpu-json", type=Path, default=None, help="gpu_throughput.py --json output")
+    parser.add_argument("--gpu-json", type=Path, default=None,
+                        help="gpu_throughput.py --json output, or gpu_check.py's OUT/throughput.json")
     parser.add_argument("--demo-runs", type=Path, default=Path("demo-output/results/runs"))
     parser.add_argument("--splits", type=Path, default=Path("../shared/data/official-splits"),
                         help="the paper's split files (sizes counted there; fractions when the folder is missing)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     task = get_task("prognosis")
-    gpu = json.loads(args.gpu_json.read_text()).get("end_to_end", {}) if args.gpu_json else {}
+    gpu = gpu_figures(args.gpu_json, args.size)
     splits = args.splits if args.splits.is_dir() else None
     paper, specs = paper_grid(splits)
     backbones = [PluginRef.of(b).name for b in paper.grid.backbones]
@@ -179,16 +205,13 @@ def main() -> None:
         if backbone in args.measure:
             rows[backbone]["cpu_s"] = cpu_seconds_per_image(model, task, args.size, args.batch, args.repeats)
     per_gflop = statistics.median(r["cpu_s"] / r["gflops"] for r in rows.values() if "cpu_s" in r)
-    if "cpu_s" in rows.get(args.anchor, {}):
-        speedup = args.anchor_gpu * rows[args.anchor]["cpu_s"]
-        speedup_source = f"{args.anchor} {args.anchor_gpu:g} img/s on H100 (assumed) ÷ its measured CPU img/s"
-    else:
-        speedup, speedup_source = args.speedup, "--speedup (assumed)"
+    factor, factor_source = speedup(args.anchor, rows.get(args.anchor, {}).get("cpu_s"), gpu, args.anchor_gpu,
+                                    args.speedup)
 
     table = Table(title=f"paper grid cost, {args.size} px, {len(specs)} runs of {len(backbones)} backbones, "
                         f"{epochs:.0f} epochs per run (assumed)",
                   caption=f"m = measured, p = projected; CPU: {args.threads} thread(s), CPU time; GPU p = min("
-                          f"{args.gpu_cap:g}, CPU img/s × {speedup:.0f}) (assumed)")
+                          f"{args.gpu_cap:g}, CPU img/s × {factor:.0f})")
     for column in ("backbone", "GFLOPs", "CPU img/s", "", "GPU img/s", " ", "CPU-hours", "GPU-hours"):
         table.add_column(column, justify="right")
     total_cpu = total_gpu = 0.0
@@ -196,7 +219,7 @@ def main() -> None:
         cpu_s = r.get("cpu_s", r["gflops"] * per_gflop)
         gpu_ips = gpu.get(backbone)
         gpu_label = "m" if gpu_ips else "p"
-        gpu_ips = gpu_ips or min(args.gpu_cap, speedup / cpu_s)
+        gpu_ips = gpu_ips or min(args.gpu_cap, factor / cpu_s)
         cpu_hours, gpu_hours = images[backbone] * cpu_s / 3600, images[backbone] / gpu_ips / 3600
         total_cpu += cpu_hours
         total_gpu += gpu_hours
@@ -206,7 +229,7 @@ def main() -> None:
     console = Console()
     console.print(table)
     console.print(f"epochs per run: {epochs:.1f} ({epochs_source})")
-    console.print(f"speed-up CPU → H100: {speedup:.0f}× ({speedup_source})")
+    console.print(f"speed-up CPU → GPU: {factor:.0f}× ({factor_source})")
     per_strategy = Counter(spec.strategy for spec in specs if spec.backbone == backbones[0])
     console.print(f"runs: {len(specs)} = {len(backbones)} backbones × ("
                   + " + ".join(f"{n} {name}" for name, n in per_strategy.items()) + "); split sizes "

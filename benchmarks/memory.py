@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from train_step import memmap_source
 
-from mdmt.config import Config
+from mdmt.config import Config, RuntimeConfig
 from mdmt.data.dataset import (
     CachedImageDataset,
     MixedBatchSampler,
@@ -107,12 +107,14 @@ def paper_cache_epoch(root: Path, sizes: tuple[int, int], image_size: int, input
     tasks = [prognosis, severity]
     dataset = MultiSourceDataset([CachedImageDataset(s, np.arange(len(s.records)), tasks, source=i)
                                   for i, s in enumerate(sources)])
-    train = dataclasses.replace(config.train, batch_size=batch, device="cpu", num_workers=workers, threads=1)
-    loader = make_loader(dataset, train, batch_sampler=MixedBatchSampler(dataset.source_sizes, batch, seed=0))
+    train = dataclasses.replace(config.train, batch_size=batch)
+    loader = make_loader(dataset, train, batch_sampler=MixedBatchSampler(dataset.source_sizes, batch, seed=0),
+                         runtime=RuntimeConfig(device="cpu", loader_workers=workers))
+    torch.set_num_threads(1)
     torch.manual_seed(0)
     model = build_model(dataclasses.replace(config.model, backbone="tiny_cnn", input_size=input_size), tasks)
     trainer = Trainer(model, tasks, train, build_weighting("fixed", tasks), root / "run", "prognosis",
-                      input_size=input_size)
+                      input_size=input_size, device=torch.device("cpu"))
     iterator = iter(loader)
     trainer.train_epoch(_Reuse(iterator), None, 0)
     rows = [("trainer", status_fields())]

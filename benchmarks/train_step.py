@@ -152,12 +152,12 @@ def engine_epoch(config: Config, backbone: str, size: int, batch: int, steps: in
     tasks = [get_task("prognosis")]
     cache = synthetic_cache(batch * steps, size, "aiforcovid", 0)
     dataset = MultiSourceDataset([CachedImageDataset(cache, np.arange(batch * steps), tasks)])
-    train = dataclasses.replace(config.train, batch_size=batch, device="cpu")
+    train = dataclasses.replace(config.train, batch_size=batch)
     loader = make_loader(dataset, train, batch_sampler=MixedBatchSampler(dataset.source_sizes, batch, seed=0))
     torch.manual_seed(0)
     model = build_model(dataclasses.replace(config.model, backbone=backbone, input_size=size), tasks)
     trainer = Trainer(model, tasks, train, build_weighting("fixed", tasks), run_dir, "prognosis",
-                      input_size=size)
+                      input_size=size, device=torch.device("cpu"))
     epochs = itertools.count()
 
     def run() -> None:

@@ -38,7 +38,8 @@ def tiny_config(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory):
         "train.batch_size=16",
         "train.max_epochs=3",
         "train.warmup_epochs=0",
-        "train.threads=1",
+        "runtime.threads=1",
+        "runtime.device=cpu",
     ]
     return load_config(None, [parse_override(o) for o in overrides])
 
@@ -77,3 +78,14 @@ def real_films() -> Path:
 def official_splits_dir() -> Path:
     """The official split files (``../shared/data/official-splits``)."""
     return _shared_data("official-splits")
+
+
+@pytest.fixture
+def one_torch_thread():
+    """One torch thread for the test: the machine's cores are shared, and oversubscribed threads make steps crawl."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

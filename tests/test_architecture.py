@@ -1,9 +1,12 @@
-"""The package's shape: no import cycle between modules or between packages, and the light entry points stay
-light (``mdmt report`` and the results store never import torch)."""
+"""The package's shape: the layers drawn in docs/architecture.md hold (no module imports a module drawn above it),
+no import cycle between modules or between packages, and the light entry points stay light (``mdmt report`` and
+the results store never import torch)."""
 
 from __future__ import annotations
 
 import ast
+import fnmatch
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +14,8 @@ from pathlib import Path
 import pytest
 
 SRC = Path(__file__).resolve().parents[1] / "src"
+ARCHITECTURE = SRC.parent / "docs" / "architecture.md"
+_ENTRY = re.compile(r"[\w*]+(/[\w*]+)*(\.py|/)")
 
 
 def _module_name(path: Path) -> str:
@@ -80,6 +85,122 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
         if node not in index:
             visit(node)
     return found
+
+
+def layer_drawing(markdown: str) -> list[list[str]]:
+    """The layers of the first fenced block, top first, each as the module patterns it names.
+
+    A line that starts in the first column opens a layer; an indented line continues it. A line names modules
+    with its leading ``x.py`` and ``pkg/`` tokens and describes them with the rest. ``pkg/`` opening a line is
+    the package its following tokens belong to (``data/  dicom.py  sources/``); ``pkg/`` with nothing after it
+    is the whole package, ``pkg/x.py`` one module of it. ``__init__.py`` is the package itself, ``*`` matches as
+    in a file name.
+    """
+    block = markdown.split("```", 2)[1]
+    layers: list[list[str]] = []
+    package = ""
+    for line in block.splitlines()[1:]:
+        tokens = line.split()
+        entries = []
+        for token in tokens:
+            if not _ENTRY.fullmatch(token):
+                break
+            entries.append(token)
+        if not entries:
+            raise ValueError(f"a line of the layer drawing names no module (x.py, pkg/): {line.strip()!r}")
+        if not line[0].isspace():
+            layers.append([])
+            package = ""
+            if entries[0].endswith("/") and len(entries) > 1:
+                package = entries[0].rstrip("/")
+                layers[-1].append(f"mdmt.{package}")
+                entries = entries[1:]
+        prefix = ".".join(["mdmt"] + ([package] if package else []))
+        for entry in entries:
+            path = entry.rstrip("/").removesuffix(".py").replace("/", ".")
+            if entry.endswith("/"):
+                layers[-1] += [f"{prefix}.{path}", f"{prefix}.{path}.*"]
+            else:
+                layers[-1].append(prefix if path == "__init__" else f"{prefix}.{path}".removesuffix(".__init__"))
+    return layers
+
+
+def assign_layers(modules: set[str], layers: list[list[str]]) -> tuple[dict[str, int], list[str], list[str]]:
+    """Each module's layer (0 = top) by the most specific pattern it matches; the modules no pattern names; the
+    patterns that name no module."""
+    found: dict[str, tuple[tuple[bool, int], int]] = {}
+    used: set[str] = set()
+    for depth, patterns in enumerate(layers):
+        for pattern in patterns:
+            for module in fnmatch.filter(modules, pattern):
+                used.add(pattern)
+                rank = ("*" not in pattern, len(pattern))
+                if module not in found or rank > found[module][0]:
+                    found[module] = (rank, depth)
+    unnamed = sorted(modules - set(found))
+    unused = [p for patterns in layers for p in patterns if p not in used]
+    return {m: depth for m, (_, depth) in found.items()}, unnamed, unused
+
+
+def upward_imports(graph: dict[str, set[str]], layer: dict[str, int], layers: list[list[str]]) -> list[str]:
+    """One line per import of a module drawn above the importer (same layer is allowed)."""
+
+    def named(depth: int) -> str:
+        names = layers[depth]
+        return f"layer {depth + 1} ({' '.join(names[:3])}{' ...' if len(names) > 3 else ''})"
+
+    return [
+        f"{module} ({named(layer[module])}) imports {dep} ({named(layer[dep])}), which is drawn above it"
+        for module in sorted(graph)
+        for dep in sorted(graph[module])
+        if layer[dep] < layer[module]
+    ]
+
+
+def test_layer_drawing_reader_and_checker_on_a_planted_map():
+    drawing = """# A
+```
+cli.py  experiments/grid.py  commands
+train/  run.py  engine.py the run
+        checkpoints.py
+data/                     every reader
+config.py  __init__.py    the config
+```
+"""
+    layers = layer_drawing(drawing)
+    assert layers == [
+        ["mdmt.cli", "mdmt.experiments.grid"],
+        ["mdmt.train", "mdmt.train.run", "mdmt.train.engine", "mdmt.train.checkpoints"],
+        ["mdmt.data", "mdmt.data.*"],
+        ["mdmt.config", "mdmt"],
+    ]
+    modules = {"mdmt", "mdmt.cli", "mdmt.experiments.grid", "mdmt.train", "mdmt.train.run", "mdmt.train.engine",
+               "mdmt.data", "mdmt.data.sources", "mdmt.data.sources.csv", "mdmt.config", "mdmt.stray"}
+    layer, unnamed, unused = assign_layers(modules, layers)
+    assert unnamed == ["mdmt.stray"]
+    assert unused == ["mdmt.train.checkpoints"]
+    assert layer["mdmt.data.sources.csv"] == 2 and layer["mdmt"] == 3
+    graph = {"mdmt.cli": {"mdmt.train.run"}, "mdmt.train.run": {"mdmt.train.engine", "mdmt.data"},
+             "mdmt.config": {"mdmt.data.sources.csv"}, "mdmt.data": {"mdmt.config"}}
+    assert upward_imports(graph, layer, layers) == [
+        (
+            "mdmt.config (layer 4 (mdmt.config mdmt)) imports mdmt.data.sources.csv "
+            "(layer 3 (mdmt.data mdmt.data.*)), which is drawn above it"
+        )
+    ]
+    with pytest.raises(ValueError, match="names no module"):
+        layer_drawing("```\ncli.py  commands\nthe config\n```")
+
+
+def test_docs_architecture_draws_the_layers_the_imports_follow():
+    """Imports inside functions count like any other: the graph holds every import statement of the file."""
+    layers = layer_drawing(ARCHITECTURE.read_text())
+    graph = module_graph()
+    layer, unnamed, unused = assign_layers(set(graph), layers)
+    assert unnamed == [], f"modules the drawing in {ARCHITECTURE.name} does not name: {unnamed}"
+    assert unused == [], f"names in the drawing of {ARCHITECTURE.name} that match no module: {unused}"
+    violations = upward_imports(graph, layer, layers)
+    assert violations == [], "\n".join(violations)
 
 
 def test_cycle_finder_finds_a_planted_cycle():

@@ -41,13 +41,7 @@ TIMM_NAMES = [n for n in PAPER_WIDTHS if n.startswith("efficientnet")]
 TORCHVISION_NAMES = [n for n in PAPER_WIDTHS if n not in TIMM_NAMES]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread: the machine's cores are shared, and oversubscribed threads make these steps crawl."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _params(names: list[str]) -> list:
@@ -165,7 +159,7 @@ def test_params_errors_name_the_key(entry, message):
 def test_describe_lists_every_backbone_and_the_families():
     rows = BACKBONES.describe()
     singles = [name for name, _, _ in rows if name != "(family)"]
-    assert sorted(singles) == sorted([*PAPER_BACKBONES, "tiny_cnn"])
+    assert sorted(singles) == sorted([*PAPER_BACKBONES, "tiny_cnn", "xrv_densenet121", "xrv_resnet50"])
     families = [summary for name, summary, _ in rows if name == "(family)"]
     timm_installed = importlib.util.find_spec("timm") is not None
     assert [f.split()[1] for f in families] == ["torchvision", *(["timm"] if timm_installed else [])]

@@ -54,7 +54,8 @@ def base_values(twin: Path, cache: Path, results: Path) -> dict[str, Any]:
                               "brixia": {"name": "brixia", "params": {"root": str(twin / "BRIXIA")}}},
                  "cache_dir": str(cache), "image_size": SIZE, "crop": "lungs_classical"},
         "model": {"backbone": "tiny_cnn", "input_size": SIZE},
-        "train": {"max_epochs": 1, "warmup_epochs": 0, "batch_size": 16, "threads": 1, "device": "cpu"},
+        "train": {"max_epochs": 1, "warmup_epochs": 0, "batch_size": 16},
+        "runtime": {"threads": 1, "device": "cpu"},
         "results_dir": str(results),
     }
 
@@ -253,6 +254,14 @@ def replace_bytes(data: bytes) -> Callable[[Path], None]:
     return lambda path: path.write_bytes(data)
 
 
+def overwrite_in_place(path: Path) -> None:
+    """The file's bytes reversed in place: same size, other content."""
+    with open(path, "r+b") as handle:
+        data = handle.read()
+        handle.seek(0)
+        handle.write(data[::-1])
+
+
 def png_named_dcm(path: Path) -> None:
     Image.fromarray(np.zeros((40, 40), np.uint8)).save(path, format="PNG")
 
@@ -408,6 +417,7 @@ def counts_add_up(dataset: str, total: int, failed: tuple[str, ...] = (), droppe
 
 def no_marker(ws: Workspace, text: str) -> None:
     assert not (ws.results / "PWNED").exists(), "the planted pickle ran"
+    assert "weights_only" not in text and "trust" not in text, "the refusal suggests loading the file unsafely"
 
 
 def rerun_trained_again(ws: Workspace, text: str) -> None:
@@ -426,10 +436,10 @@ def rebuilt(dataset: str) -> Check:
     """The damaged cache folder of ``dataset`` opens again with every image."""
 
     def check(ws: Workspace, text: str) -> None:
-        from mdmt.data.cache import open_cache
+        from mdmt.data.cache import open_cache, verify_images
 
         (folder,) = ws.cache.glob(f"{dataset}-*")
-        cache = open_cache(folder)
+        cache = verify_images(open_cache(folder))
         assert len(cache) == {"aiforcovid": AFC_IMAGES, "brixia": BRIXIA_IMAGES}[dataset]
         assert cache.images.shape == (len(cache), SIZE, SIZE)
 
@@ -555,7 +565,7 @@ CASES: list[Case] = [
     Case("lr_negative", (*TRAIN, "--set", "train.lr=-0.1"), names=("train.lr = -0.1 is not allowed",)),
     Case("clip_percentiles_reversed", (*PREPARE, "--set", "data.clip_percentiles=[98, 2]"),
          names=("data.clip_percentiles = (98.0, 2.0) is not allowed",)),
-    Case("device_unknown", (*TRAIN, "--device", "tpu"), names=("train.device = 'tpu' is not allowed",)),
+    Case("device_unknown", (*TRAIN, "--device", "tpu"), names=("runtime.device = 'tpu' is not allowed",)),
     Case("cv_folds_two", (*TRAIN, "--set", "protocol.cv_folds=2"), names=("protocol.cv_folds = 2 is not allowed",)),
     Case("max_epochs_zero", (*TRAIN, "--epochs", "0"), names=("train.max_epochs = 0 is not allowed",)),
     Case("several_bad_values", (*TRAIN, "--set", "train.lr=-1", "--set", "train.batch_size=0"),
@@ -730,6 +740,9 @@ CASES: list[Case] = [
     Case("cache_images_truncated", PREPARE, code=0, writes=CACHE, names=("images.u8", "truncated or corrupt"),
          setup=lambda ws, mp: truncate(500)(next(ws.cache.glob("aiforcovid-*")) / "images.u8"),
          check=rebuilt("aiforcovid")),
+    Case("cache_images_overwritten", PREPARE, code=0, writes=CACHE, names=("images.u8: contents differ",),
+         setup=lambda ws, mp: overwrite_in_place(next(ws.cache.glob("aiforcovid-*")) / "images.u8"),
+         check=rebuilt("aiforcovid")),
     Case("cache_records_edited", PREPARE, code=0, writes=CACHE, names=("records.csv: contents differ",),
          setup=lambda ws, mp: replace_bytes(b"image_id\nP_1\n")(next(ws.cache.glob("brixia-*")) / "records.csv"),
          check=rebuilt("brixia")),
@@ -768,11 +781,11 @@ CASES: list[Case] = [
          names=("{run}/inputs.json",)),
     # ------------------------------------------------------------------ grids
     Case("grid_with_a_refused_run", (*GRID, "--set", "grid.strategies=[stl_prognosis]", "--set", "train.lr=0.5"),
-         code=1, setup=finished(), writes=("{results}/index.sqlite", "{results}/grid.lock", "{run}/FAILED"),
+         code=1, setup=finished(), writes=("{results}/grid.lock", "{run}/FAILED"),
          names=("stl_prognosis/tiny_cnn/cv5/0/0", "other inputs")),
     Case("grid_with_a_bad_dependency", (*GRID, "--set", "grid.strategies=[ft]"), code=1,
          setup=bad_checkpoint("best.pt", truncate(4000), SEVERITY_RUN, unfinished=False),
-         writes=("{results}/index.sqlite", "{results}/grid.lock", "{results}/runs/ft"),
+         writes=("{results}/grid.lock", "{results}/runs/ft"),
          names=("ft/tiny_cnn/cv5/0/0", "best.pt")),
     Case("grid_locked_by_another", (*GRID, "--set", "grid.strategies=[stl_prognosis]"), setup=held_lock,
          names=("another mdmt grid is running on {results} (pid 4242)",)),
@@ -783,21 +796,28 @@ CASES: list[Case] = [
     # ------------------------------------------------------------------ reports
     Case("report_metrics_not_json", ("report", "{results}"), code=0,
          setup=steps(finished(), write(f"results/{PROGNOSIS_RUN}/metrics.json", "{\"prognosis\": {\"acc")),
-         writes=("{results}/index.sqlite", "{results}/report"), names=("report: {results}/report/report.html",),
+         writes=("{results}/report",), names=("report: {results}/report/report.html",),
          check=report_lists_unreadable("metrics.json")),
     Case("report_predictions_garbled", ("report", "{results}"), code=0,
          setup=steps(finished(), write(f"results/{PROGNOSIS_RUN}/predictions_prognosis.csv", "image_id,y_true\nP_1,x\n")),
-         writes=("{results}/index.sqlite", "{results}/report"), names=("report: {results}/report/report.html",),
+         writes=("{results}/report",), names=("report: {results}/report/report.html",),
          check=report_lists_unreadable("predictions_prognosis.csv")),
-    Case("report_index_not_a_database", ("report", "{results}"), code=0,
+    Case("report_metrics_missing", ("report", "{results}"), code=0,
+         setup=lambda ws, mp: (ws.finished() / "metrics.json").unlink(),
+         writes=("{results}/report",), names=("report: {results}/report/report.html",),
+         check=report_lists_unreadable("metrics.json: missing")),
+    Case("report_predictions_cut_mid_row", ("report", "{results}"), code=0,
+         setup=lambda ws, mp: truncate(-6)(ws.finished() / "predictions_prognosis.csv"),
+         writes=("{results}/report",), names=("report: {results}/report/report.html",),
+         check=report_lists_unreadable("predictions_prognosis.csv: the last row has no line break")),
+    Case("report_beside_an_old_index", ("report", "{results}"), code=0,  # an older mdmt's index.sqlite is left be
          setup=steps(finished(), write("results/index.sqlite", "not a database " * 100)),
-         writes=("{results}/index.sqlite*", "{results}/report"),
-         names=("{results}/index.sqlite: not a results index", "report: {results}/report/report.html")),
+         writes=("{results}/report",), names=("report: {results}/report/report.html",)),
     Case("report_folder_missing", ("report", "{ws}/nowhere"), names=("results folder {ws}/nowhere does not exist",)),
     Case("report_on_a_file", ("report", "{ws}/results.txt"), setup=write("results.txt", "x"),
          names=("{ws}/results.txt: is a file, not a results folder",)),
     Case("report_out_under_a_file", ("report", "{results}", "--out", "{ws}/notes.txt/report"),
-         setup=steps(finished(), write("notes.txt", "x")), writes=("{results}/index.sqlite",),
+         setup=steps(finished(), write("notes.txt", "x")),
          names=("{ws}/notes.txt/report: not a directory",)),
     # ------------------------------------------------------------------ synth
     Case("synth_onto_a_file", ("synth", "{ws}/twin.txt", "--preset", "tiny"), setup=write("twin.txt", "keep"),
@@ -821,7 +841,7 @@ CASES: list[Case] = [
     Case("history_disk_full", TRAIN, setup=writer_fails(errno.ENOSPC, "history.csv"),
          writes=("{run}",), names=("{run}/history.csv: no space left on device",)),
     Case("report_disk_full", ("report", "{results}"), setup=steps(finished(), writer_fails(errno.ENOSPC, "headline.csv")),
-         writes=("{results}/index.sqlite", "{results}/report"),
+         writes=("{results}/report",),
          names=("{results}/report/headline.csv: no space left on device",)),
     # ------------------------------------------------------------------ the same through a real process
     Case("process_yaml_syntax_error", ("train", "--config", BAD_YAML), process=True,
@@ -837,7 +857,7 @@ CASES: list[Case] = [
          names=("{run}/best.pt: file too large",)),
     Case("process_report_metrics_not_json", ("report", "{results}"), code=0, process=True,
          setup=steps(finished(), write(f"results/{PROGNOSIS_RUN}/metrics.json", "[1, 2")),
-         writes=("{results}/index.sqlite", "{results}/report"), check=report_lists_unreadable("metrics.json"),
+         writes=("{results}/report",), check=report_lists_unreadable("metrics.json"),
          names=("report: {results}/report/report.html",)),
 ]
 

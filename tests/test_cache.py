@@ -198,7 +198,7 @@ def test_unreadable_file_listed_or_raised(tmp_path):
 def test_parallel_workers_match_in_process(tmp_path):
     source = make_source(tmp_path / "data")
     serial = build_cache(source, config(), tmp_path / "serial", progress=False)
-    parallel = build_cache(source, config(workers=2), tmp_path / "parallel", progress=False)
+    parallel = build_cache(source, config(), tmp_path / "parallel", progress=False, workers=2)
     assert parallel.key == serial.key
     np.testing.assert_array_equal(np.asarray(parallel.images), np.asarray(serial.images))
 

@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 
 from mdmt.cli import main, os_error_message
+from mdmt.errors import ConfigError
 
 
 def test_info_lists_the_papers_backbones(capsys):
@@ -22,12 +23,12 @@ def test_info_lists_the_papers_backbones(capsys):
 
 def test_missing_config_file_exits_2_with_its_name(tmp_path, capsys):
     assert main(["train", "--config", str(tmp_path / "absent.yaml")]) == 2
-    assert "absent.yaml" in capsys.readouterr().out
+    assert "absent.yaml" in capsys.readouterr().err
 
 
 def test_unknown_override_key_exits_2(capsys):
     assert main(["prepare", "--set", "data.imagesize=3"]) == 2
-    assert "imagesize" in capsys.readouterr().out
+    assert "imagesize" in capsys.readouterr().err
 
 
 def test_synth_writes_both_datasets(tmp_path):
@@ -40,7 +41,7 @@ def test_synth_writes_both_datasets(tmp_path):
 
 def test_prepare_reports_missing_root(tmp_path, capsys):
     assert main(["prepare", "--aiforcovid-root", str(tmp_path / "nowhere"), "--cache-dir", str(tmp_path / "c")]) == 2
-    assert "nowhere" in capsys.readouterr().out
+    assert "nowhere" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------------ no tracebacks
@@ -68,7 +69,7 @@ def test_a_yaml_syntax_error_gives_no_traceback_from_the_process(tmp_path):
     done = subprocess.run([sys.executable, "-m", "mdmt.cli", "train", "--config", str(path)],
                           check=False, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
-    assert "broken.yaml:2:1: YAML syntax error" in done.stdout
+    assert "broken.yaml:2:1: YAML syntax error" in done.stderr and done.stdout == ""
     assert "Traceback" not in done.stdout + done.stderr
 
 
@@ -79,7 +80,9 @@ def test_a_yaml_syntax_error_gives_no_traceback_from_the_process(tmp_path):
         (["config", "--set", "train.lr=.nan"], "train.lr = nan is not allowed: must be > 0"),
         (["config", "--set", "data.clip_percentiles=[98, 2]"], "data.clip_percentiles = (98.0, 2.0)"),
         (["train", "--epochs", "0"], "train.max_epochs = 0 is not allowed: must be >= 1"),
-        (["train", "--device", "gpu"], "train.device = 'gpu' is not allowed"),
+        (["train", "--device", "gpu"], "runtime.device = 'gpu' is not allowed"),
+        (["train", "--set", "train=5", "--epochs", "3"], "--set train=5: config.train: expected a mapping, got 5"),
+        (["grid", "--set", "data.workers=2"], "--set data.workers=2: data.workers is now runtime.workers"),
         (["prepare", "--image-size", "-8"], "data.image_size = -8 is not allowed"),
         (["grid", "--workers", "0"], "grid.workers = 0 is not allowed"),
         (["synth", "--opacity", "nan"], "synth.opacity = nan is not allowed"),
@@ -88,6 +91,45 @@ def test_a_yaml_syntax_error_gives_no_traceback_from_the_process(tmp_path):
 def test_bad_values_exit_2_naming_the_key(capsys, argv, fragment):
     code, text = run(capsys, *argv)
     assert code == 2 and fragment in text
+
+
+NO_CUDA = "error: runtime.device cuda: no CUDA device on this machine (torch.cuda.is_available() is False)"
+DEVICE_COMMANDS = [["train"], ["grid"], ["demo"], ["predict", "--run", "nowhere", "film.png"],
+                   ["explain", "--run", "nowhere", "film.png"], ["export", "--run", "nowhere", "--format", "onnx"]]
+
+
+@pytest.mark.parametrize("argv", DEVICE_COMMANDS, ids=[a[0] for a in DEVICE_COMMANDS])
+def test_a_device_the_machine_lacks_or_an_unknown_one_is_one_line_before_any_work(argv, tmp_path, capsys,
+                                                                                 monkeypatch):
+    import torch
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    unknown = "error: runtime.device = 'tpu' is not allowed: must be auto, cpu, cuda, cuda:N or mps"
+    for device, expected in (("cuda", NO_CUDA), ("tpu", unknown)):
+        code, text = run(capsys, *argv, "--device", device)
+        assert (code, text.strip()) == (2, expected)
+    assert list(tmp_path.iterdir()) == []  # nothing was written: the demo's twin, a run folder, an output folder
+
+
+def test_a_grid_for_a_cluster_leaves_the_device_to_the_cluster(capsys, monkeypatch):
+    import torch
+
+    from mdmt.experiments import grid
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(grid, "run_grid", lambda config, **kwargs: (_ for _ in ()).throw(ConfigError("submitted")))
+    assert run(capsys, "grid", "--backend", "slurm", "--device", "cuda") == (2, "error: submitted\n")
+
+
+def test_report_reads_config_and_set(tmp_path, capsys):
+    (tmp_path / "results.txt").write_text("x")
+    config = tmp_path / "study.yaml"
+    config.write_text(f"results_dir: {tmp_path / 'results.txt'}\n")
+    code, text = run(capsys, "report", "--config", str(config))
+    assert code == 2 and f"{tmp_path / 'results.txt'}: is a file, not a results folder" in text
+    code, text = run(capsys, "report", "--set", f"results_dir={tmp_path / 'results.txt'}")
+    assert code == 2 and f"{tmp_path / 'results.txt'}: is a file, not a results folder" in text
 
 
 def test_an_error_is_printed_as_is_on_one_line(tmp_path, capsys):

@@ -53,7 +53,7 @@ def test_mdmt_clinical_and_clinical_only_run(tiny_config, tiny_caches, tmp_path)
     config = _config(
         tiny_config, tmp_path,
         mdmt_clinical={"datasets": ["aiforcovid", "brixia"], "tasks": ["prognosis", "severity"], "clinical": COLUMNS},
-        clinical_only={"datasets": ["aiforcovid"], "tasks": ["prognosis"], "clinical": COLUMNS, "image": False},
+        clinical_only={"datasets": ["aiforcovid"], "tasks": ["prognosis"], "clinical": COLUMNS, "estimator": "clinical_logistic"},
     )
     config = dataclasses.replace(config, train=dataclasses.replace(config.train, max_epochs=1))
     for name in ("mdmt_clinical", "clinical_only"):
@@ -111,5 +111,5 @@ def test_demo_clinical_config_pairs_the_strategies() -> None:
     config = load_config(config_path("demo_clinical"))
     fused, baseline = get_strategy("mdmt_clinical", config), get_strategy("clinical_only", config)
     assert fused.stage.clinical == baseline.stage.clinical and "Death" not in fused.stage.clinical
-    assert not baseline.stage.image and fused.stage.image
+    assert (baseline.stage.estimator, fused.stage.estimator) == ("clinical_logistic", "network")
     assert {("mdmt_clinical", "mdmt"), ("mdmt_clinical", "clinical_only")} <= set(DEFAULT_COMPARISONS)

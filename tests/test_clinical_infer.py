@@ -38,7 +38,7 @@ def _train(tiny_config, results: Path, name: str, **params) -> Path:
         tiny_config, results_dir=str(results),
         strategies={**tiny_config.strategies, name: PluginRef("train", stage)},
         model=dataclasses.replace(tiny_config.model, severity_task="severity_regions"),
-        train=dataclasses.replace(tiny_config.train, max_epochs=1, device="cpu"),
+        train=dataclasses.replace(tiny_config.train, max_epochs=1),
     )
     return train_run(config, RunSpec(name, "tiny_cnn", "cv5", 0, 0), progress=False)
 
@@ -79,7 +79,7 @@ def test_the_clinical_term_is_the_training_folds_logistic_regression(tiny_config
     """The fused model starts from (and, not trainable, keeps) clinical_only's solution: same coefficients, so
     the clinical term's test probabilities are clinical_only's; the image branch adds a residual."""
     baseline = _train(tiny_config, tmp_path, "clinical_only", datasets=["aiforcovid"], tasks=["prognosis"],
-                      image=False)
+                      estimator="clinical_logistic")
     trained = load_trained(run_dir)
     records = tiny_caches["aiforcovid"].records.set_index("image_id")
     expected = pd.read_csv(baseline / predictions_file("prognosis"), dtype={"image_id": str})
@@ -167,7 +167,7 @@ def test_a_clinical_run_needs_a_sheet_and_an_image_run_takes_none(run_dir, tiny_
                                                                    tmp_path, capsys):
     films = [str(p) for p in test_films["path"][:2]]
     assert main(["predict", "--run", str(run_dir), *films, "--out", str(tmp_path / "a")]) == 2
-    message = " ".join(capsys.readouterr().out.split())
+    message = " ".join(capsys.readouterr().err.split())
     assert "--clinical" in message and "'LDH'" in message and "'RespiratoryFailure'" in message
     image_only = train_tiny_run(tiny_config, tmp_path / "image-run")
     sheet_path = _write(sheet, tmp_path / "sheet.csv")

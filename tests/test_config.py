@@ -1,10 +1,20 @@
 """Config: YAML onto typed dataclasses, overrides, errors naming the key, round trip."""
 
+import argparse
+import typing
+
 import pytest
 import yaml
 
-from mdmt.cli import DATA_OPTIONS, RUN_OPTIONS, build_parser, resolve_config
-from mdmt.config import Config, load_config, parse_override, save_config, to_dict
+from mdmt.cli import COMMAND_KEYS, build_parser, resolve_config
+from mdmt.config import (
+    Config,
+    config_fields,
+    load_config,
+    parse_override,
+    save_config,
+    to_dict,
+)
 from mdmt.errors import ConfigError
 
 
@@ -58,9 +68,68 @@ def test_cli_options_map_to_config_keys():
         ["train", "--strategy", "ft", "--backbone", "resnet34", "--fold", "3", "--seed", "7",
          "--image-size", "128", "--set", "train.lr=0.002"]
     )
-    c = resolve_config(args, DATA_OPTIONS + RUN_OPTIONS)
+    c = resolve_config(args)
     assert (c.run.strategy, c.model.backbone.name, c.run.fold, c.seed) == ("ft", "resnet34", 3, 7)
     assert c.data.image_size == 128 and c.train.lr == 0.002
+
+
+def _subparsers() -> dict[str, argparse.ArgumentParser]:
+    action = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return dict(action.choices)
+
+
+def test_every_command_takes_config_and_set_and_its_options_are_the_flagged_fields():
+    fields = {key: (f, tp) for key, f, tp in config_fields()}
+    parsers = _subparsers()
+    assert sorted(parsers) == sorted(COMMAND_KEYS)
+    seen = set()
+    for name, parser in parsers.items():
+        dests = {a.option_strings[0]: a for a in parser._actions if a.option_strings}
+        assert "--config" in dests and "--set" in dests, name
+        for flag, action in dests.items():
+            if action.dest not in fields:
+                continue
+            f, tp = fields[action.dest]
+            assert f.metadata["flag"] == flag and f"[{action.dest}" in action.help, (name, flag)
+            seen.add(action.dest)
+            literal = next((t for t in (tp, *typing.get_args(tp)) if typing.get_origin(t) is typing.Literal), None)
+            check = f.metadata.get("check")
+            for allowed in (typing.get_args(literal) if literal else ()) + ((check.allowed,) if check else ()):
+                assert allowed in action.help, (name, flag, allowed)
+    assert seen == {key for key, (f, _) in fields.items() if "flag" in f.metadata}  # every flag is some command's
+    crop = next(a for a in parsers["train"]._actions if a.dest == "data.crop")
+    assert "lungs_classical" in crop.help and "boxes" in crop.help
+
+
+def test_seed_means_seed_everywhere_and_synth_seed_the_twins():
+    parse = build_parser().parse_args
+    demo = resolve_config(parse(["demo", "--config", "demo", "--seed", "5"]))
+    assert (demo.seed, demo.synth.seed) == (5, 5)  # the twin follows the seed unless synth.seed is set
+    pinned = resolve_config(parse(["demo", "--config", "demo", "--seed", "5", "--synth-seed", "2"]))
+    assert (pinned.seed, pinned.synth.seed) == (5, 2)
+    synth = resolve_config(parse(["synth", "out", "--synth-seed", "3"]))
+    assert (synth.seed, synth.synth.seed, synth.synth.out) == (0, 3, "out")
+    assert resolve_config(parse(["train", "--seed", "4"])).seed == 4
+    assert not any(a.dest == "synth.seed" for a in _subparsers()["train"]._actions)
+
+
+def test_report_takes_config_set_and_maps_its_options_to_keys(tmp_path):
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump({"results_dir": str(tmp_path / "results"), "report": {"task": "severity_regions"}}))
+    parse = build_parser().parse_args
+    c = resolve_config(parse(["report", "--config", str(path), "--set", "report.rescore=true"]))
+    assert (c.results_dir, c.report.task, c.report.rescore, c.report.out) == (str(tmp_path / "results"),
+                                                                             "severity_regions", True, None)
+    c = resolve_config(parse(["report", "elsewhere", "--config", str(path), "--task", "prognosis", "--out", "r"]))
+    assert (c.results_dir, c.report.task, c.report.out) == ("elsewhere", "prognosis", "r")
+
+
+def test_a_bad_set_is_never_hidden_by_an_option():
+    args = build_parser().parse_args(["train", "--set", "train=5", "--epochs", "3"])
+    with pytest.raises(ConfigError, match=r"^--set train=5: config\.train: expected a mapping, got 5$"):
+        resolve_config(args)
+    args = build_parser().parse_args(["train", "--set", "train.max_epochs=7", "--epochs", "3"])
+    assert resolve_config(args).train.max_epochs == 3  # options come last
 
 
 def test_shipped_configs_ship_inside_the_package_and_load():
@@ -106,3 +175,22 @@ def test_a_plugin_file_named_in_the_config_is_imported(tmp_path):
     assert "halved_test_rule" in WEIGHTINGS
     with pytest.raises(ConfigError, match="not found"):
         load_config(None, [parse_override(f"plugins=[{tmp_path / 'missing.py'}]")])
+
+
+def test_a_run_folder_config_of_an_older_mdmt_still_loads(tmp_path):
+    """Run folders written before the runtime section and the estimators keep loading (predict, rescore), while
+    a user's config with the old keys is refused."""
+    from mdmt.config import load_run_config
+
+    old = tmp_path / "config.yaml"
+    old.write_text("data: {workers: 2}\ntrain: {device: cpu, threads: 1, num_workers: 0, lr: 0.003}\n"
+                   "infer: {device: cpu}\nsynth: {workers: 2}\n"
+                   "strategies:\n  clinical_only: {params: {datasets: [aiforcovid], tasks: [prognosis],"
+                   " clinical: [Age], image: false}}\n  mdmt: {params: {datasets: [aiforcovid, brixia],"
+                   " tasks: [prognosis, severity], image: true}}\n")
+    config = load_run_config(old)
+    assert config.train.lr == 0.003
+    assert config.strategies["clinical_only"].params["estimator"] == "clinical_logistic"
+    assert config.strategies["mdmt"].params["estimator"] == "network"
+    with pytest.raises(ConfigError, match=r"data\.workers is now runtime\.workers"):
+        load_config(old)

@@ -5,6 +5,7 @@ counts add up (cached + failed + dropped == the rows the reader saw)."""
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import hashlib
 import io
@@ -30,8 +31,10 @@ from mdmt.data.cache import (
     build_cache,
     open_cache,
     summary_table,
+    verify_images,
 )
-from mdmt.data.datasets import Dataset, dataset_split, prepare
+from mdmt.data.datasets import Dataset, prepare
+from mdmt.protocols import dataset_split
 from mdmt.data.dicom import read_image
 from mdmt.data.sources import SourceTable
 from mdmt.errors import ConfigError, DataError, ImageReadError
@@ -185,6 +188,54 @@ def test_a_corrupt_cache_file_is_named_and_the_cache_rebuilt(tmp_path, caplog, c
     np.testing.assert_array_equal(np.asarray(again.images), images)
     pd.testing.assert_frame_equal(again.records, records)
     assert [p.name for p in (tmp_path / "cache").iterdir()] == [first.path.name]
+
+
+def _overwrite_in_place(path: Path) -> None:
+    """The file's bytes inverted in place (same size), its modification time a second later, as an edit made after
+    the last check would leave it (a file system's clock may not tick between two writes this close)."""
+    stat = path.stat()
+    with open(path, "r+b") as handle:
+        data = handle.read()
+        handle.seek(0)
+        handle.write(bytes(255 - b for b in data))
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+
+
+def test_images_overwritten_in_place_are_refused_by_a_run_and_rebuilt_by_prepare(tmp_path, caplog, monkeypatch):
+    toy = source(tmp_path / "data", [f"P_{i}" for i in range(5)])
+    first = build_cache(toy, data_config(), tmp_path / "cache", progress=False)
+    images = np.array(first.images)
+    hashed: list[str] = []
+    real = cache_module.file_sha256
+    monkeypatch.setattr(cache_module, "file_sha256", lambda path: hashed.append(Path(path).name) or real(path))
+    for _ in range(3):
+        assert verify_images(open_cache(first.path)).path == first.path
+    assert hashed.count("images.u8") == 1  # once per process while the file stays as it was
+
+    _overwrite_in_place(first.path / "images.u8")
+    with pytest.raises(DataError) as refused:
+        verify_images(open_cache(first.path))  # the size still matches: open_cache alone takes it
+    assert str(refused.value) == (f"{first.path / 'images.u8'}: contents differ from the sha256 meta.json recorded "
+                                  "at the build (bytes overwritten or corrupt); the cache is refused: `mdmt prepare` "
+                                  "rebuilds it")
+    with caplog.at_level(logging.WARNING, logger="mdmt.data.cache"):
+        again = build_cache(toy, data_config(), tmp_path / "cache", progress=False)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "images.u8: contents differ" in warnings[0] and "rebuilding" in warnings[0]
+    np.testing.assert_array_equal(np.asarray(verify_images(again).images), images)
+
+
+def test_a_run_refuses_a_cache_overwritten_since_the_grid_built_it(tiny_config, tiny_caches, tmp_path):
+    from mdmt.runs import RunSpec
+    from mdmt.train.run import train_run
+
+    copy = Path(shutil.copytree(tiny_caches["aiforcovid"].path, tmp_path / tiny_caches["aiforcovid"].path.name))
+    _overwrite_in_place(copy / "images.u8")
+    config = dataclasses.replace(tiny_config, results_dir=str(tmp_path / "results"))
+    with pytest.raises(DataError, match=re.escape(f"{copy / 'images.u8'}: contents differ from the sha256")):
+        train_run(config, RunSpec("stl_prognosis", "tiny_cnn", "cv5", 0, 0), progress=False,
+                  caches={"aiforcovid": str(copy)})
+    assert not (tmp_path / "results").exists()
 
 
 # ----------------------------------------------------------------------------------------------- safe writes

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import torch
 
-from mdmt.config import TrainConfig
+from mdmt.config import RuntimeConfig, TrainConfig
 from mdmt.data.dataset import (
     CachedImageDataset,
     ImageArrays,
@@ -181,7 +181,8 @@ def test_loader_with_sampler_and_workers_is_deterministic():
 
     def epoch_rows(workers: int, epoch: int) -> list[list[int]]:
         sampler = MixedBatchSampler(dataset.source_sizes, 4, seed=5)
-        loader = make_loader(dataset, TrainConfig(batch_size=4, num_workers=workers), batch_sampler=sampler)
+        loader = make_loader(dataset, TrainConfig(batch_size=4), batch_sampler=sampler,
+                             runtime=RuntimeConfig(loader_workers=workers))
         sampler.set_epoch(epoch)
         return [(b["source"] * 100 + b["row"]).tolist() for b in loader]
 

@@ -11,10 +11,12 @@ import pytest
 import torch
 
 from mdmt.config import Config
-from mdmt.data.datasets import build_splits, select
+from mdmt.data.datasets import select
+from mdmt.protocols import build_splits
 from mdmt.losses import build_weighting
 from mdmt.runs import BEST_CHECKPOINT, HISTORY_FILE, LAST_CHECKPOINT
 from mdmt.tasks import get_task
+from mdmt.train.callbacks import Callback
 from mdmt.train.checkpoints import load_checkpoint
 from mdmt.train.engine import (
     EVAL_PHASES,
@@ -30,7 +32,7 @@ from mdmt.train.engine import (
     history_csv,
     is_eligible,
 )
-from mdmt.train.run import build_data
+from mdmt.data.loaders import build_data
 from mdmt.train.strategies import get_strategy
 
 
@@ -39,8 +41,7 @@ class Killed(Exception):
 
 
 def _engine_config(tiny_config: Config, **train: object) -> Config:
-    values = {"max_epochs": 4, "warmup_epochs": 0, "early_stopping": 50, "batch_size": 16, "threads": 1,
-              "device": "cpu", **train}
+    values = {"max_epochs": 4, "warmup_epochs": 0, "early_stopping": 50, "batch_size": 16, **train}
     return dataclasses.replace(
         tiny_config,
         model=dataclasses.replace(tiny_config.model, severity_task="severity_regions", input_size=32),
@@ -61,17 +62,18 @@ def _fit(
     torch.manual_seed(seed)
     datasets = select(config, strategy.datasets)
     splits = build_splits(config, datasets, caches, "cv5", 0, seed)
-    data = build_data(config, strategy, datasets, caches, splits, tasks, seed)
+    data = build_data(config, caches, splits, tasks, seed)
     model = build_model(config.model, tasks)
 
-    def on_epoch_end(epoch: int, row: dict) -> None:
-        if epoch == kill_after:
-            raise Killed
+    class Kill(Callback):
+        def on_epoch_end(self, epoch: int, row: dict) -> None:
+            if epoch == kill_after:
+                raise Killed
 
     result = fit(
         model, tasks, data.train, data.val, config.train, BatchAugmenter(config.augment, tasks),
         build_weighting(weighting, tasks, config.loss.task_weights), run_dir, "prognosis", progress=False,
-        loss_variant=config.loss.variant, seed=seed, input_size=config.model.input_size, on_epoch_end=on_epoch_end,
+        loss_variant=config.loss.variant, seed=seed, input_size=config.model.input_size, callbacks=[Kill()],
     )
     return result, model
 
@@ -158,10 +160,11 @@ def test_gpu_sync_of_the_phase_times_is_asked_by_the_environment(monkeypatch, tm
     from mdmt.losses import build_weighting
 
     tasks = [get_task("prognosis")]
-    cfg = dataclasses.replace(Config().train, device="cpu")
+    cfg = Config().train
 
     def trainer() -> Trainer:
-        return Trainer(torch.nn.Linear(2, 2), tasks, cfg, build_weighting("fixed", tasks), tmp_path, "prognosis")
+        return Trainer(torch.nn.Linear(2, 2), tasks, cfg, build_weighting("fixed", tasks), tmp_path, "prognosis",
+                       device=torch.device("cpu"))
 
     monkeypatch.delenv(SYNC_TIMING_ENV, raising=False)
     assert not trainer().sync_timing
@@ -334,9 +337,11 @@ from mdmt.data.cache import open_cache
 from mdmt.losses import build_weighting
 from mdmt.tasks import get_task
 from mdmt.train.distributed import init_distributed, shutdown
-from mdmt.data.datasets import build_splits, select
+from mdmt.data.datasets import select
+from mdmt.protocols import build_splits
 from mdmt.train.engine import fit
-from mdmt.train.run import build_data
+from mdmt.data.loaders import build_data
+from mdmt.train.distributed import ShardedBatchSampler
 from mdmt.train.strategies import get_strategy
 
 
@@ -363,7 +368,7 @@ torch.manual_seed(0)
 model = NoBatchNorm(tasks)
 datasets = select(config, strategy.datasets)
 splits = build_splits(config, datasets, caches, "cv5", 0, 0)
-data = build_data(config, strategy, datasets, caches, splits, tasks, 0, ctx)
+data = build_data(config, caches, splits, tasks, 0, shard=lambda s: ShardedBatchSampler(s, ctx))
 fit(model, tasks, data.train, data.val, config.train, None, build_weighting("fixed", tasks), sys.argv[4],
     "prognosis", progress=False, loss_variant=config.loss.variant, input_size=config.model.input_size, dist=ctx,
     device=device)

@@ -189,8 +189,8 @@ def where_and_what(config: Config, spec: RunSpec, progress: bool = True) -> Path
 
 
 def test_workers_see_the_grids_folder_and_environment_of_each_call(tmp_path, monkeypatch):
-    """Workers fork from a fork server that imported the engine once; what the grid's process changed since (its
-    folder, its environment) still reaches every run, as it would in a freshly spawned process."""
+    """Workers are spawned for each grid: what the grid's process changed before the call (its folder, its
+    environment) reaches every run, and a run finds the engine imported (its function's module imports it)."""
     seen = {}
     for call in ("first", "second"):
         here = tmp_path / call

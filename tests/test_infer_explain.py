@@ -16,10 +16,9 @@ from PIL import Image
 from mdmt.cli import main
 from mdmt.config import ModelConfig, PluginRef
 from mdmt.errors import ConfigError
-from mdmt.infer.cam import grad_cams, head_scalar, target_layer
+from mdmt.infer.cam import grad_cams, target_layer
 from mdmt.infer.explain import explain_files
 from mdmt.infer.overlays import DISPLAY, cam_overlay, zone_boxes
-from mdmt.losses import decode
 from mdmt.models.multitask import build_model
 from mdmt.tasks import get_task
 
@@ -41,17 +40,8 @@ def run_dir(tiny_config, tiny_caches, tmp_path_factory) -> Path:
     return train_tiny_run(tiny_config, tmp_path_factory.mktemp("explain-runs"))
 
 
-@pytest.fixture
-def one_thread():
-    """One torch thread: the shared CPUs of a test run make a second thread slower, not faster."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.mark.parametrize("name", list(FAMILIES))
-def test_grad_cam_works_on_every_backbone_family(name, one_thread):
+def test_grad_cam_works_on_every_backbone_family(name, one_torch_thread):
     if name.startswith("efficientnet"):
         pytest.importorskip("timm")
     torch.manual_seed(0)
@@ -69,12 +59,12 @@ def test_grad_cam_works_on_every_backbone_family(name, one_thread):
 
 def test_head_scalars_are_the_log_odds_and_the_global_score():
     raw = torch.randn(5, 2)
-    probability = decode(TASKS[0], raw)["score"]
-    np.testing.assert_allclose(torch.sigmoid(head_scalar(TASKS[0], raw)).numpy(), probability, atol=1e-6)
+    probability = TASKS[0].decode(raw)["score"]
+    np.testing.assert_allclose(torch.sigmoid(TASKS[0].cam_scalar(raw)).numpy(), probability, atol=1e-6)
     regions = torch.randn(5, 6)
-    np.testing.assert_allclose(head_scalar(TASKS[1], regions).numpy(), regions.sum(dim=1).numpy(), atol=1e-6)
+    np.testing.assert_allclose(TASKS[1].cam_scalar(regions).numpy(), regions.sum(dim=1).numpy(), atol=1e-6)
     bins = torch.tensor([[0.0, 0.0, 0.0, 50.0]])
-    assert float(head_scalar(get_task("severity_global4"), bins)) == pytest.approx(3.0)
+    assert float(get_task("severity_global4").cam_scalar(bins)) == pytest.approx(3.0)
 
 
 def test_zones_are_thirds_of_each_lung_inside_the_crop():
@@ -125,4 +115,4 @@ def test_cli_explain_and_the_missing_extra(run_dir, tiny_data, tmp_path, monkeyp
         explain_files(run_dir, [dicom], tmp_path / "b", progress=False)
     capsys.readouterr()
     assert main(["explain", "--run", str(run_dir), str(dicom), "--out", str(tmp_path / "c")]) == 2
-    assert "mdmt[infer]" in capsys.readouterr().out
+    assert "mdmt[infer]" in capsys.readouterr().err

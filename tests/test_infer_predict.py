@@ -16,6 +16,7 @@ from helpers.dicom_fixtures import write_dicom
 from helpers.infer_runs import train_tiny_run, write_variants
 
 from mdmt.cli import main
+from mdmt.data.dicom import normalize_intensity, read_image
 from mdmt.errors import ConfigError, DataError
 from mdmt.infer.model_io import load_trained
 from mdmt.infer.predict import predict_files
@@ -64,7 +65,7 @@ def test_every_format_is_predicted_and_bad_files_are_listed(run_dir, tiny_data, 
     dicoms = sorted((tiny_data / "BRIXIA" / "dicom_clean").glob("*.dcm"))[:3]
     films = tmp_path / "films"
     variants = write_variants(dicoms[0], films / "converted")
-    pixels = np.rint(np.linspace(0, 1, 96 * 80).reshape(96, 80) ** 2 * 4000).astype(np.uint16)
+    pixels = np.rint((1 - normalize_intensity(read_image(dicoms[1]))) * 4000).astype(np.uint16)  # a chest film
     write_dicom(films / "nested" / "mono1.dcm", pixels, photometric="MONOCHROME1", bits_stored=12)
     (films / "broken.dcm").write_bytes(b"DICM but not really a DICOM file")
     (films / "empty.png").write_bytes(b"")
@@ -182,24 +183,51 @@ def test_a_planted_pickle_is_never_executed(run_dir, tmp_path, writer):
         (run / BEST_CHECKPOINT).write_bytes(pickle.dumps(planted, protocol=2))
     else:
         torch.save(planted, run / BEST_CHECKPOINT)
-    with pytest.raises(DataError, match="not a readable mdmt checkpoint"):
+    with pytest.raises(DataError, match="not a readable mdmt checkpoint") as refused:
         load_trained(run)
     assert not marker.exists()
+    message = str(refused.value)  # one line naming the file and what it holds, never how to load it unsafely
+    assert message.startswith(f"{run / BEST_CHECKPOINT}: ") and "\n" not in message
+    assert "Unsupported global: GLOBAL " in message
+    assert not any(word in message for word in ("weights_only", "safe_globals", "can still be loaded", "trust"))
 
 
 # ------------------------------------------------------------------------------------------------- command line
+def _truncated_png(tmp_path: Path) -> Path:
+    """A PNG cut after its signature, under a folder name long enough that its path passes 80 columns."""
+    bad = tmp_path / ("films-from-the-admissions-archive-" * 3) / "bad.png"
+    bad.parent.mkdir()
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    assert len(f"skipped {bad}") > 100
+    return bad
+
+
 def test_cli_predict_writes_the_files_and_lists_skipped(run_dir, tiny_data, tmp_path, capsys):
     dicom = sorted((tiny_data / "BRIXIA" / "dicom_clean").glob("*.dcm"))[0]
-    bad = tmp_path / "bad.png"
-    bad.write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    bad = _truncated_png(tmp_path)
     out = tmp_path / "out"
     assert main(["predict", "--run", str(run_dir), str(dicom), str(bad), "--out", str(out), "--batch-size", "2"]) == 0
-    printed = capsys.readouterr().out
-    assert f"skipped {bad}" in printed.replace("\n", "")
+    printed = capsys.readouterr()
+    skipped = [line for line in printed.err.splitlines() if line.startswith("skipped ")]
+    assert len(skipped) == 1 and skipped[0].startswith(f"skipped {bad}: ")  # on standard error, one unbroken line
+    assert "skipped " + str(bad) not in printed.out and f"1 film(s) predicted, 1 skipped → {out}" in printed.out
     assert {p.name for p in out.iterdir()} == {"predictions.csv", "predictions.json", "skipped.csv"}
+
+
+@pytest.mark.parametrize("command", ["predict", "explain"])
+def test_cli_exits_1_when_no_film_could_be_read(run_dir, tmp_path, capsys, command):
+    bad = _truncated_png(tmp_path)
+    assert main([command, "--run", str(run_dir), str(bad), str(tmp_path / "absent.dcm"),
+                 "--out", str(tmp_path / "out")]) == 1
+    printed = capsys.readouterr()
+    lines = printed.err.splitlines()
+    assert sorted(line.split(": ")[0] for line in lines[:2]) == [f"skipped {tmp_path / 'absent.dcm'}", f"skipped {bad}"]
+    assert lines[2] == f"no film {command}ed: all 2 file(s) skipped, each for the reason above"
+    assert "skipped" not in printed.out
+    assert len(pd.read_csv(tmp_path / "out" / "skipped.csv")) == 2
 
 
 def test_cli_predict_on_an_unfinished_run_exits_2_with_one_line(tmp_path, capsys):
     assert main(["predict", "--run", str(tmp_path), str(tmp_path / "x.dcm")]) == 2
-    out = capsys.readouterr().out.strip()
-    assert out.startswith("error:") and "not a run folder" in out and "Traceback" not in out
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "not a run folder" in err and "Traceback" not in err

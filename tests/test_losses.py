@@ -10,7 +10,7 @@ import torch
 
 from mdmt.config import ModelConfig, PluginRef
 from mdmt.errors import ConfigError
-from mdmt.losses import decode, per_sample_loss, task_losses, task_means
+from mdmt.losses import task_losses, task_means
 from mdmt.models.multitask import build_model
 from mdmt.tasks import get_task
 
@@ -87,13 +87,13 @@ def test_regression_and_ordinal_losses_by_hand():
     regions, ordinal = get_task("severity_regions"), get_task("severity_ordinal")
     outputs = torch.tensor([[1.0, 2, 3, 0, 0, 0]])
     targets = torch.tensor([[1.0, 0, 0, 0, 0, 3]])
-    assert math.isclose(per_sample_loss(regions, outputs, targets).item(), (0 + 4 + 9 + 0 + 0 + 9) / 6, rel_tol=1e-6)
+    assert math.isclose(regions.loss(outputs, targets).item(), (0 + 4 + 9 + 0 + 0 + 9) / 6, rel_tol=1e-6)
     logits = torch.zeros(1, 18)
     logits[0, :3] = torch.tensor([2.0, 0.0, -1.0])  # region A's three thresholds
     targets = torch.tensor([[2.0, 0, 1, 3, 0, 0]])  # region A: score 2 → [t>0, t>1, t>2] = [1, 1, 0]
     region_a = softplus(-2.0) + softplus(0.0) + softplus(-1.0)
     expected = (region_a + 15 * math.log(2.0)) / 18  # zero logits: log 2 for every other threshold
-    assert math.isclose(per_sample_loss(ordinal, logits, targets).item(), expected, rel_tol=1e-6)
+    assert math.isclose(ordinal.loss(logits, targets).item(), expected, rel_tol=1e-6)
 
 
 def test_paper_variant_only_changes_the_prognosis_loss():
@@ -111,34 +111,34 @@ def test_per_group_classification_is_the_mean_over_groups():
     outputs = torch.tensor([[0.0, 0, 0, 0, 3, 0, 0, 0]])  # right lung: uniform; left lung: class 0 favoured
     targets = torch.tensor([[1.0, 0.0]])
     expected = (math.log(4.0) + (-3.0 + math.log(math.exp(3.0) + 3.0))) / 2
-    assert math.isclose(per_sample_loss(lungs, outputs, targets).item(), expected, rel_tol=1e-6)
+    assert math.isclose(lungs.loss(outputs, targets).item(), expected, rel_tol=1e-6)
 
 
 # ----------------------------------------------------------------------------------------- decoding
 def test_decode_prognosis_gives_softmax_score_and_argmax():
-    decoded = decode(PROGNOSIS, torch.tensor([[2.0, 0.0], [0.5, 1.5], [0.3, 0.3]]))
+    decoded = PROGNOSIS.decode(torch.tensor([[2.0, 0.0], [0.5, 1.5], [0.3, 0.3]]))
     assert set(decoded) == {"score", "y_pred"}
     np.testing.assert_allclose(decoded["score"], [1 / (1 + math.e**2), 1 / (1 + math.e**-1), 0.5], rtol=1e-6)
     assert decoded["y_pred"].tolist() == [0, 1, 0]
 
 
 def test_decode_multiclass_groups_regression_and_ordinal():
-    global4 = decode(GLOBAL4, torch.tensor([[0.0, 3.0, 1.0, 0.0]]))
+    global4 = GLOBAL4.decode(torch.tensor([[0.0, 3.0, 1.0, 0.0]]))
     assert global4["y_pred"].tolist() == [1]
     probs = np.array([global4[f"prob_{c}"][0] for c in range(4)])
     np.testing.assert_allclose(probs, np.exp([0, 3, 1, 0]) / np.exp([0, 3, 1, 0]).sum(), rtol=1e-6)
 
-    lungs = decode(get_task("severity_lung4"), torch.tensor([[0.0, 0, 5, 0, 5, 0, 0, 0]]))
+    lungs = get_task("severity_lung4").decode(torch.tensor([[0.0, 0, 5, 0, 5, 0, 0, 0]]))
     assert lungs["y_pred_0"].tolist() == [2] and lungs["y_pred_1"].tolist() == [0]
     assert math.isclose(sum(lungs[f"prob_1_{c}"][0] for c in range(4)), 1.0, rel_tol=1e-6)
 
     values = torch.tensor([[0.5, 1.0, 1.5, 2.0, 2.5, 3.0]])
-    regions = decode(get_task("severity_regions"), values)
+    regions = get_task("severity_regions").decode(values)
     assert [regions[f"y_pred_{r}"][0] for r in "ABCDEF"] == values[0].tolist()
 
     logits = torch.full((1, 18), -20.0)
     logits[0, :2] = 20.0  # region A: P(t>0) = P(t>1) = 1, P(t>2) = 0 → score 2
     logits[0, 3:6] = torch.tensor([0.0, -20.0, -20.0])  # region B: P(t>0) = 0.5 → expected 0.5, class 0
-    ordinal = decode(get_task("severity_ordinal"), logits)
+    ordinal = get_task("severity_ordinal").decode(logits)
     assert ordinal["y_pred_A"].tolist() == [2] and math.isclose(ordinal["expected_A"][0], 2.0, abs_tol=1e-6)
     assert ordinal["y_pred_B"].tolist() == [0] and math.isclose(ordinal["expected_B"][0], 0.5, abs_tol=1e-6)

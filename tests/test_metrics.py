@@ -10,17 +10,15 @@ import pytest
 from sklearn import metrics as skm
 
 from mdmt.evaluate.metrics import (
-    SEVERITY_KIND_OF_TASK,
     classification_metrics,
     confusion,
-    global_bins,
     pooled_and_per_fold,
     prognosis_metrics,
     region_classes,
     roc_curve_points,
     severity_metrics,
 )
-from mdmt.tasks import GLOBAL_BIN_EDGES, TASK_NAMES, bin_scores
+from mdmt.tasks import GLOBAL_BIN_EDGES, TASK_NAMES, bin_scores, get_task, global_bins
 
 # 4 SEVERE, 6 MILD; at threshold 0.5: TP=3, FN=1, FP=2, TN=4.
 Y_TRUE = np.array([1, 1, 1, 1, 0, 0, 0, 0, 0, 0])
@@ -151,8 +149,11 @@ def test_severity_regions_against_hand_values():
     assert constant["mae"] == pytest.approx(0.2)
 
 
-def test_every_builtin_severity_task_has_a_kind():
-    assert set(SEVERITY_KIND_OF_TASK) == {name for name in TASK_NAMES if name.startswith("severity_")}
+def test_every_builtin_severity_task_is_scored_as_a_severity_kind():
+    from mdmt.evaluate.metrics import SEVERITY_KINDS
+
+    severity = [get_task(name) for name in TASK_NAMES if name.startswith("severity_")]
+    assert severity and all(task.scorer in SEVERITY_KINDS for task in severity)
 
 
 def _accuracy_of(rows: pd.DataFrame) -> dict[str, float]:

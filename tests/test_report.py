@@ -19,14 +19,21 @@ import pytest
 from PIL import Image
 from scipy import stats as scipy_stats
 from sklearn.metrics import accuracy_score, recall_score
-from test_store import PROGNOSIS_STRATEGIES, fake_metric_values, make_read_only, make_writable, write_fake_run
+from test_store import (
+    PROGNOSIS_STRATEGIES,
+    fake_metric_values,
+    folder_state,
+    make_read_only,
+    make_writable,
+    write_fake_run,
+)
 
 from mdmt.errors import DataError
 from mdmt.evaluate.report import build_report, headline_table_text
-from mdmt.evaluate.scoring import task_entry, write_metrics
+from mdmt.evaluate.scoring import write_metrics
 from mdmt.runs import RunSpec
-from mdmt.store import FAILED_FILE, INDEX_FILE
-from mdmt.tasks import get_task, prediction_columns
+from mdmt.store import FAILED_FILE
+from mdmt.tasks import get_task
 
 BACKBONES = ("resnet18", "densenet121", "vgg11", "mobilenet_v2", "googlenet")
 FOLDS = {"cv5": 3, "loco": 2}
@@ -180,7 +187,6 @@ def test_rebuilt_from_run_dirs_alone_with_failed_runs_listed(tmp_path):
     broken = RunSpec("mdmt", "vgg11", "loco", 5, 0)
     broken.run_dir(tmp_path).mkdir(parents=True)
     (broken.run_dir(tmp_path) / FAILED_FILE).write_text("Traceback (most recent call last):\nRuntimeError: CUDA OOM")
-    (tmp_path / INDEX_FILE).unlink()
     second = build_report(tmp_path, tmp_path / "b")
     assert (first.parent / "headline.csv").read_bytes() == (second.parent / "headline.csv").read_bytes()
     text = second.read_text()
@@ -274,7 +280,7 @@ def write_severity_run(results: Path, spec: RunSpec, task: str, n_images: int = 
     run_dir = spec.run_dir(results)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "spec.json").write_text(spec.to_json())
-    (run_dir / "tasks.json").write_text(json.dumps({task: task_entry(definition, ["brixia"], "brixia")}))
+    (run_dir / "tasks.json").write_text(json.dumps({task: definition.entry(["brixia"], "brixia")}))
     table = pd.DataFrame({"image_id": [f"{10 ** 15 + i}" for i in range(n_images)], "patient_id": "s",
                           "center": "X", "dataset": "brixia", "fold": spec.fold})
     noise = {"mdmt": 0.5, "mdmt_permuted": 0.8}.get(spec.strategy, 0.9)
@@ -284,8 +290,8 @@ def write_severity_run(results: Path, spec: RunSpec, task: str, n_images: int = 
     else:
         truth = rng.integers(0, 4, (n_images, 1)).astype(float)
         predicted = np.clip(truth + np.round(rng.normal(0, noise, truth.shape)), 0, 3)
-    table[prediction_columns("y_true", definition)] = truth
-    table[prediction_columns("y_pred", definition)] = predicted
+    table[definition.prediction_columns("y_true")] = truth
+    table[definition.prediction_columns("y_pred")] = predicted
     table.to_csv(run_dir / f"predictions_{task}.csv", index=False)
     pd.DataFrame({"epoch": [0, 1], "seconds": 1.0, f"val_{task}_loss": [1.0, 0.8]}).to_csv(run_dir / "history.csv",
                                                                                           index=False)
@@ -346,7 +352,7 @@ def test_a_severity_class_task_reports_accuracy_f1_and_kappa_with_confusion_matr
 
 def test_the_prognosis_metrics_are_those_of_each_runs_home_dataset(tmp_path):
     """A task labelled by two datasets: the pooled headline uses only the home rows."""
-    entry = task_entry(get_task("prognosis"), ["aiforcovid", "cohort2"], "aiforcovid")
+    entry = get_task("prognosis").entry(["aiforcovid", "cohort2"], "aiforcovid")
     truths = {}
     for fold in range(2):
         spec = RunSpec("mdmt", "resnet18", "cv5", fold, 0)
@@ -381,19 +387,20 @@ def test_a_missing_results_folder_is_an_error_and_creates_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_a_read_only_results_folder_reports_elsewhere(tmp_path, monkeypatch):
+def test_a_report_writes_nothing_into_the_results_folder_it_reads(tmp_path):
+    """A report elsewhere leaves the results folder as it was (no file, no time changed), writable or read-only."""
     results = tmp_path / "results"
     write_study(results, backbones=("resnet18",), seeds=(0,))
+    before = folder_state(results)
     build_report(results, tmp_path / "first")
-    before = {p: p.read_bytes() for p in results.rglob("*") if p.is_file()}
-    changed = make_read_only(results, monkeypatch)
+    assert folder_state(results) == before
+    changed = make_read_only(results)
     try:
         page = build_report(results, tmp_path / "elsewhere")
     finally:
         make_writable(changed)
     assert (page.parent / "headline.csv").read_bytes() == (tmp_path / "first" / "headline.csv").read_bytes()
-    assert {p: p.read_bytes() for p in results.rglob("*") if p.is_file()} == before
-    assert not (results / "report").exists()
+    assert folder_state(results) == before
 
 
 def test_report_and_store_import_no_torch():
@@ -408,5 +415,5 @@ def test_mdmt_report_on_a_missing_folder_is_an_error_without_torch(tmp_path):
             "assert 'torch' not in sys.modules; sys.exit(code)")
     result = subprocess.run([sys.executable, "-c", code, str(missing)], capture_output=True, text=True)
     assert result.returncode == 2, result.stderr
-    assert "absent-results" in result.stdout and "does not exist" in result.stdout
+    assert "absent-results" in result.stderr and "does not exist" in result.stderr
     assert list(tmp_path.iterdir()) == []

@@ -15,9 +15,9 @@ import pytest
 
 from mdmt.errors import DataError
 from mdmt.evaluate import metrics as metrics_lib
-from mdmt.evaluate.scoring import rescore, run_entries, score_run, score_table, scorer_of, task_entry, write_metrics
+from mdmt.evaluate.scoring import rescore, run_entries, score_run, score_table, write_metrics
 from mdmt.runs import RunSpec
-from mdmt.tasks import get_task, make_task, prediction_columns
+from mdmt.tasks import get_task, make_task
 
 RNG = np.random.default_rng(11)
 
@@ -36,8 +36,8 @@ def regions_table(n: int, dataset: str = "brixia", rng: np.random.Generator = RN
     predicted = truth + rng.normal(0, 0.8, (n, 6))  # some predictions below 0 and above 3
     table = pd.DataFrame({"image_id": [f"b{i}" for i in range(n)], "patient_id": "p", "center": "X",
                           "dataset": dataset, "fold": 0})
-    table[prediction_columns("y_true", task)] = truth
-    table[prediction_columns("y_pred", task)] = predicted
+    table[task.prediction_columns("y_true")] = truth
+    table[task.prediction_columns("y_pred")] = predicted
     return table
 
 
@@ -63,8 +63,8 @@ def write_run(run_dir: Path, tables: dict[str, pd.DataFrame], entries: dict | No
     (make_task("age", "age", "regression"), "regression"),
 ])
 def test_task_entry_derives_the_scorer_from_the_task(task, scorer):
-    entry = task_entry(task, ["aiforcovid", "cohort2"], "cohort2")
-    assert scorer_of(task) == entry["scorer"] == scorer
+    entry = task.entry(["aiforcovid", "cohort2"], "cohort2")
+    assert task.scorer == entry["scorer"] == scorer
     assert entry["kind"] == task.kind and entry["n_classes"] == task.n_classes
     assert entry["datasets"] == ["aiforcovid", "cohort2"] and entry["home"] == "cohort2"
     assert len(entry["groups"]) == task.target_dim and entry["class_names"] == list(task.class_names)
@@ -73,22 +73,22 @@ def test_task_entry_derives_the_scorer_from_the_task(task, scorer):
 
 def test_task_entry_needs_its_home_among_the_datasets():
     with pytest.raises(ValueError, match="brixia"):
-        task_entry(get_task("prognosis"), ["aiforcovid"], "brixia")
+        get_task("prognosis").entry(["aiforcovid"], "brixia")
 
 
 def test_binary_scoring_is_prognosis_metrics_of_the_scores():
     table = prognosis_table(40, "aiforcovid")
-    entry = task_entry(get_task("prognosis"), ["aiforcovid"], "aiforcovid")
+    entry = get_task("prognosis").entry(["aiforcovid"], "aiforcovid")
     assert score_table(entry, table) == metrics_lib.prognosis_metrics(table["y_true"], table["score"])
 
 
 def test_regional_predictions_are_clipped_to_0_3_before_scoring():
     table = regions_table(30)
     task = get_task("severity_regions")
-    predicted = table[prediction_columns("y_pred", task)].to_numpy()
+    predicted = table[task.prediction_columns("y_pred")].to_numpy()
     assert predicted.min() < 0 and predicted.max() > 3
-    truth = table[prediction_columns("y_true", task)].to_numpy()
-    scored = score_table(task_entry(task, ["brixia"], "brixia"), table)
+    truth = table[task.prediction_columns("y_true")].to_numpy()
+    scored = score_table(task.entry(["brixia"], "brixia"), table)
     assert scored == metrics_lib.severity_metrics("regions", truth, np.clip(predicted, 0, 3))
     assert scored["mae"] == pytest.approx(np.abs(np.clip(predicted, 0, 3) - truth).mean())
     assert scored["mae"] < np.abs(predicted - truth).mean()
@@ -98,25 +98,25 @@ def test_other_scorers_match_the_metric_functions():
     rng = np.random.default_rng(2)
     lung = get_task("severity_lung4")
     truth, predicted = rng.integers(0, 4, (25, 2)), rng.integers(0, 4, (25, 2))
-    table = pd.DataFrame(np.hstack([truth, predicted]), columns=[*prediction_columns("y_true", lung),
-                                                                  *prediction_columns("y_pred", lung)])
-    assert score_table(task_entry(lung, ["b"], "b"), table) == metrics_lib.severity_metrics("lung4", truth, predicted)
+    table = pd.DataFrame(np.hstack([truth, predicted]), columns=[*lung.prediction_columns("y_true"),
+                                                                  *lung.prediction_columns("y_pred")])
+    assert score_table(lung.entry(["b"], "b"), table) == metrics_lib.severity_metrics("lung4", truth, predicted)
     stage = make_task("stage", "stage", "classification", ["I", "II", "III"])
     three = pd.DataFrame({"y_true": rng.integers(0, 3, 20), "y_pred": rng.integers(0, 3, 20)})
-    assert score_table(task_entry(stage, ["m"], "m"), three) == metrics_lib.classification_metrics(
+    assert score_table(stage.entry(["m"], "m"), three) == metrics_lib.classification_metrics(
         three["y_true"], three["y_pred"], 3)
     age = make_task("age", "age", "regression")
     values = pd.DataFrame({"y_true": rng.normal(60, 10, 20), "y_pred": rng.normal(60, 10, 20)})
-    assert score_table(task_entry(age, ["m"], "m"), values) == metrics_lib.regression_metrics(
+    assert score_table(age.entry(["m"], "m"), values) == metrics_lib.regression_metrics(
         values["y_true"], values["y_pred"])
     with pytest.raises(DataError, match="score"):
-        score_table(task_entry(get_task("prognosis"), ["a"], "a"), three)
+        score_table(get_task("prognosis").entry(["a"], "a"), three)
 
 
 def test_score_run_gives_home_metrics_and_one_set_per_dataset(tmp_path):
     home, other = prognosis_table(30, "aiforcovid"), prognosis_table(20, "cohort2")
-    entries = {"prognosis": task_entry(get_task("prognosis"), ["aiforcovid", "cohort2"], "aiforcovid"),
-               "severity_regions": task_entry(get_task("severity_regions"), ["brixia"], "brixia")}
+    entries = {"prognosis": get_task("prognosis").entry(["aiforcovid", "cohort2"], "aiforcovid"),
+               "severity_regions": get_task("severity_regions").entry(["brixia"], "brixia")}
     severity = regions_table(15)
     run = write_run(tmp_path / "run", {"prognosis": pd.concat([other, home]), "severity_regions": severity}, entries)
     scored = score_run(run)
@@ -130,7 +130,7 @@ def test_score_run_gives_home_metrics_and_one_set_per_dataset(tmp_path):
 def test_write_metrics_is_strict_json(tmp_path):
     one_class = prognosis_table(10, "aiforcovid").assign(y_true=1)  # ROC AUC undefined → NaN → null
     run = write_run(tmp_path / "run", {"prognosis": one_class},
-                    {"prognosis": task_entry(get_task("prognosis"), ["aiforcovid"], "aiforcovid")})
+                    {"prognosis": get_task("prognosis").entry(["aiforcovid"], "aiforcovid")})
     metrics = write_metrics(run)
     assert math.isnan(metrics["prognosis"]["roc_auc"])
 
@@ -156,7 +156,7 @@ def test_a_run_without_tasks_json_is_scored_from_the_built_in_task(tmp_path):
 
 
 def test_rescore_rewrites_every_finished_run_and_names_the_broken_ones(tmp_path):
-    entry = {"prognosis": task_entry(get_task("prognosis"), ["aiforcovid"], "aiforcovid")}
+    entry = {"prognosis": get_task("prognosis").entry(["aiforcovid"], "aiforcovid")}
     specs = [RunSpec("mdmt", "resnet18", "cv5", fold, 0) for fold in range(3)]
     tables = [prognosis_table(20, "aiforcovid", np.random.default_rng(fold)) for fold in range(3)]
     for spec, table in zip(specs, tables):
@@ -181,3 +181,54 @@ def test_rescore_rewrites_every_finished_run_and_names_the_broken_ones(tmp_path)
 def test_scoring_imports_no_torch():
     code = "import sys, mdmt.evaluate.scoring; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def _overconfident(n: int, rng: np.random.Generator, dataset: str = "aiforcovid") -> pd.DataFrame:
+    """Scores whose logit is 3x the true log-odds: a temperature of about 3 calibrates them."""
+    logit = rng.normal(0, 1.5, n)
+    y_true = (rng.uniform(size=n) < 1 / (1 + np.exp(-logit))).astype(int)
+    score = 1 / (1 + np.exp(-3 * logit))
+    ids = [f"{dataset}_{i}" for i in range(n)]
+    return pd.DataFrame({"image_id": ids, "patient_id": ids, "center": "A", "dataset": dataset, "fold": 0,
+                         "y_true": y_true, "y_pred": (score >= 0.5).astype(int), "score": score})
+
+
+def test_calibration_is_fitted_on_the_home_datasets_validation_rows(tmp_path):
+    from mdmt.config import CalibrationConfig
+    from mdmt.evaluate.calibration import BinaryCalibration, IntervalConformal
+    from mdmt.evaluate.scoring import fit_calibration
+
+    rng = np.random.default_rng(5)
+    entries = {"prognosis": get_task("prognosis").entry(["aiforcovid", "cohort"], "aiforcovid"),
+               "severity_regions": get_task("severity_regions").entry(["brixia"], "brixia")}
+    run_dir = write_run(tmp_path / "run", {"prognosis": _overconfident(400, rng),
+                                           "severity_regions": regions_table(300, rng=rng)}, entries)
+    # the other dataset's validation rows are inverted: calibrating on them would turn the temperature negative
+    other = _overconfident(400, rng, "cohort").assign(y_true=lambda t: 1 - t["y_true"])
+    pd.concat([_overconfident(2000, rng), other]).to_csv(run_dir / "val_predictions_prognosis.csv", index=False)
+    regions_table(400, rng=rng).to_csv(run_dir / "val_predictions_severity_regions.csv", index=False)
+    fitted = fit_calibration(run_dir, CalibrationConfig(alpha=0.2))
+    binary = BinaryCalibration.from_dict(fitted["prognosis"]["binary"])
+    assert 2.6 < binary.temperature < 3.4 and 0 < binary.threshold < 1
+    assert fitted["prognosis"]["sets"]["alpha"] == 0.2 and fitted["prognosis"]["sets"]["n_calibration"] == 2000
+    total = IntervalConformal.from_dict(fitted["severity_regions"]["global"])
+    assert (total.low, total.high) == (0.0, 18.0) and len(total.half_width) == 1
+    assert len(fitted["severity_regions"]["regions"]["half_width"]) == 6
+    # the intervals cover held-out rows of the same distribution at about 1 - alpha
+    test = regions_table(4000, rng=np.random.default_rng(6))
+    truth, predicted = test.filter(like="y_true").to_numpy(), np.clip(test.filter(like="y_pred").to_numpy(), 0, 3)
+    lower, upper = total.predict_interval(predicted.sum(1))
+    assert 0.77 <= np.mean((lower <= truth.sum(1)) & (truth.sum(1) <= upper)) <= 0.83
+
+
+def test_write_metrics_writes_calibration_only_with_validation_predictions(tmp_path):
+    entries = {"prognosis": get_task("prognosis").entry(["aiforcovid"], "aiforcovid")}
+    rng = np.random.default_rng(7)
+    plain = write_run(tmp_path / "plain", {"prognosis": _overconfident(60, rng)}, entries)
+    write_metrics(plain)
+    assert not (plain / "calibration.json").exists()
+    one_class = write_run(tmp_path / "one", {"prognosis": _overconfident(60, rng)}, entries)
+    _overconfident(50, rng).assign(y_true=0).to_csv(one_class / "val_predictions_prognosis.csv", index=False)
+    write_metrics(one_class)
+    saved = json.loads((one_class / "calibration.json").read_text())
+    assert "both classes" in saved["prognosis"]["error"] and "val_predictions_prognosis.csv" in saved["prognosis"]["error"]

@@ -170,7 +170,7 @@ def test_official_afc_cv5_against_a_table_of_their_ids(official_splits_dir):
 
 def test_official_afc_loco_matches_the_paper_table(official_splits_dir):
     labels = official_labels(official_splits_dir, "AFC")
-    folds = official_splits(official_splits_dir, "official-loco", "aiforcovid")
+    folds = official_splits(official_splits_dir, "loCo", "aiforcovid", "official-loco")
     expected = [[1318, 146, 120], [1301, 144, 139], [1335, 148, 101], [553, 61, 970], [1332, 148, 104], [1290, 143, 151]]
     assert split_sizes(folds)[["train", "val", "test"]].values.tolist() == expected
     center = labels.set_index("image_id")["center"]
@@ -233,28 +233,23 @@ def test_restrict_reports_ids_missing_from_the_records(caplog):
     assert limited.dropped["image_id"].tolist() == ["b", "e"] and "2 split id(s)" in caplog.text
 
 
-def test_a_process_computes_each_fold_once(tiny_config, tiny_caches, monkeypatch):
-    """Runs of one grid worker share their folds: a second request with the same records, protocol section and seed
-    gets the split already computed; another seed, another protocol section or other records are computed anew."""
+def test_a_split_is_the_same_for_the_same_records_protocol_and_seed(tiny_config, tiny_caches):
+    """Each run computes its folds from the records (no split is kept between runs): equal records, protocol section
+    and seed give equal parts; another seed or another protocol section gives other parts."""
     import dataclasses
 
-    from mdmt.data import datasets as datasets_module
-    from mdmt.data.datasets import build_splits, select
+    from mdmt.data.datasets import select
+    from mdmt.protocols import build_splits
 
-    calls = []
-    compute = datasets_module.dataset_folds
-    monkeypatch.setattr(datasets_module, "dataset_folds", lambda *a, **k: calls.append(a[2:]) or compute(*a, **k))
-    monkeypatch.setattr(datasets_module, "_split_memo", {})
     chosen = select(tiny_config, ["aiforcovid"])
     first = build_splits(tiny_config, chosen, tiny_caches, "cv5", 1, 0)["aiforcovid"]
-    again = build_splits(tiny_config, chosen, tiny_caches, "cv5", 1, 0)["aiforcovid"]
-    assert again is first and len(calls) == 1
-    other_seed = build_splits(tiny_config, chosen, tiny_caches, "cv5", 1, 1)["aiforcovid"]
-    assert len(calls) == 2 and not np.array_equal(np.sort(other_seed.test), np.sort(first.test))
-    three = dataclasses.replace(tiny_config, protocol=dataclasses.replace(tiny_config.protocol, cv_folds=3))
-    build_splits(three, chosen, tiny_caches, "cv5", 1, 0)
-    assert len(calls) == 3
     copy = {"aiforcovid": dataclasses.replace(tiny_caches["aiforcovid"],
                                               records=tiny_caches["aiforcovid"].records.copy())}
-    fresh = build_splits(tiny_config, chosen, copy, "cv5", 1, 0)["aiforcovid"]
-    assert len(calls) == 4 and fresh is not first and np.array_equal(fresh.test, first.test)
+    again = build_splits(tiny_config, chosen, copy, "cv5", 1, 0)["aiforcovid"]
+    assert again is not first
+    assert all(np.array_equal(np.sort(again.parts()[p]), np.sort(first.parts()[p])) for p in first.parts())
+    other_seed = build_splits(tiny_config, chosen, tiny_caches, "cv5", 1, 1)["aiforcovid"]
+    assert not np.array_equal(np.sort(other_seed.test), np.sort(first.test))
+    three = dataclasses.replace(tiny_config, protocol=dataclasses.replace(tiny_config.protocol, cv_folds=3))
+    thirds = build_splits(three, chosen, tiny_caches, "cv5", 1, 0)["aiforcovid"]
+    assert len(thirds.test) > len(first.test)

@@ -1,5 +1,5 @@
-"""The results store: SQLite index written in transactions, rebuilt from the run folders; unreadable runs,
-read-only folders and damaged indexes.
+"""The results store: the run folders read into a DataFrame at each call; unreadable runs, read-only folders,
+files of other programs left alone.
 
 Also home of ``write_fake_run``: a run folder per the run contract, used by test_grid and test_report.
 """
@@ -7,8 +7,6 @@ Also home of ``write_fake_run``: a run folder per the run contract, used by test
 from __future__ import annotations
 
 import json
-import os
-import sqlite3
 import stat
 import subprocess
 import sys
@@ -19,10 +17,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mdmt.evaluate.scoring import task_entry
-from mdmt import store as store_module
-from mdmt.store import FAILED_FILE, INDEX_FILE, ResultsStore
 from mdmt.runs import RunSpec
+from mdmt.store import FAILED_FILE, ResultsStore
 from mdmt.tasks import get_task
 
 PROGNOSIS_STRATEGIES = ("stl_prognosis", "ft", "mdmt")
@@ -46,7 +42,7 @@ def write_fake_run(results_dir: Path, spec: RunSpec, done: bool = True, n_images
     (run_dir / "spec.json").write_text(json.dumps(spec.__dict__))
     task = "severity_global4" if spec.strategy == "stl_severity" else "prognosis"
     home = "brixia" if task == "severity_global4" else "aiforcovid"
-    (run_dir / "tasks.json").write_text(json.dumps({task: task_entry(get_task(task), [home], home)}))
+    (run_dir / "tasks.json").write_text(json.dumps({task: get_task(task).entry([home], home)}))
     val_loss = 1.0 / (1 + np.arange(epochs)) + rng.uniform(0, 0.1, epochs)
     pd.DataFrame({
         "epoch": np.arange(epochs), "lr": 1e-3, "seconds": 2.0, "train_loss": val_loss * 0.9, "val_loss": val_loss,
@@ -79,17 +75,16 @@ def _store_with_runs(tmp_path: Path) -> ResultsStore:
     for spec in SPECS:
         store.record_start(spec)
         write_fake_run(tmp_path, spec)
-        store.record_done(spec, seconds=5.0)
     return store
 
 
-def test_done_runs_are_indexed_with_their_metrics(tmp_path):
+def test_done_runs_are_read_with_their_metrics(tmp_path):
     store = _store_with_runs(tmp_path)
     runs = store.runs()
     assert len(runs) == len(SPECS)
     assert set(runs["status"]) == {"done"}
     assert sorted(runs["key"]) == sorted(s.key for s in SPECS)
-    assert (runs["seconds"] == 5.0).all()
+    assert (runs["seconds"] == 6.0).all()  # history.csv: 3 epochs of 2 s
     metrics = store.metrics_frame("prognosis")
     assert len(metrics) == len(SPECS) * 4
     row = metrics[(metrics.key == SPECS[1].key) & (metrics.metric == "gmean")]
@@ -125,51 +120,56 @@ def test_failure_is_recorded_and_cleared_by_a_new_start(tmp_path):
     assert store.runs("failed").empty
 
 
-def test_rescan_rebuilds_the_index_from_the_run_dirs(tmp_path):
+def test_every_store_reads_the_same_runs_from_the_run_dirs(tmp_path):
     store = _store_with_runs(tmp_path)
     unfinished = RunSpec("ft", "resnet18", "loco", 2, 0)
     write_fake_run(tmp_path, unfinished, done=False)
     crashed = RunSpec("ft", "resnet18", "loco", 3, 0)
     store.record_start(crashed)
     store.record_failure(crashed, "RuntimeError: out of memory")
-    before = store.metrics_frame()
+    started = RunSpec("mdmt", "resnet18", "loco", 5, 0)
+    store.record_start(started)  # its folder exists, nothing in it yet
 
-    (tmp_path / INDEX_FILE).unlink()
-    rebuilt = ResultsStore(tmp_path)
-    assert rebuilt.runs().empty
-    assert rebuilt.rescan() == len(SPECS) + 2
-    status = rebuilt.runs().set_index("key")["status"]
-    assert status[unfinished.key] == "running"
+    other = ResultsStore(tmp_path)
+    assert len(other.runs()) == len(SPECS) + 3
+    status = other.runs().set_index("key")["status"]
+    assert status[unfinished.key] == "running" and status[started.key] == "running"
     assert status[crashed.key] == "failed"
     assert (status[[s.key for s in SPECS]] == "done").all()
-    # history.csv holds 3 epochs of 2 s: the rebuilt index's run time of a finished run
-    assert rebuilt.runs("done")["seconds"].tolist() == [6.0] * len(SPECS)
-    pd.testing.assert_frame_equal(rebuilt.metrics_frame().sort_values(["key", "metric"]).reset_index(drop=True),
-                                  before.sort_values(["key", "metric"]).reset_index(drop=True))
+    assert other.runs("done")["seconds"].tolist() == [6.0] * len(SPECS)
+    pd.testing.assert_frame_equal(other.metrics_frame(), store.metrics_frame())
+    assert other.runs()[["fold", "seed"]].dtypes.tolist() == [np.int64, np.int64]
 
 
-def test_rescan_keeps_the_grids_timings_and_drops_vanished_runs(tmp_path):
+def test_a_read_follows_the_run_dirs_as_they_change(tmp_path):
     store = _store_with_runs(tmp_path)
-    ghost = RunSpec("mdmt", "resnet18", "loco", 5, 0)
-    store.record_start(ghost)  # started, but its folder was never created
-    store.rescan()
-    runs = store.runs()
-    assert ghost.key not in set(runs["key"])
-    assert runs["seconds"].tolist() == [5.0] * len(SPECS)
+    gone = SPECS[0].run_dir(tmp_path)
+    for path in gone.iterdir():
+        path.unlink()
+    gone.rmdir()
+    assert set(store.runs()["key"]) == {s.key for s in SPECS[1:]}
+    (SPECS[1].run_dir(tmp_path) / "DONE").unlink()  # as if it were training again
+    assert store.runs("running")["key"].tolist() == [SPECS[1].key]
+    assert len(store.metrics_frame()) == (len(SPECS) - 2) * 4
 
 
-def test_a_damaged_index_is_replaced_and_refilled(tmp_path):
+def test_files_of_other_programs_are_left_alone(tmp_path):
     _store_with_runs(tmp_path)
-    (tmp_path / INDEX_FILE).write_bytes(b"this is not an sqlite file" * 100)
+    leftovers = {tmp_path / "index.sqlite": b"this is not an sqlite file" * 100,  # an older mdmt's index
+                 tmp_path / "runs" / "notes.txt": b"x", tmp_path / "runs" / "mdmt" / "resnet18" / "cv5" / "x": b"y"}
+    for path, data in leftovers.items():
+        path.write_bytes(data)
     store = ResultsStore(tmp_path)
-    assert store.rescan() == len(SPECS)
     assert len(store.runs("done")) == len(SPECS)
-    assert list(tmp_path.glob(f"{INDEX_FILE}.damaged-*"))
+    assert {path: path.read_bytes() for path in leftovers} == leftovers
 
 
 def test_unknown_status_is_an_error(tmp_path):
     with pytest.raises(ValueError, match="finished"):
         ResultsStore(tmp_path).runs("finished")
+
+
+PREDICTIONS_HEADER = "image_id,patient_id,center,dataset,fold,y_true,y_pred,score\n"
 
 
 @pytest.mark.parametrize(("file", "content", "reason"), [
@@ -178,41 +178,54 @@ def test_unknown_status_is_an_error(tmp_path):
     ("predictions_prognosis.csv", "garbage\x00\x01 \n", "predictions_prognosis.csv: no image_id"),
     ("predictions_prognosis.csv", "image_id,y_true,score\nP_1,SEVERE,0.3\n", "not numbers"),
     ("predictions_prognosis.csv", "", "predictions_prognosis.csv"),
+    ("predictions_prognosis.csv", PREDICTIONS_HEADER + "P_1,P_1,A,aiforcovid,0,1,1,0.71\nP_2,P_2,A,aiforcovid,0,0,0,0.3",
+     "predictions_prognosis.csv: the last row has no line break: the file was cut short"),  # 0.3: read as a number
+    ("predictions_prognosis.csv", PREDICTIONS_HEADER + "P_1,P_1,A,aiforcovid,0,1,1,0.71\nP_2,P_2,A,aiforcovid,0,0\n",
+     "predictions_prognosis.csv: 1 row(s) lack a value in ['y_pred', 'score'], the first on line 3 (image 'P_2')"),
 ])
 def test_a_corrupt_file_lists_the_run_as_unreadable(tmp_path, file, content, reason):
     store = _store_with_runs(tmp_path)
     broken = SPECS[2]
     (broken.run_dir(tmp_path) / file).write_text(content)
-    assert store.rescan() == len(SPECS)
     runs = store.runs().set_index("key")
+    assert len(runs) == len(SPECS)
     assert runs.at[broken.key, "status"] == "unreadable"
     assert reason in runs.at[broken.key, "error"]
     assert (runs.drop(index=broken.key)["status"] == "done").all()
     assert broken.key not in set(store.metrics_frame()["key"]) and broken.key not in set(store.predictions()["key"])
     assert len(store.metrics_frame()) == (len(SPECS) - 1) * 4
-    store.record_done(broken)  # the grid's end-of-run record reads the same way
     assert store.runs("unreadable")["key"].tolist() == [broken.key]
+
+
+def test_a_finished_run_without_metrics_is_unreadable_not_a_crash(tmp_path):
+    store = _store_with_runs(tmp_path)
+    (SPECS[1].run_dir(tmp_path) / "metrics.json").unlink()
+    runs = store.runs().set_index("key")
+    assert len(runs) == len(SPECS)
+    assert runs.at[SPECS[1].key, "status"] == "unreadable"
+    assert runs.at[SPECS[1].key, "error"] == "unreadable: metrics.json: missing (the run wrote DONE without it)"
+    assert set(store.metrics_frame()["key"]) == {s.key for s in SPECS} - {SPECS[1].key}
 
 
 def test_a_prediction_file_spoiled_after_the_scan_is_skipped(tmp_path):
     store = _store_with_runs(tmp_path)
+    runs = store.runs()
     (SPECS[0].run_dir(tmp_path) / "predictions_prognosis.csv").write_bytes(b"\xff\xfe\x00garbage")
-    assert set(store.predictions()["key"]) == {s.key for s in SPECS[1:]}
+    assert set(store.predictions("prognosis", runs)["key"]) == {s.key for s in SPECS[1:]}
 
 
-def _index_bytes(path: Path) -> bytes:
-    return path.read_bytes() if path.exists() else b""
+def folder_state(folder: Path) -> dict[str, tuple[bytes, int]]:
+    """Every file and folder under ``folder``: its bytes (b"" for a folder) and modification time in ns."""
+    return {str(p.relative_to(folder)): (p.read_bytes() if p.is_file() else b"", p.stat().st_mtime_ns)
+            for p in [folder, *folder.rglob("*")]}
 
 
-def make_read_only(folder: Path, monkeypatch: pytest.MonkeyPatch) -> list[Path]:
-    """Make a folder read-only (and, as root, who may write anyway, open the index read-only as well); returns
-    the paths to make writable again."""
+def make_read_only(folder: Path) -> list[Path]:
+    """Make a folder read-only (root may write anyway: tests compare ``folder_state`` too); returns the paths to
+    make writable again."""
     paths = [folder, *folder.rglob("*")]
     for path in paths:
         path.chmod(path.stat().st_mode & ~(stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH))
-    if os.geteuid() == 0:
-        monkeypatch.setattr(store_module, "_open",
-                            lambda path: sqlite3.connect(f"{Path(path).resolve().as_uri()}?mode=ro", uri=True))
     return paths
 
 
@@ -221,69 +234,28 @@ def make_writable(paths: list[Path]) -> None:
         path.chmod(path.stat().st_mode | stat.S_IWUSR)
 
 
-@pytest.fixture
-def read_only(monkeypatch):
-    """``read_only(folder)`` makes the folder read-only until the test ends."""
-    changed: list[Path] = []
-    yield lambda folder: changed.extend(make_read_only(folder, monkeypatch))
-    make_writable(changed)
-
-
-def test_a_read_only_results_folder_is_indexed_in_memory(tmp_path, read_only):
+def test_reading_a_read_only_results_folder_changes_nothing(tmp_path):
     _store_with_runs(tmp_path)
     crashed = RunSpec("ft", "resnet18", "loco", 3, 0)
     ResultsStore(tmp_path).record_failure(crashed, "RuntimeError: out of memory")
-    before = _index_bytes(tmp_path / INDEX_FILE)
-    read_only(tmp_path)
-    store = ResultsStore(tmp_path)
-    assert store.in_memory
-    assert len(store.runs()) == len(SPECS) + 1  # the copy of the file's index
-    assert store.rescan() == len(SPECS) + 1
-    assert store.runs("failed")["key"].tolist() == [crashed.key]
-    assert len(store.metrics_frame()) == len(SPECS) * 4
-    assert _index_bytes(tmp_path / INDEX_FILE) == before
-    assert not list(tmp_path.glob(f"{INDEX_FILE}.damaged-*"))
-
-
-def test_a_read_only_folder_without_an_index(tmp_path, read_only):
-    for spec in SPECS:
-        write_fake_run(tmp_path, spec)
-    read_only(tmp_path)
-    store = ResultsStore(tmp_path)
-    assert store.in_memory and store.rescan() == len(SPECS)
-    assert not (tmp_path / INDEX_FILE).exists()
-
-
-def test_a_locked_index_is_an_error_not_damage(tmp_path, monkeypatch):
-    _store_with_runs(tmp_path)
-    monkeypatch.setattr(store_module, "_open", lambda path: sqlite3.connect(path, timeout=0.05))
-    holder = sqlite3.connect(tmp_path / INDEX_FILE)
-    holder.execute("BEGIN EXCLUSIVE")
-    try:
-        with pytest.raises(sqlite3.OperationalError, match="locked"):
-            ResultsStore(tmp_path)
-    finally:
-        holder.rollback()
-        holder.close()
-    assert not list(tmp_path.glob(f"{INDEX_FILE}.damaged-*"))
-    assert len(ResultsStore(tmp_path).runs()) == len(SPECS)
-
-
-def test_an_index_of_an_older_schema_is_rebuilt(tmp_path):
-    for spec in SPECS:
-        write_fake_run(tmp_path, spec)
-    with sqlite3.connect(tmp_path / INDEX_FILE) as db:  # the previous layout: no 'unreadable' status, version 0
-        db.execute(store_module._SCHEMA.replace(", 'unreadable'", ""))
     (SPECS[0].run_dir(tmp_path) / "metrics.json").write_text("{broken")
-    store = ResultsStore(tmp_path)
-    assert store.rescan() == len(SPECS)
-    assert store.runs("unreadable")["key"].tolist() == [SPECS[0].key]
-    assert not list(tmp_path.glob(f"{INDEX_FILE}.damaged-*"))
+    before = folder_state(tmp_path)
+    changed = make_read_only(tmp_path)
+    try:
+        store = ResultsStore(tmp_path)
+        assert len(store.runs()) == len(SPECS) + 1
+        assert store.runs("failed")["key"].tolist() == [crashed.key]
+        assert store.runs("unreadable")["key"].tolist() == [SPECS[0].key]
+        assert len(store.metrics_frame()) == (len(SPECS) - 1) * 4
+        assert len(store.predictions()) == (len(SPECS) - 1) * 12
+    finally:
+        make_writable(changed)
+    assert folder_state(tmp_path) == before
 
 
 def test_the_store_imports_only_the_run_contract():
     code = ("import sys, mdmt.store; "
             "mine = sorted(m for m in sys.modules if m.startswith('mdmt')); print(mine); "
             "assert 'torch' not in sys.modules; "
-            "assert set(mine) <= {'mdmt', 'mdmt.runs', 'mdmt.store'}, mine")
+            "assert set(mine) <= {'mdmt', 'mdmt.errors', 'mdmt.runs', 'mdmt.store'}, mine")
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)

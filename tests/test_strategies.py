@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -13,14 +15,17 @@ import pytest
 import torch
 
 from mdmt.config import Config, PluginRef, load_config, parse_override
-from mdmt.data.datasets import build_splits, protocol_folds, select
+from mdmt.data.datasets import select
+from mdmt.protocols import build_splits, get_protocol
 from mdmt.errors import ConfigError
 from mdmt.runs import DONE_FILE, RunSpec
 from mdmt.tasks import REGION_COLUMNS, get_task
+from mdmt.train import estimators as estimators_module
 from mdmt.train import run as run_module
 from mdmt.train.checkpoints import load_model_state
-from mdmt.train.run import build_data, train_run
-from mdmt.train.strategies import dependencies, get_strategy, permute_labels
+from mdmt.data.loaders import build_data, permute_labels
+from mdmt.train.run import finished_run, train_run
+from mdmt.train.strategies import dependencies, get_strategy
 
 CONFIGS = Path(__file__).resolve().parents[1] / "src" / "mdmt" / "configs"
 SEVERITY_LABELS = (*REGION_COLUMNS, "brixia_global")
@@ -141,14 +146,14 @@ def _tiny(tiny_config: Config, results: Path, start_from: list[str] | None = Non
         strategies=strategies,
         results_dir=str(results),
         model=dataclasses.replace(tiny_config.model, severity_task="severity_regions", input_size=32),
-        train=dataclasses.replace(tiny_config.train, **{"max_epochs": 2, "device": "cpu", **train}),
+        train=dataclasses.replace(tiny_config.train, **{"max_epochs": 2, **train}),
     )
 
 
 def test_loco_folds_pair_with_one_brixia_cv_fold(tiny_config, tiny_caches):
     config = dataclasses.replace(tiny_config, protocol=dataclasses.replace(tiny_config.protocol, paired_cv_fold=1))
     afc = tiny_caches["aiforcovid"].records
-    folds = protocol_folds("loco", config)
+    folds = get_protocol("loco").folds(config)
     assert len(folds) == afc["center"].nunique()
     cv = _splits(config, tiny_caches, "cv5", 1)
     for fold in folds[:2]:
@@ -166,7 +171,8 @@ def test_the_permuted_control_changes_only_the_brixia_training_targets(tiny_conf
     strategy = get_strategy("mdmt_permuted", config)
     tasks = [get_task(n) for n in strategy.task_names(config)]
     splits = _splits(config, tiny_caches, "cv5", 0)
-    data = build_data(config, strategy, select(config, strategy.datasets), tiny_caches, splits, tasks, seed=0)
+    permute = {name: select(config, [name])[name].label_columns for name in strategy.stage.permute}
+    data = build_data(config, tiny_caches, splits, tasks, seed=0, permute=permute)
     brixia = tiny_caches["brixia"].records
     true_targets, _ = get_task("severity_regions").encode(brixia)
     changed, seen = 0, 0
@@ -195,13 +201,14 @@ def finished_runs(tiny_config, tiny_caches, tmp_path_factory):
 def test_run_directories_hold_the_contract_files(finished_runs):
     config, dirs = finished_runs
     common = {"config.yaml", "spec.json", "inputs.json", "tasks.json", "history.csv", "best.pt", "last.pt",
-              "metrics.json", DONE_FILE}
+              "metrics.json", "calibration.json", "ood_features.npz", "metadata.json", "model_card.md", DONE_FILE}
     severity = "severity_regions"
     expected_tasks = {"stl_prognosis": {"prognosis"}, "stl_severity": {severity}, "ft": {"prognosis"},
                       "mdmt": {"prognosis", severity}}
     for name, run_dir in dirs.items():
         files = {p.name for p in run_dir.iterdir()}
-        assert files == common | {f"predictions_{t}.csv" for t in expected_tasks[name]}, name
+        predictions = {f"{part}predictions_{t}.csv" for t in expected_tasks[name] for part in ("", "val_")}
+        assert files == common | predictions, name
         assert set(json.loads((run_dir / "metrics.json").read_text())) == expected_tasks[name]
         spec = RunSpec(name, "tiny_cnn", "cv5", 0, 0)
         assert json.loads((run_dir / "spec.json").read_text()) == dataclasses.asdict(spec)
@@ -256,7 +263,7 @@ def test_finished_run_returns_without_training(finished_runs, monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("a finished run must not train again")
 
-    monkeypatch.setattr(run_module, "fit", fail)
+    monkeypatch.setattr(estimators_module, "fit", fail)
     assert train_run(config, RunSpec("mdmt", "tiny_cnn", "cv5", 0, 0), progress=False) == dirs["mdmt"]
 
 
@@ -280,7 +287,7 @@ def test_a_finished_run_with_other_inputs_is_refused_or_rerun(finished_runs, mon
     def fail(*args: object, **kwargs: object) -> None:
         raise RuntimeError("fit was called")
 
-    monkeypatch.setattr(run_module, "fit", fail)
+    monkeypatch.setattr(estimators_module, "fit", fail)
     assert train_run(config, spec, progress=False) == spec.run_dir(tmp_path)  # same inputs: nothing to do
     changed = dataclasses.replace(config, train=dataclasses.replace(config.train, lr=0.5))
     with pytest.raises(ConfigError, match=r"train\.lr"):
@@ -293,6 +300,40 @@ def test_a_finished_run_with_other_inputs_is_refused_or_rerun(finished_runs, mon
         train_run(rerun, spec, progress=False)
     run_dir = spec.run_dir(tmp_path)
     assert not (run_dir / DONE_FILE).exists() and "fit was called" in (run_dir / "FAILED").read_text()
+
+
+def _best_sha256(run_dir: Path) -> str:
+    return hashlib.sha256((run_dir / "best.pt").read_bytes()).hexdigest()
+
+
+def test_a_parent_trained_again_makes_its_child_stale(finished_runs, tiny_caches, tmp_path):
+    config, dirs = finished_runs
+    parents = json.loads((dirs["mdmt"] / "inputs.json").read_text())["parents"]
+    assert parents == {name: {"checkpoint": _best_sha256(dirs[name])} for name in ("stl_prognosis", "stl_severity")}
+    config = dataclasses.replace(config, results_dir=str(tmp_path))
+    severity, ft = RunSpec("stl_severity", "tiny_cnn", "cv5", 0, 0), RunSpec("ft", "tiny_cnn", "cv5", 0, 0)
+    for spec in (severity, ft):
+        shutil.copytree(dirs[spec.strategy], spec.run_dir(tmp_path))
+    before = _best_sha256(severity.run_dir(tmp_path))
+    assert finished_run(config, ft, tiny_caches)  # the parent it started from: finished, nothing to do
+
+    shutil.rmtree(severity.run_dir(tmp_path))  # the parent deleted and trained again (here with another rate)
+    train_run(dataclasses.replace(config, train=dataclasses.replace(config.train, lr=0.01)), severity, progress=False)
+    after = _best_sha256(severity.run_dir(tmp_path))
+    assert after != before
+    stale = re.escape(f"{ft.run_dir(tmp_path)} holds a finished run with other inputs "
+                      "(parents.stl_severity.checkpoint changed)")
+    with pytest.raises(ConfigError, match=stale):
+        train_run(config, ft, progress=False)
+    with pytest.raises(ConfigError, match=stale):
+        finished_run(config, ft, tiny_caches)  # what the grid asks before it submits anything
+    assert (ft.run_dir(tmp_path) / DONE_FILE).is_file()
+
+    rerun = dataclasses.replace(config, run=dataclasses.replace(config.run, rerun_changed=True))
+    assert train_run(rerun, ft, progress=False) == ft.run_dir(tmp_path)
+    saved = json.loads((ft.run_dir(tmp_path) / "inputs.json").read_text())
+    assert saved["parents"] == {"stl_severity": {"checkpoint": after}}
+    assert finished_run(config, ft, tiny_caches)
 
 
 def test_an_extra_head_from_a_sheet_column_trains_beside_prognosis(tiny_config, tiny_caches, tmp_path):

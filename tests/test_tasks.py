@@ -75,3 +75,48 @@ def test_tasks_pickle_for_worker_processes():
         again = pickle.loads(pickle.dumps(task))
         df = pd.DataFrame({"image_id": ["1"], "prognosis": [1.0], "col": ["b"], **{c: [1] for c in REGION_COLUMNS}})
         assert [a.tolist() for a in again.encode(df)] == [a.tolist() for a in task.encode(df)]
+
+
+def test_training_evaluation_and_predict_bin_the_global_score_the_same_way():
+    """The same global scores through the training targets, the metrics' bins and predict's columns."""
+    import torch
+
+    from mdmt.evaluate.metrics import severity_metrics
+    from mdmt.tasks import GLOBAL_BIN_NAMES, global_bins
+
+    integers = np.arange(19, dtype=float)
+    targets = get_task("severity_global4").encode(pd.DataFrame({"image_id": integers.astype(str),
+                                                                 "brixia_global": integers}))[0][:, 0]
+    np.testing.assert_array_equal(targets, global_bins(integers))
+    # continuous predicted scores, spread evenly over six regions (14.99 and 4.5 sit on the edges)
+    totals = np.array([0.0, 4.4, 4.5, 9.49, 9.5, 14.49, 14.99, 18.0])
+    regions = torch.tensor(np.repeat(totals[:, None] / 6, 6, axis=1), dtype=torch.float64)
+    columns = get_task("severity_regions").film_columns(regions)
+    expected = [0, 0, 1, 1, 2, 2, 3, 3]
+    assert columns["brixia_bin"].tolist() == global_bins(totals).tolist() == expected
+    assert columns["brixia_bin_range"].tolist() == [GLOBAL_BIN_NAMES[b] for b in expected]
+    # true regional scores whose global sums 0, 5, 10, 15 lie in those bins: the metrics' bins of the predicted
+    # sums agree with predict's on every film exactly when global4 accuracy is 1
+    by_bin = {0: [0] * 6, 1: [1, 1, 1, 1, 1, 0], 2: [2, 2, 2, 2, 1, 1], 3: [3, 3, 3, 2, 2, 2]}
+    truth = np.array([by_bin[b] for b in expected], dtype=float)
+    assert severity_metrics("regions", truth, regions.numpy())["global4_accuracy"] == 1.0
+
+
+def test_a_plugin_task_is_one_registered_class():
+    from dataclasses import dataclass
+
+    from mdmt.tasks import TASKS, RegressionTask
+
+    @dataclass
+    class AgeParams:
+        column: str = "age"
+
+    @TASKS.register("age_test_only", AgeParams, "a regression task of a plug-in file")
+    def age(params: AgeParams, name: str) -> RegressionTask:
+        return RegressionTask(name, (params.column,), 1, 0, lambda r: r[params.column].to_numpy(float))
+
+    task = get_task("age_test_only")
+    assert task.scorer == "regression" and task.n_outputs == 1
+    targets, present = task.encode(pd.DataFrame({"image_id": ["a", "b"], "age": [61.0, np.nan]}))
+    assert targets[:, 0].tolist() == [61.0, 0.0] and present.tolist() == [True, False]
+    assert task.entry(["m"], "m")["scorer"] == "regression"

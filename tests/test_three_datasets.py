@@ -13,10 +13,11 @@ import yaml
 
 from mdmt.cli import CONFIGS_DIR, main
 from mdmt.config import load_config
-from mdmt.data.datasets import build_splits, prepare, select
+from mdmt.data.datasets import prepare, select
+from mdmt.protocols import build_splits
 from mdmt.runs import RunSpec
 from mdmt.tasks import get_task
-from mdmt.train.run import build_data
+from mdmt.data.loaders import build_data
 from mdmt.train.strategies import get_strategy
 
 
@@ -60,7 +61,7 @@ def test_three_datasets_mix_in_the_training_batches(study):
     caches = prepare(config, strategy.datasets, progress=False)
     tasks = [get_task(n) for n in strategy.task_names(config)]
     splits = build_splits(config, datasets, caches, "cv5", 0, 0)
-    data = build_data(config, strategy, datasets, caches, splits, tasks, seed=0)
+    data = build_data(config, caches, splits, tasks, seed=0)
     sources, both = set(), 0
     for batch in data.train:
         source = batch["source"].numpy()

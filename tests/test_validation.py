@@ -1,8 +1,8 @@
-"""Config value rules: out-of-range values name the key, the value and what is allowed; the input-size check."""
+"""Config value checks, declared on each field: out-of-range values name the key, the value and what is allowed;
+renamed keys; the device check; the input-size check."""
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import typing
 
@@ -10,11 +10,11 @@ import pytest
 import torch
 from torch import nn
 
-from mdmt.config import Config, load_config, parse_override
+from mdmt.config import RENAMED, Config, config_fields, load_config, parse_override
 from mdmt.errors import ConfigError
 from mdmt.models.backbones import build_backbone
 from mdmt.models.multitask import MultiTaskModel, check_input_size
-from mdmt.validation import EACH, RULES, Interval, validate, values_at
+from mdmt.validation import Interval, check_device, checked_values, validate
 
 
 def load(*overrides: str) -> Config:
@@ -25,29 +25,46 @@ def _holds_float(tp: typing.Any) -> bool:
     return tp is float or any(_holds_float(arg) for arg in typing.get_args(tp))
 
 
-def _float_keys(cls: type, prefix: str = "") -> list[str]:
-    """Dotted keys of every config field whose type holds floats (a float, a pair, a mapping to floats)."""
-    keys = []
-    for name, tp in typing.get_type_hints(cls).items():
-        if dataclasses.is_dataclass(tp):
-            keys += _float_keys(tp, f"{prefix}{name}.")
-        elif _holds_float(tp):
-            keys.append(f"{prefix}{name}")
-    return keys
+FLOAT_FIELDS = [(key, f, tp) for key, f, tp in config_fields() if _holds_float(tp)]
+"""Every config field whose type holds floats (a float, a pair, a mapping to floats)."""
 
 
-def test_every_rule_names_a_config_key_and_the_defaults_pass():
+def _nan_value(tp: typing.Any) -> typing.Any:
+    """A value of type ``tp`` that holds a NaN: the float itself, the first of a pair, a mapping's value."""
+    origin = typing.get_origin(tp)
+    if origin is tuple:
+        return [math.nan, 1.0]
+    if origin is dict:
+        return {"x": math.nan}
+    return math.nan
+
+
+def _nested(key: str, value: typing.Any) -> dict:
+    for part in reversed(key.split(".")):
+        value = {part: value}
+    return value
+
+
+def test_the_defaults_pass_and_the_checks_cover_every_section():
     config = Config()
-    for rule in RULES:
-        list(values_at(config, rule.key))  # an AttributeError would name a key the config lacks
     validate(config)
+    checked = {key.split(".")[0] for key, _, _ in checked_values(config)}
+    assert {"data", "augment", "train", "protocol", "grid", "synth", "calibration", "infer", "runtime",
+            "seed"} <= checked
 
 
-def test_every_float_key_has_a_rule_so_nan_is_never_accepted():
-    ruled = {rule.key.removesuffix(EACH) for rule in RULES}
-    keys = _float_keys(Config)
+def test_every_float_field_declares_a_check():
+    keys = [key for key, _, _ in FLOAT_FIELDS]
     assert "train.lr" in keys and "loss.task_weights" in keys and "synth.opacity" in keys
-    assert set(keys) <= ruled
+    assert [key for key, f, _ in FLOAT_FIELDS if "check" not in f.metadata] == []
+
+
+@pytest.mark.parametrize("key, tp", [(key, tp) for key, _, tp in FLOAT_FIELDS], ids=[k for k, _, _ in FLOAT_FIELDS])
+def test_nan_in_any_float_field_is_refused_naming_the_field(key, tp):
+    with pytest.raises(ConfigError) as caught:
+        load_config(None, [_nested(key, _nan_value(tp))])
+    message = str(caught.value)
+    assert message.startswith(key) and "nan" in message and "is not allowed" in message
 
 
 @pytest.mark.parametrize(
@@ -78,8 +95,12 @@ def test_every_float_key_has_a_rule_so_nan_is_never_accepted():
         ("grid.seeds=[0, -1]", "grid.seeds[1] = -1", ">= 0"),
         ("grid.folds=[-2]", "grid.folds[0] = -2", ">= 0"),
         ("grid.workers=0", "grid.workers = 0", ">= 1"),
-        ("train.device=gpu", "train.device = 'gpu'", "auto, cpu, cuda, cuda:N or mps"),
-        ("train.device=cuda:x", "train.device = 'cuda:x'", "cuda:N"),
+        ("runtime.device=gpu", "runtime.device = 'gpu'", "auto, cpu, cuda, cuda:N or mps"),
+        ("runtime.device=cuda:x", "runtime.device = 'cuda:x'", "cuda:N"),
+        ("runtime.workers=-1", "runtime.workers = -1", ">= 0"),
+        ("runtime.threads=-2", "runtime.threads = -2", ">= 0"),
+        ("infer.batch_size=0", "infer.batch_size = 0", ">= 1"),
+        ("calibration.alpha=1", "calibration.alpha = 1.0", "in (0, 1)"),
         ("synth.opacity=.nan", "synth.opacity = nan", ">= 0"),
         ("synth.opacity=-0.2", "synth.opacity = -0.2", ">= 0"),
         ("augment.p=1.5", "augment.p = 1.5", "in [0, 1]"),
@@ -97,7 +118,7 @@ def test_out_of_range_values_name_the_key_the_value_and_the_range(override, key,
 
 @pytest.mark.parametrize(
     "override",
-    ["train.device=auto", "train.device=cpu", "train.device=cuda", "train.device=cuda:1", "train.device=mps",
+    ["runtime.device=auto", "runtime.device=cpu", "runtime.device=cuda", "runtime.device=cuda:1", "runtime.device=mps",
      "train.max_epochs=1", "data.clip_percentiles=[0, 100]", "data.crop_margin=0", "augment.p=0", "augment.p=1",
      "protocol.cv_folds=3", "synth.opacity=null", "synth.opacity=0", "grid.folds=null", "train.lr=1e-3"],
 )
@@ -107,9 +128,57 @@ def test_values_at_the_edge_of_the_range_are_accepted(override):
 
 def test_every_bad_value_is_reported_at_once():
     with pytest.raises(ConfigError) as caught:
-        load("train.lr=-1", "train.batch_size=0", "train.device=tpu")
+        load("train.lr=-1", "train.batch_size=0", "runtime.device=tpu")
     parts = str(caught.value).split("; ")
-    assert sorted(p.split(" = ")[0] for p in parts) == ["train.batch_size", "train.device", "train.lr"]
+    assert sorted(p.split(" = ")[0] for p in parts) == ["runtime.device", "train.batch_size", "train.lr"]
+
+
+@pytest.mark.parametrize("old, new", sorted(RENAMED.items()))
+def test_a_moved_key_names_its_new_key_in_a_file_and_in_a_set(tmp_path, old, new):
+    section, key = old.split(".")
+    path = tmp_path / "old.yaml"
+    path.write_text(f"{section}:\n  {key}: 1\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert str(caught.value) == (f"{path}: {old} is now {new} (the runtime section holds the machine's settings)")
+    with pytest.raises(ConfigError, match=f"^--set {old}=1: {old} is now {new} "):
+        parse_override(f"{old}=1")
+
+
+def test_a_bad_layer_is_refused_even_when_a_later_one_replaces_it(tmp_path):
+    with pytest.raises(ConfigError, match=r"^--set train=5: config\.train: expected a mapping, got 5$"):
+        parse_override("train=5")
+    path = tmp_path / "c.yaml"
+    path.write_text("train: 5\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml: config\.train: expected a mapping, got 5"):
+        load_config(path, [{"train": {"max_epochs": 3}}])
+    with pytest.raises(ConfigError, match=r"^override 1: config\.train: expected a mapping, got 5"):
+        load_config(None, [{"train": 5}, {"train": {"max_epochs": 3}}])
+
+
+def test_an_unset_synth_seed_follows_the_seed():
+    assert (load("seed=4").synth.seed, load("seed=4", "synth.seed=1").synth.seed) == (4, 1)
+
+
+def test_a_device_this_machine_lacks_is_one_line(monkeypatch):
+    check_device("cpu")
+    check_device("auto")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError) as caught:
+        check_device("cuda")
+    assert str(caught.value) == ("runtime.device cuda: no CUDA device on this machine "
+                                 "(torch.cuda.is_available() is False)")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    check_device("cuda:1")
+    with pytest.raises(ConfigError, match=r"^runtime\.device cuda:2: this machine has 2 CUDA device\(s\), "
+                                          r"cuda:0 to cuda:1$"):
+        check_device("cuda:2")
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match=r"^runtime\.device mps: no MPS device on this machine"):
+        check_device("mps")
+    with pytest.raises(ConfigError, match=r"^runtime\.device = 'tpu' is not allowed"):
+        check_device("tpu")
 
 
 def test_interval_text_and_membership():

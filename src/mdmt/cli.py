@@ -3,23 +3,29 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import errno
+import functools
 import importlib
 import os
 import sys
+import types
+import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from rich.console import Console
 from rich.markup import escape
 
-from mdmt.config import Config, load_config, parse_override
+from mdmt.config import Config, config_fields, load_config, parse_override
 from mdmt.errors import ConfigError, DataError
 
 console = Console()
+err_console = Console(stderr=True)
+"""Errors, skipped files and warnings: standard error, so that standard output holds only what a command made."""
 CONFIGS_DIR = Path(__file__).resolve().parent / "configs"
 """The configs shipped inside the package (``--config paper`` names ``paper.yaml`` there)."""
 
@@ -35,81 +41,67 @@ class Option:
     action: str | None = None
 
 
-def _opt(
-    *flags: str, key: str, type: Callable[[str], Any] | None = str, help: str = "", action: str | None = None
-) -> Option:
-    return Option(tuple(flags), key, type, help, action)
+DATASET_ROOTS = (
+    Option(("--aiforcovid-root",), "data.datasets.aiforcovid.params.root",
+           help="AIforCOVID root (imgs*/ + AIforCOVID*.xlsx) [data.datasets.aiforcovid.params.root]"),
+    Option(("--brixia-root",), "data.datasets.brixia.params.root",
+           help="BrixIA root (dicom_clean/ + metadata_global_v2.csv) [data.datasets.brixia.params.root]"),
+)
+"""The built-in datasets' folders: plug-in parameters rather than fields, so their options are declared here
+(``data.datasets`` in ``COMMAND_KEYS``)."""
+DATA_KEYS = ("data.datasets", "data.cache_dir", "data.image_size", "data.crop", "runtime.workers")
+SYNTH_KEYS = ("synth.preset", "synth.seed", "synth.decoupled", "synth.opacity", "synth.faults", "seed",
+              "runtime.workers")
+COMMAND_KEYS: dict[str, tuple[str, ...]] = {
+    "demo": (*SYNTH_KEYS, "grid", "run.rerun_changed", "runtime"),
+    "synth": (*SYNTH_KEYS, "synth.overwrite"),
+    "prepare": (*DATA_KEYS, "data.qc"),
+    "train": (*DATA_KEYS, "model", "run", "train", "seed", "results_dir", "runtime"),
+    "grid": (*DATA_KEYS, "grid", "run.rerun_changed", "results_dir", "runtime"),
+    "report": ("report",),
+    "info": (),
+    "config": (),
+    "predict": ("infer", "runtime.device", "runtime.threads"),
+    "explain": ("infer", "runtime.device", "runtime.threads"),
+    "export": ("runtime.device", "runtime.threads"),
+}
+"""The config keys, or whole sections, whose options each command takes: every config field with a ``flag``
+(``mdmt.config.setting``) under them. Every command also takes ``--config`` and ``--set``."""
 
 
-DATA_OPTIONS = (
-    _opt("--aiforcovid-root", key="data.datasets.aiforcovid.params.root",
-         help="AIforCOVID root (imgs*/ + AIforCOVID*.xlsx)"),
-    _opt("--brixia-root", key="data.datasets.brixia.params.root",
-         help="BrixIA root (dicom_clean/ + metadata_global_v2.csv)"),
-    _opt("--cache-dir", key="data.cache_dir", help="where preprocessed image caches live"),
-    _opt("--image-size", key="data.image_size", type=int, help="side of the cached square images (px)"),
-    _opt("--crop", key="data.crop", help="lungs | none | masks | boxes"),
-    _opt("--prepare-workers", key="data.workers", type=int, help="processes decoding images (0 = in-process)"),
-)
-PREPARE_OPTIONS = (
-    _opt("--qc", key="data.qc", type=None, action="store_true",
-         help="write contact sheets (each film with its crop box) into <cache>/qc/"),
-)
-RUN_OPTIONS = (
-    _opt("--strategy", key="run.strategy", help="a strategy of the config (mdmt info lists them)"),
-    _opt("--backbone", key="model.backbone", help="backbone name (mdmt info lists them)"),
-    _opt("--weights", key="model.weights", help="none | imagenet | path to a local state_dict"),
-    _opt("--protocol", key="run.protocol", help="cv5 | loco | official-cv5 | official-loco"),
-    _opt("--fold", key="run.fold", type=int, help="fold index"),
-    _opt("--seed", key="seed", type=int, help="random seed"),
-    _opt("--epochs", key="train.max_epochs", type=int, help="maximum epochs"),
-    _opt("--batch-size", key="train.batch_size", type=int, help="batch size"),
-    _opt("--device", key="train.device", help="auto | cpu | cuda | cuda:N | mps"),
-    _opt("--results-dir", key="results_dir", help="where run directories are written"),
-    _opt("--rerun-changed", key="run.rerun_changed", type=None, action="store_true",
-         help="train again a run whose folder holds one with other inputs"),
-)
-GRID_OPTIONS = (
-    _opt("--workers", key="grid.workers", type=int, help="runs in parallel (local processes)"),
-    _opt("--backend", key="grid.backend", help="local | ray | slurm"),
-    _opt("--results-dir", key="results_dir", help="where run directories are written"),
-    _opt("--rerun-changed", key="run.rerun_changed", type=None, action="store_true",
-         help="train again the runs whose inputs changed"),
-)
-INFER_OPTIONS = (
-    _opt("--batch-size", key="infer.batch_size", type=int, help="films per forward pass (default 16)"),
-    _opt("--device", key="infer.device", help="cpu | cuda | cuda:N | mps | auto (default cpu)"),
-    _opt("--clinical", key="infer.clinical",
-         help="CSV or Excel sheet of clinical values, one row per film (a run whose model reads clinical columns)"),
-    _opt("--clinical-id", key="infer.clinical_id",
-         help="the sheet's column naming each row's film by file name or stem (default ImageFile)"),
-)
-EXPORT_OPTIONS = (
-    _opt("--device", key="infer.device", help="cpu | cuda | cuda:N | mps | auto (default cpu)"),
-)
-SYNTH_OPTIONS = (
-    _opt("--preset", key="synth.preset", help="tiny | small | medium"),
-    _opt("--seed", key="synth.seed", type=int, help="generator seed"),
-    _opt("--decoupled", key="synth.decoupled", type=None, action="store_true",
-         help="prognosis independent of severity (negative control)"),
-    _opt("--opacity", key="synth.opacity", type=float, help="opacity strength (default: the preset's)"),
-    _opt("--fault", key="synth.faults", type=None, action="append", help="inject a fault (repeatable)"),
-)
-SYNTH_OUT_OPTIONS = (
-    _opt("--overwrite", key="synth.overwrite", type=None, action="store_true",
-         help="write into a non-empty folder, or replace a twin written with other parameters"),
-)
+def field_option(key: str, f: dataclasses.Field[Any], tp: Any) -> Option:
+    """The option of a config field: its flag; its help, key and allowed values (a Literal's choices, or what its
+    check allows); a switch for a bool, a repeatable option for a list."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        tp = next(arg for arg in typing.get_args(tp) if arg is not type(None))
+    check = f.metadata.get("check")
+    allowed = f"one of {', '.join(typing.get_args(tp))}" if typing.get_origin(tp) is Literal else \
+        check.allowed if check is not None else ""
+    text = f"{f.metadata.get('help', '')} [{key}{f'; {allowed}' if allowed else ''}]"
+    flags = (f.metadata["flag"],)
+    if tp is bool:
+        return Option(flags, key, None, text, "store_true")
+    if typing.get_origin(tp) is list:
+        return Option(flags, key, str, text, "append")
+    return Option(flags, key, tp if tp in (int, float) else str, text)
 
 
-def _add_options(parser: argparse.ArgumentParser, options: Sequence[Option]) -> None:
-    for option in options:
-        kwargs: dict[str, Any] = {"dest": option.key, "default": None, "help": f"{option.help} [{option.key}]"}
-        if option.action:
-            kwargs["action"] = option.action
-        else:
-            kwargs["type"] = option.type
-            kwargs["metavar"] = option.flags[0].lstrip("-").replace("-", "_").upper()
-        parser.add_argument(*option.flags, **kwargs)
+@functools.cache
+def _flagged_fields() -> tuple[tuple[str, dataclasses.Field[Any], Any], ...]:
+    return tuple((key, f, tp) for key, f, tp in config_fields() if "flag" in f.metadata)
+
+
+def command_options(command: str) -> tuple[Option, ...]:
+    """The options of ``command``: those of the flagged fields under each of its ``COMMAND_KEYS``, in order."""
+    flagged = _flagged_fields()
+    options: dict[str, Option] = {}
+    for scope in COMMAND_KEYS[command]:
+        found = DATASET_ROOTS if scope == "data.datasets" else tuple(
+            field_option(key, f, tp) for key, f, tp in flagged if key == scope or key.startswith(f"{scope}."))
+        if not found:
+            raise ValueError(f"COMMAND_KEYS[{command!r}]: {scope!r} names no config field with a flag")
+        options.update((option.key, option) for option in found)
+    return tuple(options.values())
 
 
 def config_path(value: str) -> Path:
@@ -119,22 +111,66 @@ def config_path(value: str) -> Path:
     return packaged if not path.exists() and packaged.is_file() else path
 
 
-def _add_config(parser: argparse.ArgumentParser, default: Path | None = None) -> None:
+def _add_options(parser: argparse.ArgumentParser, command: str, positional: tuple[str, ...] = ()) -> None:
+    """``--config``, ``--set`` and the command's options; ``positional``: the config keys its positional arguments
+    set (their ``dest``)."""
     shipped = ", ".join(p.stem for p in sorted(CONFIGS_DIR.glob("*.yaml")))
-    parser.add_argument("--config", type=config_path, default=default,
+    parser.add_argument("--config", type=config_path, default=None,
                         help=f"YAML config file, or a shipped one by name: {shipped}")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override any config key, e.g. --set train.lr=0.01 (repeatable)")
-
-
-def resolve_config(args: argparse.Namespace, options: Sequence[Option]) -> Config:
-    """Defaults < config file < --set overrides < explicit options."""
-    overrides = [parse_override(text) for text in args.overrides]
+                        help="override any config key, e.g. --set train.lr=0.01 (repeatable); applied after "
+                        "--config and before the options below")
+    options = command_options(command)
     for option in options:
-        value = getattr(args, option.key, None)
+        kwargs: dict[str, Any] = {"dest": option.key, "default": None, "help": option.help.replace("%", "%%")}
+        if option.action:
+            kwargs["action"] = option.action
+        if option.action != "store_true":
+            kwargs["type"] = option.type
+            kwargs["metavar"] = option.flags[0].lstrip("-").replace("-", "_").upper()
+        parser.add_argument(*option.flags, **kwargs)
+    parser.set_defaults(config_keys=(*positional, *(option.key for option in options)))
+
+
+def resolve_config(args: argparse.Namespace) -> Config:
+    """Defaults < config file < ``--set`` overrides < the command's options; each layer is checked before they
+    merge, so an option never hides a bad ``--set`` (``mdmt.config.check_layer``)."""
+    overrides = [parse_override(text) for text in args.overrides]
+    for key in args.config_keys:
+        value = getattr(args, key, None)
         if value is not None and value is not False:
-            overrides.append(_nested(option.key, value))
+            overrides.append(_nested(key, value))
     return load_config(args.config, overrides)
+
+
+def device_config(args: argparse.Namespace) -> Config:
+    """``resolve_config`` for a command that uses ``runtime.device`` on this machine: a device the machine lacks is
+    a one-line error before any work (``mdmt.validation.check_device``); ``runtime.threads`` is applied."""
+    config = resolve_config(args)
+    _use_runtime(config)
+    return config
+
+
+def _use_runtime(config: Config) -> None:
+    import torch
+
+    from mdmt.validation import check_device
+
+    check_device(config.runtime.device)
+    if config.runtime.threads > 0:
+        torch.set_num_threads(config.runtime.threads)
+
+
+def training_config(args: argparse.Namespace) -> Config:
+    """``resolve_config`` for a command that trains: the callbacks are checked too (a logger's missing package),
+    and the device when the runs train here (``train``, and a grid with the ``local`` backend)."""
+    from mdmt.train.callbacks import check_callbacks
+
+    config = resolve_config(args)
+    check_callbacks(config.train.callbacks)
+    if args.command == "train" or config.grid.backend == "local":
+        _use_runtime(config)
+    return config
 
 
 def _nested(key: str, value: Any) -> dict[str, Any]:
@@ -147,18 +183,19 @@ def _nested(key: str, value: Any) -> dict[str, Any]:
 def cmd_synth(args: argparse.Namespace) -> int:
     from mdmt.data.synthetic import generate
 
-    config = resolve_config(args, SYNTH_OPTIONS + SYNTH_OUT_OPTIONS)
-    out = args.out or config.synth.out
+    config = resolve_config(args)
+    out = config.synth.out
     s = config.synth
     summary = generate(out, preset=s.preset, seed=s.seed, decoupled=s.decoupled, faults=s.faults, opacity=s.opacity,
-                       cohort=s.cohort, overwrite=s.overwrite, image_size=s.image_size, workers=s.workers)
+                       cohort=s.cohort, overwrite=s.overwrite, image_size=s.image_size,
+                       workers=config.runtime.workers)
     console.print(summary.table() if hasattr(summary, "table") else summary)
     console.print(f"[green]synthetic data written to {Path(out).resolve()}")
     return 0
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    config = resolve_config(args, DATA_OPTIONS + PREPARE_OPTIONS)  # a bad config is refused before heavy imports
+    config = resolve_config(args)  # a bad config is refused before heavy imports
     from mdmt.data.crop_qc import crop_issue_lines, write_contact_sheets
     from mdmt.data.datasets import prepare
 
@@ -182,7 +219,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from mdmt.config import PluginRef
     from mdmt.runs import RunSpec
 
-    config = resolve_config(args, DATA_OPTIONS + RUN_OPTIONS)  # a bad config is refused before torch is imported
+    config = training_config(args)  # a bad config is refused before the heavy imports
     from mdmt.train.run import train_run
 
     backbone = PluginRef.of(config.model.backbone).name
@@ -194,7 +231,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_grid(args: argparse.Namespace) -> int:
-    config = resolve_config(args, DATA_OPTIONS + GRID_OPTIONS)  # a bad config is refused before torch is imported
+    config = training_config(args)  # a bad config is refused before the heavy imports
     from mdmt.experiments.grid import run_grid
 
     summary = run_grid(config, workers=config.grid.workers, backend=config.grid.backend)
@@ -205,18 +242,21 @@ def cmd_grid(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    config = resolve_config(args)
     from mdmt.evaluate.report import build_report, collect, headline_table_text
 
-    for path, what in ((args.results, "results folder"), (args.out, "report folder (--out)")):
+    results, task = Path(config.results_dir), config.report.task
+    out = None if config.report.out is None else Path(config.report.out)
+    for path, what in ((results, "results folder"), (out, "report folder (--out)")):
         if path is not None and path.exists() and not path.is_dir():
             raise ConfigError(f"{path}: is a file, not a {what}")
-    if args.rescore:
+    if config.report.rescore:
         from mdmt.evaluate.scoring import rescore
 
-        console.print(f"rescored {rescore(args.results)} run(s) from their prediction files")
-    data = collect(args.results, args.task)
-    path = build_report(args.results, args.out, task=args.task, data=data)
-    _say(headline_table_text(args.results, args.task, data))
+        console.print(f"rescored {rescore(results)} run(s) from their prediction files")
+    data = collect(results, task)
+    path = build_report(results, out, task=task, data=data)
+    _say(headline_table_text(results, task, data))
     _say(f"report: {path}", style="green")
     return 0
 
@@ -226,7 +266,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     if args.config is None:
         args.config = CONFIGS_DIR / ("demo3.yaml" if args.datasets == 3 else "demo.yaml")
-    config = resolve_config(args, SYNTH_OPTIONS + GRID_OPTIONS)
+    config = training_config(args)
     out = args.out or ("demo-output-3" if args.datasets == 3 else "demo-output")
     run_demo(config, out=Path(out))
     return 0
@@ -240,20 +280,20 @@ def cmd_info(args: argparse.Namespace) -> int:
     from mdmt.data.datasets import DATASETS
     from mdmt.models.backbones import BACKBONES
     from mdmt.models.heads import HEADS
-    from mdmt.tasks import TASK_NAMES
+    from mdmt.tasks import TASKS
+    from mdmt.train.callbacks import CALLBACKS
     from mdmt.train.strategies import STRATEGIES, describe
     from mdmt.weighting import WEIGHTINGS
 
-    config = resolve_config(args, ())
+    config = resolve_config(args)
     console.print(f"mdmt {__version__}, torch {torch.__version__}, CUDA available: {torch.cuda.is_available()}")
     table = Table(title="plug-ins ({name, params} in a config)")
     for column in ("kind", "name", "what", "params"):
         table.add_column(column)
-    for registry in (DATASETS, BACKBONES, HEADS, WEIGHTINGS, STRATEGIES):
+    for registry in (DATASETS, TASKS, BACKBONES, HEADS, WEIGHTINGS, STRATEGIES, CALLBACKS):
         for name, summary, params in registry.describe():
             table.add_row(registry.kind, name, summary, params)
     console.print(table)
-    console.print(f"tasks: {', '.join(TASK_NAMES)}")
     strategies = Table(title="strategies of this config")
     strategies.add_column("name")
     strategies.add_column("what")
@@ -266,22 +306,35 @@ def cmd_info(args: argparse.Namespace) -> int:
 def cmd_config(args: argparse.Namespace) -> int:
     from mdmt.config import to_dict
 
-    config = resolve_config(args, ())
+    config = resolve_config(args)
     print(yaml.safe_dump(to_dict(config), sort_keys=False), end="")
     return 0
 
 
 def _films(args: argparse.Namespace, module: str, function: str, verb: str, written: Callable[[Any], str]) -> int:
     """Apply ``mdmt.infer.<module>.<function>`` of the run to the films (the config is checked before the heavy
-    import); print each skipped film with its reason, then ``written(result)``: what was written."""
-    infer = resolve_config(args, INFER_OPTIONS).infer
+    import); print each skipped film with its reason (standard error: unreadable, or refused by the guard as not a
+    frontal chest film), one warning line when the run was trained on synthetic data, the guard's notes
+    (out-of-distribution films), then ``written(result)``: what was written. Exit code 1 when no film was scored."""
+    config = device_config(args)
+    infer = config.infer
+    from mdmt.model_card import synthetic_warning
+
     apply = getattr(importlib.import_module(f"mdmt.infer.{module}"), function)
-    result = apply(args.run, args.paths, args.out, batch_size=infer.batch_size, device=infer.device,
+    result = apply(args.run, args.paths, args.out, batch_size=infer.batch_size, device=config.runtime.device,
                    clinical=infer.clinical, clinical_id=infer.clinical_id)
     for row in result.skipped.itertuples(index=False):
-        console.print(f"skipped {row.path}: {row.reason}", markup=False, highlight=False)
-    console.print(f"[green]{len(result.table)} film(s) {verb}, {len(result.skipped)} skipped → "
-                  f"{escape(written(result))}")
+        _say(f"skipped {row.path}: {row.reason}", err=True)
+    if result.table.empty:
+        _say(f"no film {verb}: all {len(result.skipped)} file(s) skipped, each for the reason above", style="red",
+             err=True)
+        return 1
+    warning = synthetic_warning(args.run)
+    if warning is not None:
+        _say(warning, style="yellow", err=True)
+    for note in result.notes:
+        _say(note, style="yellow", err=True)
+    _say(f"{len(result.table)} film(s) {verb}, {len(result.skipped)} skipped → {written(result)}", style="green")
     return 0
 
 
@@ -296,22 +349,21 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    infer = resolve_config(args, EXPORT_OPTIONS).infer
+    config = device_config(args)
     from mdmt.infer.export import export_run
 
-    for path in export_run(args.run, args.format, args.out, device=infer.device):
+    for path in export_run(args.run, args.format, args.out, device=config.runtime.device):
         console.print(f"[green]wrote {escape(str(path))}")
     return 0
 
 
 def _add_infer(sub: Any, name: str, help: str, out: str, paths: bool = True) -> argparse.ArgumentParser:
     p = sub.add_parser(name, help=help)
-    _add_config(p)
     p.add_argument("--run", type=Path, required=True, metavar="RUN_DIR", help="a finished run folder (holds DONE)")
     if paths:
         p.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="DICOM, PNG or JPEG files, or folders")
     p.add_argument("--out", type=Path, default=Path(out), help=f"output folder (default {out})")
-    _add_options(p, INFER_OPTIONS if paths else EXPORT_OPTIONS)
+    _add_options(p, name)
     return p
 
 
@@ -321,47 +373,41 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("demo", help="synthetic data → caches → STL/FT/MDMT grid → statistics → report")
-    _add_config(p)
-    _add_options(p, SYNTH_OPTIONS + GRID_OPTIONS)
+    _add_options(p, "demo")
     p.add_argument("--datasets", type=int, choices=(2, 3), default=2,
                    help="3: add the twin's third dataset and compare MDMT over three datasets with two (demo3)")
     p.add_argument("--out", default=None, help="output folder (default demo-output, or demo-output-3)")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("synth", help="write the synthetic AIforCOVID + BrixIA twin in the real formats")
-    _add_config(p)
-    p.add_argument("out", nargs="?", default=None, help="output folder [synth.out]")
-    _add_options(p, SYNTH_OPTIONS + SYNTH_OUT_OPTIONS)
+    p.add_argument("synth.out", nargs="?", default=None, metavar="OUT", help="output folder [synth.out]")
+    _add_options(p, "synth", positional=("synth.out",))
     p.set_defaults(func=cmd_synth)
 
     p = sub.add_parser("prepare", help="preprocess each dataset once into the image cache")
-    _add_config(p)
-    _add_options(p, DATA_OPTIONS + PREPARE_OPTIONS)
+    _add_options(p, "prepare")
     p.set_defaults(func=cmd_prepare)
 
     p = sub.add_parser("train", help="one run: strategy × backbone × protocol × fold × seed")
-    _add_config(p)
-    _add_options(p, DATA_OPTIONS + RUN_OPTIONS)
+    _add_options(p, "train")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("grid", help="run every missing run of the configured study")
-    _add_config(p)
-    _add_options(p, DATA_OPTIONS + GRID_OPTIONS)
+    _add_options(p, "grid")
     p.set_defaults(func=cmd_grid)
 
     p = sub.add_parser("report", help="tables, statistics and figures rebuilt from a results folder")
-    p.add_argument("results", type=Path, help="results folder (holds runs/)")
-    p.add_argument("--out", type=Path, default=None, help="report folder (default RESULTS/report)")
-    p.add_argument("--task", default="prognosis", help="the task the tables and tests are about")
-    p.add_argument("--rescore", action="store_true", help="recompute every run's metrics from its predictions first")
+    p.add_argument("results_dir", nargs="?", default=None, metavar="RESULTS",
+                   help="results folder (holds runs/) [results_dir]")
+    _add_options(p, "report", positional=("results_dir",))
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("info", help="versions, device, every plug-in, tasks and the config's strategies")
-    _add_config(p)
+    _add_options(p, "info")
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("config", help="print the resolved config (a shipped one: --config paper)")
-    _add_config(p)
+    _add_options(p, "config")
     p.set_defaults(func=cmd_config)
 
     _add_infer(sub, "predict", "P(SEVERE), Brixia bin and regional scores of new films with a trained run",
@@ -383,14 +429,15 @@ def os_error_message(exc: OSError) -> str:
     return f"{paths}: {reason}" if paths else f"{reason} ({errno.errorcode.get(exc.errno or 0, type(exc).__name__)})"
 
 
-def _say(text: str, style: str | None = None) -> None:
-    """Print ``text`` as it is: no markup, no highlighting, lines never wrapped (a path or an id stays whole)."""
-    console.print(text, style=style, markup=False, highlight=False, soft_wrap=True)
+def _say(text: str, style: str | None = None, err: bool = False) -> None:
+    """Print ``text`` as it is (to standard error with ``err``): no markup, no highlighting, lines never wrapped (a
+    path or an id stays whole)."""
+    (err_console if err else console).print(text, style=style, markup=False, highlight=False, soft_wrap=True)
 
 
 def _error(message: str) -> int:
-    """Print ``error: <message>`` as one line (no markup, no wrapping) and return exit code 2."""
-    console.print(f"[red]error:[/red] {escape(message)}", soft_wrap=True, highlight=False)
+    """Print ``error: <message>`` as one line on standard error (no markup, no wrapping) and return exit code 2."""
+    err_console.print(f"[red]error:[/red] {escape(message)}", soft_wrap=True, highlight=False)
     return 2
 
 

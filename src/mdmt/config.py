@@ -1,4 +1,4 @@
-"""Typed configuration: YAML mapped onto dataclasses. The one place defaults live."""
+"""Typed configuration: YAML mapped onto dataclasses. The one place defaults live, with each field's check and flag."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import dataclasses
 import re
 import types
 import typing
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -13,7 +14,30 @@ from typing import Any, Literal
 import yaml
 
 from mdmt.errors import ConfigError
-from mdmt.validation import validate
+from mdmt.validation import (
+    AT_LEAST_ONE,
+    DEVICE,
+    FRACTION,
+    NON_NEGATIVE,
+    OPEN_FRACTION,
+    POSITIVE,
+    Check,
+    Interval,
+    each,
+    ordered_pair,
+    validate,
+    within,
+)
+
+
+def setting(default: Any = dataclasses.MISSING, *, factory: Callable[[], Any] | None = None,
+            check: Check | None = None, flag: str | None = None, help: str = "") -> Any:
+    """A config field that declares what its value may be (``check``, read by ``mdmt.validation.validate``) and,
+    for the commands that expose it, its command-line ``flag`` and ``help`` (``mdmt.cli`` builds the option)."""
+    metadata = {name: value for name, value in (("check", check), ("flag", flag), ("help", help)) if value}
+    if factory is not None:
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 @dataclass
@@ -50,21 +74,22 @@ class DataConfig:
 
     datasets: dict[str, PluginRef] = field(default_factory=dict)
     """The study's datasets: id → ``{name: aiforcovid | brixia | table | <plug-in>, params}``."""
-    cache_dir: str = ".mdmt-cache"
-    image_size: int = 256
-    clip_percentiles: tuple[float, float] = (2.0, 98.0)
-    crop: Literal["lungs", "lungs_classical", "none", "masks", "boxes"] = "lungs"
-    """lungs: the learned lung segmenter (the classical localiser when it finds no plausible lungs);
-    lungs_classical: the classical localiser only; none: the whole film; masks or boxes: your own."""
-    crop_margin: float = 0.05
+    cache_dir: str = setting(".mdmt-cache", flag="--cache-dir", help="where preprocessed image caches live")
+    image_size: int = setting(256, check=AT_LEAST_ONE, flag="--image-size",
+                              help="side of the cached square images (px)")
+    clip_percentiles: tuple[float, float] = setting((2.0, 98.0), check=ordered_pair(Interval(0, 100), strict=True))
+    crop: Literal["lungs", "lungs_classical", "none", "masks", "boxes"] = setting(
+        "lungs", flag="--crop", help="lungs: the learned lung segmenter (the classical localiser when it finds no "
+        "plausible lungs); lungs_classical: the classical localiser only; none: the whole film; masks or boxes: "
+        "your own (data.masks_dir, data.boxes_file)")
+    crop_margin: float = setting(0.05, check=within(Interval(0, 0.5, high_open=True)))
     masks_dir: str | None = None
     boxes_file: str | None = None
     skip_unreadable: bool = True
-    max_drop_fraction: float = 0.1
+    max_drop_fraction: float = setting(0.1, check=FRACTION)
     """``prepare`` fails when more than this share of a dataset's images is dropped or unreadable (1.0 allows any)."""
-    qc: bool = False
-    """``mdmt prepare`` also writes contact sheets (each film with its crop box) into ``<cache>/qc/``."""
-    workers: int = 0
+    qc: bool = setting(False, flag="--qc", help="also write contact sheets (each film with its crop box) into "
+                       "<cache>/qc/")
 
 
 @dataclass
@@ -72,14 +97,14 @@ class AugmentConfig:
     """Training-time augmentation (shift, zoom, rotation, flip, elastic); each fires with probability ``p``."""
 
     enabled: bool = True
-    p: float = 50 / 101
-    shift: float = 0.10
-    zoom: float = 0.10
-    rotation: float = 10.0
+    p: float = setting(50 / 101, check=FRACTION)
+    shift: float = setting(0.10, check=NON_NEGATIVE)
+    zoom: float = setting(0.10, check=within(Interval(0, 1, high_open=True)))
+    rotation: float = setting(10.0, check=within(Interval(0, 180)))
     flip: bool = True
     elastic: bool = True
-    elastic_alpha: tuple[float, float] = (20.0, 40.0)
-    elastic_sigma: float = 7.0
+    elastic_alpha: tuple[float, float] = setting((20.0, 40.0), check=ordered_pair(Interval(0), strict=False))
+    elastic_sigma: float = setting(7.0, check=POSITIVE)
 
 
 @dataclass
@@ -97,9 +122,10 @@ class TaskConfig:
 class ModelConfig:
     """Backbone, weights and heads."""
 
-    backbone: PluginRef = _ref("resnet18")
-    weights: str = "none"
-    input_size: int = 256
+    backbone: PluginRef = setting(factory=lambda: PluginRef("resnet18"), flag="--backbone",
+                                  help="backbone name (mdmt info lists them)")
+    weights: str = setting("none", flag="--weights", help="none | imagenet | path to a local state_dict")
+    input_size: int = setting(256, check=AT_LEAST_ONE)
     head: PluginRef = _ref("linear", dropout=0.5)
     """The head of every task that ``heads`` does not name."""
     heads: dict[str, PluginRef] = field(default_factory=lambda: {"prognosis": PluginRef("mlp", {"dropout": 0.5})})
@@ -114,7 +140,7 @@ class LossConfig:
     """Task losses and their weighting."""
 
     variant: Literal["paper", "clean"] = "clean"
-    task_weights: dict[str, float] = field(default_factory=dict)
+    task_weights: dict[str, float] = setting(factory=dict, check=each(NON_NEGATIVE))
     weighting: PluginRef = _ref("fixed")
 
 
@@ -122,26 +148,30 @@ class LossConfig:
 class TrainConfig:
     """Optimiser, schedule, selection and the engine's switches."""
 
-    lr: float = 1e-3
-    weight_decay: float = 1e-5
-    batch_size: int = 128
-    max_epochs: int = 300
-    warmup_epochs: int = 40
-    early_stopping: int = 65
-    scheduler_patience: int = 15
-    scheduler_factor: float = 0.65
-    min_lr: float = 1e-8
+    lr: float = setting(1e-3, check=POSITIVE)
+    weight_decay: float = setting(1e-5, check=NON_NEGATIVE)
+    batch_size: int = setting(128, check=AT_LEAST_ONE, flag="--batch-size", help="images per training batch")
+    max_epochs: int = setting(300, check=AT_LEAST_ONE, flag="--epochs", help="maximum epochs")
+    warmup_epochs: int = setting(40, check=NON_NEGATIVE)
+    early_stopping: int = setting(65, check=NON_NEGATIVE)
+    scheduler_patience: int = setting(15, check=NON_NEGATIVE)
+    scheduler_factor: float = setting(0.65, check=OPEN_FRACTION)
+    min_lr: float = setting(1e-8, check=NON_NEGATIVE)
     mix: Literal["natural", "ratio"] = "natural"
-    mix_ratio: float = 0.5
-    num_workers: int = 0
-    threads: int = 0
-    device: str = "auto"
+    mix_ratio: float = setting(0.5, check=FRACTION)
     amp: bool = True
     channels_last: bool = True
     compile: bool = False
-    checkpoint_every_s: float = 0.0
+    checkpoint_every_s: float = setting(0.0, check=NON_NEGATIVE)
     """``last.pt`` (exact resume) after an epoch only when this many seconds have passed since the last one, and
     always after the last epoch; 0: after every epoch. A crash then replays at most that much training."""
+    phase_timing: bool = True
+    """Split each epoch's time into phases in ``history.csv`` (``data_s``, ``forward_s``, ...); off: those columns are
+    left out (``seconds`` stays). The results are the same either way."""
+    callbacks: list[PluginRef] = setting(factory=list, check=each(Check(lambda ref, config: bool(ref.name),
+                                                                         "a {name, params} entry naming a callback")))
+    """Callbacks of ``mdmt.train.callbacks.CALLBACKS`` the engine calls during training: ``[{name: tensorboard}]``,
+    ``[{name: mlflow, params: {tracking_uri: ...}}]``, or a plug-in's."""
 
 
 @dataclass
@@ -152,10 +182,11 @@ class ProtocolConfig:
     """The dataset whose folds define each protocol (LOCO's centers, the official split files); a run scores
     its tasks on its own test parts, and the other datasets follow with their CV fold (``paired_cv_fold`` for
     LOCO)."""
-    cv_folds: int = 5
-    loco_val_fraction: float = 0.1
+    cv_folds: int = setting(5, check=within(Interval(3)))
+    loco_val_fraction: float = setting(0.1, check=OPEN_FRACTION)
     loco_centers: list[str] = field(default_factory=lambda: ["A", "D", "E", "F", "B", "C"])
-    paired_cv_fold: int = 0
+    paired_cv_fold: int = setting(0, check=Check(lambda fold, config: 0 <= fold < config.protocol.cv_folds,
+                                                 "a fold index >= 0 and < protocol.cv_folds"))
     official_splits_dir: str | None = None
 
 
@@ -164,12 +195,12 @@ class SlurmConfig:
     """``grid.backend: slurm``: one submitit job per run, with these resources."""
 
     partition: str | None = None
-    time_minutes: int = 240
+    time_minutes: int = setting(240, check=AT_LEAST_ONE)
     """A job's time limit; a run cut off by it is a failed run that the next ``mdmt grid`` resumes."""
-    gpus_per_run: int = 1
-    cpus_per_run: int = 8
+    gpus_per_run: int = setting(1, check=NON_NEGATIVE)
+    cpus_per_run: int = setting(8, check=AT_LEAST_ONE)
     """CPUs of a job, and the torch threads of its run."""
-    mem_gb: int = 32
+    mem_gb: int = setting(32, check=AT_LEAST_ONE)
     folder: str = "slurm"
     """The jobs' logs and submitit files, relative to ``results_dir`` (named by job id)."""
     executor: Literal["slurm", "local"] = "slurm"
@@ -185,10 +216,11 @@ class GridConfig:
     backbones: list[PluginRef] = field(default_factory=lambda: [PluginRef("resnet18")])
     strategies: list[str] = field(default_factory=lambda: ["stl_prognosis", "stl_severity", "ft", "mdmt"])
     protocols: list[str] = field(default_factory=lambda: ["cv5", "loco"])
-    folds: list[int] | None = None
-    seeds: list[int] = field(default_factory=lambda: [0])
-    workers: int = 1
-    backend: Literal["local", "ray", "slurm"] = "local"
+    folds: list[int] | None = setting(None, check=each(NON_NEGATIVE))
+    seeds: list[int] = setting(factory=lambda: [0], check=each(NON_NEGATIVE))
+    workers: int = setting(1, check=AT_LEAST_ONE, flag="--workers",
+                           help="runs at once (local processes; Ray tasks or SLURM jobs in flight)")
+    backend: Literal["local", "ray", "slurm"] = setting("local", flag="--backend", help="where the runs train")
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
 
 
@@ -197,45 +229,85 @@ class SynthConfig:
     """The built-in synthetic twin (``mdmt synth`` and the demo)."""
 
     out: str = "synthetic-data"
-    preset: Literal["tiny", "small", "medium"] = "small"
-    seed: int = 0
-    decoupled: bool = False
-    opacity: float | None = None
-    image_size: int | None = None
+    preset: Literal["tiny", "small", "medium"] = setting("small", flag="--preset", help="the twin's size")
+    seed: int | None = setting(None, check=NON_NEGATIVE, flag="--synth-seed",
+                               help="the twin's generator seed (unset: the config's seed)")
+    decoupled: bool = setting(False, flag="--decoupled",
+                              help="prognosis independent of severity (negative control)")
+    opacity: float | None = setting(None, check=NON_NEGATIVE, flag="--opacity",
+                                    help="opacity strength (unset: the preset's)")
+    image_size: int | None = setting(None, check=within(Interval(32)))
     """Image side in px (before each device's size jitter); None: the preset's."""
-    workers: int = 0
-    """Processes that render the images (0: this one); the files are the same either way."""
-    faults: list[str] = field(default_factory=list)
+    faults: list[str] = setting(factory=list, flag="--fault", help="inject a fault (repeatable)")
     cohort: bool = False
     """Also write a third dataset: a cohort from hospitals G and H as a manifest, with both labels."""
-    overwrite: bool = False
-    """``mdmt synth`` may write into a non-empty folder and replace a twin written with other parameters."""
+    overwrite: bool = setting(False, flag="--overwrite",
+                              help="write into a non-empty folder, or replace a twin written with other parameters")
+
+
+@dataclass
+class CalibrationConfig:
+    """What each run fits on its validation rows after training (``mdmt.evaluate.calibration``); changing it
+    needs no retraining (``mdmt report --rescore`` fits it again from the prediction files)."""
+
+    method: Literal["temperature", "platt"] = "temperature"
+    """How P(class 1) of a two-class head is calibrated: one temperature, or Platt's temperature and bias."""
+    threshold: Literal["youden", "sensitivity"] = "youden"
+    """The decision threshold on the calibrated probability: Youden's J, or the highest reaching
+    ``target_sensitivity``."""
+    target_sensitivity: float = setting(0.9, check=within(Interval(0, 1, low_open=True)))
+    alpha: float = setting(0.1, check=OPEN_FRACTION)
+    """Split-conformal miscoverage: prediction sets and intervals cover the truth with probability >= 1 - alpha."""
 
 
 @dataclass
 class InferConfig:
     """``mdmt predict``, ``explain`` and ``export``: how new films, and their clinical sheet, are read."""
 
-    batch_size: int = 16
-    """Films per forward pass."""
-    device: str = "cpu"
-    """auto | cpu | cuda | cuda:N | mps."""
-    clinical: str | None = None
-    """A CSV or Excel sheet with one row per film: the clinical values a run whose model reads clinical columns
-    needs (``mdmt.infer.clinical``)."""
-    clinical_id: str = "ImageFile"
-    """The sheet's column naming each row's film: its file name or stem (AIforCOVID's sheets: ImageFile)."""
+    batch_size: int = setting(16, check=AT_LEAST_ONE, flag="--batch-size", help="films per forward pass")
+    clinical: str | None = setting(None, flag="--clinical", help="a CSV or Excel sheet with one row per film: the "
+                                   "clinical values a run whose model reads clinical columns needs")
+    clinical_id: str = setting("ImageFile", flag="--clinical-id", help="the sheet's column naming each row's film "
+                               "by file name or stem (AIforCOVID's sheets: ImageFile)")
 
 
 @dataclass
 class RunConfig:
     """Which single run ``mdmt train`` performs (the backbone is ``model.backbone``)."""
 
-    strategy: str = "mdmt"
-    protocol: str = "cv5"
-    fold: int = 0
-    rerun_changed: bool = False
-    """Train again a run whose folder holds a run with other inputs (otherwise that is an error)."""
+    strategy: str = setting("mdmt", flag="--strategy", help="a strategy of the config (mdmt info lists them)")
+    protocol: str = setting("cv5", flag="--protocol", help="cv5 | loco | official-cv5 | official-loco")
+    fold: int = setting(0, check=NON_NEGATIVE, flag="--fold", help="fold index")
+    rerun_changed: bool = setting(False, flag="--rerun-changed", help="train again a run whose folder holds one "
+                                  "with other inputs (otherwise that is an error)")
+
+
+@dataclass
+class RuntimeConfig:
+    """How this machine works, for every command: the device, and the processes and threads it uses. None of it
+    is a run input (``mdmt.runs.RUNTIME_KEYS``): a run may resume with other values."""
+
+    device: str = setting("auto", check=DEVICE, flag="--device",
+                          help="where networks train and infer (auto: CUDA when available, else the CPU)")
+    workers: int = setting(0, check=NON_NEGATIVE, flag="--data-workers",
+                           help="processes that decode and crop the films into the image cache and render the "
+                           "synthetic twin (0: this one); the files are the same either way")
+    loader_workers: int = setting(0, check=NON_NEGATIVE, flag="--loader-workers",
+                                  help="DataLoader processes of each training run (0: the run's own)")
+    threads: int = setting(0, check=NON_NEGATIVE, flag="--threads",
+                           help="torch threads of each process (0: the grid gives each run cores / grid.workers, "
+                           "a single process keeps torch's default)")
+
+
+@dataclass
+class ReportConfig:
+    """``mdmt report``: the task its tables and tests are about and where it writes (its results folder:
+    ``results_dir``)."""
+
+    task: str = setting("prognosis", flag="--task", help="the task the tables and tests are about")
+    out: str | None = setting(None, flag="--out", help="report folder (unset: <results_dir>/report)")
+    rescore: bool = setting(False, flag="--rescore",
+                            help="recompute every run's metrics from its prediction files first")
 
 
 def _stage(summary: str, datasets: list[str], tasks: list[str], **more: Any) -> PluginRef:
@@ -271,11 +343,38 @@ class Config:
     """Strategy name → ``{name: <strategy plug-in, default train>, params}``; ``grid.strategies`` picks from it."""
     synth: SynthConfig = field(default_factory=SynthConfig)
     infer: InferConfig = field(default_factory=InferConfig)
-    results_dir: str = "results"
-    seed: int = 0
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
+    results_dir: str = setting("results", flag="--results-dir", help="where run folders are written")
+    seed: int = setting(0, check=NON_NEGATIVE, flag="--seed", help="the seed of the run mdmt train trains, and "
+                        "of the synthetic twin unless synth.seed is set")
     plugins: list[str] = field(default_factory=list)
     """Python modules or ``.py`` files imported before anything is built: they register further datasets,
     backbones, heads, weightings or strategies."""
+
+
+RENAMED: dict[str, str] = {
+    "data.workers": "runtime.workers",
+    "synth.workers": "runtime.workers",
+    "train.num_workers": "runtime.loader_workers",
+    "train.threads": "runtime.threads",
+    "train.device": "runtime.device",
+    "infer.device": "runtime.device",
+}
+"""Keys that moved into the ``runtime`` section: a config that still uses one is an error naming its new key."""
+
+
+def config_fields(cls: type = Config, prefix: str = "") -> Iterator[tuple[str, dataclasses.Field[Any], Any]]:
+    """``(dotted key, field, type)`` of every field of ``cls``, descending into its sections (a ``PluginRef`` is
+    one value)."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        key, tp = f"{prefix}{f.name}", hints[f.name]
+        if dataclasses.is_dataclass(tp) and tp is not PluginRef:
+            yield from config_fields(tp, f"{key}.")
+        else:
+            yield key, f, tp
 
 
 FLOAT_TEXT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
@@ -375,8 +474,22 @@ def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def check_layer(values: dict[str, Any], source: str) -> None:
+    """ConfigError naming ``source`` when one layer of a config (a file, a ``--set``) uses a renamed key or holds a
+    value of the wrong type. Each layer is checked before the layers merge: a later layer that replaces a section
+    (``--set train=5`` then ``--epochs 3``) would otherwise hide the bad value."""
+    for old, new in RENAMED.items():
+        section, key = old.split(".")
+        if isinstance(values.get(section), dict) and key in values[section]:
+            raise ConfigError(f"{source}: {old} is now {new} (the runtime section holds the machine's settings)")
+    try:
+        from_dict(Config, values)
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from exc
+
+
 def parse_override(text: str) -> dict[str, Any]:
-    """``train.lr=0.01`` → ``{"train": {"lr": 0.01}}`` (the value is parsed as YAML)."""
+    """``train.lr=0.01`` → ``{"train": {"lr": 0.01}}`` (the value is parsed as YAML and checked: ``check_layer``)."""
     if "=" not in text:
         raise ConfigError(f"override {text!r} must look like section.key=value")
     dotted, raw = text.split("=", 1)
@@ -386,6 +499,7 @@ def parse_override(text: str) -> dict[str, Any]:
         raise ConfigError(f"--set {text}: the value is not valid YAML: {_yaml_problem(exc)}") from exc
     for part in reversed(dotted.strip().split(".")):
         value = {part: value}
+    check_layer(value, f"--set {text}")
     return value
 
 
@@ -406,11 +520,32 @@ def read_yaml(path: Path) -> Any:
         raise ConfigError(f"{where}: YAML syntax error: {_yaml_problem(exc)}") from exc
 
 
+def load_run_config(path: str | Path) -> Config:
+    """The ``config.yaml`` of a run folder, as any mdmt since the run contract wrote it: keys that moved into
+    ``runtime`` are dropped (they were the training machine's settings, not the run's), and a strategy's
+    ``image: false`` is read as ``estimator: clinical_logistic``."""
+    path = Path(path)
+    values = read_yaml(path) if path.is_file() else None
+    if not isinstance(values, dict):
+        return load_config(path)  # the usual errors: missing, not a file, not a mapping
+    for old in RENAMED:
+        section, key = old.split(".")
+        if isinstance(values.get(section), dict):
+            values[section].pop(key, None)
+    for entry in (values.get("strategies") or {}).values():
+        params = entry.get("params") if isinstance(entry, dict) else None
+        if isinstance(params, dict) and "image" in params:
+            params.setdefault("estimator", "network" if params.pop("image") else "clinical_logistic")
+    return load_config(None, [values])
+
+
 def load_config(path: str | Path | None = None, overrides: list[dict[str, Any]] | None = None) -> Config:
-    """Defaults, then the YAML file, then each override mapping in order.
+    """Defaults, then the YAML file, then each override mapping in order, each checked before it merges
+    (``check_layer``).
 
     ``strategies`` entries merge into the built-in ones (``PAPER_STRATEGIES``), so a config changes or adds
-    strategies without restating the others. The result is checked against ``mdmt.validation.RULES``.
+    strategies without restating the others. An unset ``synth.seed`` becomes ``seed``. The result is checked
+    against the checks its fields declare (``mdmt.validation.validate``).
     """
     values: dict[str, Any] = {"strategies": {k: dataclasses.asdict(v) for k, v in PAPER_STRATEGIES.items()}}
     if path is not None:
@@ -420,10 +555,14 @@ def load_config(path: str | Path | None = None, overrides: list[dict[str, Any]] 
         loaded = read_yaml(path) or {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: the top level must be a mapping")
+        check_layer(loaded, str(path))
         values = merge(values, loaded)
-    for override in overrides or []:
+    for number, override in enumerate(overrides or [], 1):
+        check_layer(override, f"override {number}")
         values = merge(values, override)
     config = from_dict(Config, values)
+    if config.synth.seed is None:
+        config.synth.seed = config.seed
     validate(config)
     if config.plugins:
         from mdmt.plugins import load_plugins

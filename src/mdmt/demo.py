@@ -23,14 +23,13 @@ def _synthetic_data(config: Config, data_dir: Path) -> None:
 
     params = dataclasses.asdict(config.synth) | {"generator_version": GENERATOR_VERSION}
     params.pop("out")
-    params.pop("workers")  # how many processes render changes no file
     stamp = data_dir / "demo-params.json"
     if stamp.is_file() and json.loads(stamp.read_text()) == params:
         console.print(f"synthetic data: reusing {data_dir}")
         return
     s = config.synth
     summary = generate(data_dir, preset=s.preset, seed=s.seed, decoupled=s.decoupled, faults=s.faults,
-                       opacity=s.opacity, cohort=s.cohort, image_size=s.image_size, workers=s.workers)
+                       opacity=s.opacity, cohort=s.cohort, image_size=s.image_size, workers=config.runtime.workers)
     if hasattr(summary, "table"):
         console.print(summary.table())
     stamp.write_text(json.dumps(params))

@@ -108,7 +108,8 @@ class Registry(Generic[T]):
             if accepts(name):
                 return dataclasses.replace(entry, name=name)
         close = difflib.get_close_matches(name, self._entries, n=3)
-        hint = f"; did you mean {', '.join(close)}?" if close else f"; known: {', '.join(self._entries)}"
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        hint += f" (known: {', '.join(self._entries)})" if len(self._entries) <= 12 else "; `mdmt info` lists them"
         raise ConfigError(f"unknown {self.kind} {name!r}{hint}")
 
     def parse(self, ref: PluginRef | str, where: str | None = None) -> tuple[Entry[T], Any]:

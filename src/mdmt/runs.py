@@ -1,7 +1,9 @@
 """The run contract: what a run is, where its folder lives, what files it holds, and how they are written.
 
 Everything that trains, evaluates, stores or reports runs imports this module; it imports nothing of mdmt
-but the errors and no third-party package, so ``mdmt report`` never pays for torch.
+but the errors and no third-party package, so ``mdmt report`` never pays for torch. A run's inputs
+(``run_inputs``) decide whether a run folder can be reused: ``check_inputs`` refuses one whose inputs changed,
+naming what changed, or empties it for a rerun.
 
 A run folder ``<results>/runs/<strategy>/<backbone>/<protocol>/fold<k>/seed<s>/`` holds:
 
@@ -9,12 +11,15 @@ A run folder ``<results>/runs/<strategy>/<backbone>/<protocol>/fold<k>/seed<s>/`
 |---|---|---|
 | ``config.yaml`` | train | the resolved config of the run |
 | ``spec.json`` | train | the RunSpec |
-| ``inputs.json`` | train | fingerprint of the run's inputs: config, cache keys, split ids |
+| ``inputs.json`` | train | fingerprint of the run's inputs: config, cache keys, split ids, parents' checkpoints |
 | ``split_ids_missing.csv`` | train | ids the official split files list that the cache lacks (only when some are) |
 | ``tasks.json`` | train | each head's task: kind, scorer, groups, classes (what scoring needs) |
 | ``history.csv`` | train | one row per epoch |
 | ``last.pt`` / ``best.pt`` | train | checkpoints (tensors only) |
 | ``predictions_<task>.csv`` | train | one row per test image of every dataset labelling the task |
+| ``val_predictions_<task>.csv`` | train | the same for the validation images (what calibration is fitted on) |
+| ``ood_features.npz`` | train | statistics of the training films' features: ``mdmt predict`` flags films far from them |
+| ``calibration.json`` | evaluate | per task, the calibration, decision threshold and conformal sets fitted on the validation rows |
 | ``metrics.json`` | evaluate | metrics computed from the prediction files (strict JSON) |
 | ``DONE`` | train | written last |
 | ``FAILED`` | train / grid | the error of a run that failed |
@@ -23,16 +28,22 @@ A run folder ``<results>/runs/<strategy>/<backbone>/<protocol>/fold<k>/seed<s>/`
 from __future__ import annotations
 
 import contextlib
+import copy
+import hashlib
 import json
 import math
 import os
-from collections.abc import Iterator
+import shutil
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from mdmt.errors import ConfigError
+
 RUNS_DIR = "runs"
 CONFIG_FILE = "config.yaml"
+CALIBRATION_FILE = "calibration.json"
 SPEC_FILE = "spec.json"
 INPUTS_FILE = "inputs.json"
 MISSING_IDS_FILE = "split_ids_missing.csv"
@@ -89,9 +100,9 @@ def spec_from_dir(run_dir: Path, runs_root: Path) -> RunSpec | None:
         return None
 
 
-def predictions_file(task: str) -> str:
-    """``predictions_<task>.csv``."""
-    return f"{PREDICTIONS_PREFIX}{task}.csv"
+def predictions_file(task: str, part: str = "test") -> str:
+    """``predictions_<task>.csv`` (the test fold), ``val_predictions_<task>.csv`` (the validation fold)."""
+    return f"{'' if part == 'test' else part + '_'}{PREDICTIONS_PREFIX}{task}.csv"
 
 
 def task_of_predictions(path: Path) -> str:
@@ -155,3 +166,89 @@ def strict_json(value: Any) -> Any:
 def write_json(value: Any, path: str | Path) -> None:
     """Strict JSON (NaN → null), sorted keys, written atomically."""
     atomic_write_text(json.dumps(strict_json(value), indent=2, sort_keys=True, allow_nan=False) + "\n", path)
+
+
+# --------------------------------------------------------------------------------------------- inputs
+RUNTIME_KEYS = {
+    "data": ("cache_dir",),
+    "train": ("compile", "checkpoint_every_s", "phase_timing", "callbacks"),
+}
+"""Keys that may change between a run and its resumption (where things are, machine settings); the whole
+``runtime`` section (device, workers, threads) is left out too."""
+
+
+def fingerprint(config_values: dict[str, Any]) -> dict[str, Any]:
+    """The config keys a run's result depends on (not where things are, not machine settings), from the resolved
+    config as a mapping (``mdmt.config.to_dict``)."""
+    values = copy.deepcopy(config_values)
+    for section in ("grid", "synth", "infer", "calibration", "runtime", "report", "results_dir", "plugins"):
+        values.pop(section, None)
+    values["run"].pop("rerun_changed", None)
+    values["data"].pop("datasets", None)  # the data enter through the cache keys and split ids
+    for section, keys in RUNTIME_KEYS.items():
+        for key in keys:
+            values[section].pop(key, None)
+    return values
+
+
+def run_inputs(config_values: dict[str, Any], cache_keys: Mapping[str, str], ids: Mapping[str, Any],
+               parents: Mapping[str, str | None] | None = None) -> dict[str, Any]:
+    """What the run's result depends on (``inputs.json``): the config fingerprint, each dataset's cache key, a hash
+    of each dataset's split ids (dataset → part → ids) and, for a run that starts from others, each parent's
+    ``best.pt`` sha256 (``parents.<strategy>.checkpoint``)."""
+    inputs: dict[str, Any] = {
+        "config": fingerprint(config_values),
+        "caches": dict(cache_keys),
+        "splits": {name: hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+                   for name, parts in ids.items()},
+    }
+    if parents:
+        inputs["parents"] = {name: {"checkpoint": digest} for name, digest in parents.items()}
+    return inputs
+
+
+def changed_inputs(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """Dotted names of what differs between two ``run_inputs`` (config keys, ``caches.<dataset>``, ``splits.…``)."""
+
+    def walk(a: Any, b: Any, prefix: str) -> list[str]:
+        if isinstance(a, dict) and isinstance(b, dict):
+            return [d for k in sorted(set(a) | set(b)) for d in walk(a.get(k), b.get(k), f"{prefix}{k}.")]
+        return [] if a == b else [prefix.rstrip(".")]
+
+    return walk(saved, current, "")
+
+
+def saved_inputs(run_dir: Path) -> dict[str, Any] | str | None:
+    """The inputs a run folder records; None without ``inputs.json``, the reason when it cannot be read."""
+    path = run_dir / INPUTS_FILE
+    if not path.is_file():
+        return None
+    try:
+        saved = json.loads(path.read_text())
+    except (ValueError, OSError) as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return saved if isinstance(saved, dict) else f"not a JSON object: {type(saved).__name__}"
+
+
+def check_inputs(run_dir: Path, inputs: dict[str, Any], rerun: bool) -> bool:
+    """Whether ``run_dir`` is finished with the same inputs. A run folder with other inputs is refused (ConfigError
+    naming what changed) or, with ``rerun``, emptied so the run trains again from scratch."""
+    saved = saved_inputs(run_dir)
+    if saved is None:
+        if (run_dir / DONE_FILE).is_file():
+            raise ConfigError(f"{run_dir} is finished but records no {INPUTS_FILE} (made by an older mdmt): delete "
+                              f"it or use another results_dir")
+        return False
+    changed = [] if isinstance(saved, str) else changed_inputs(saved, inputs)
+    if not changed and not isinstance(saved, str):
+        return (run_dir / DONE_FILE).is_file()
+    state = "a finished" if (run_dir / DONE_FILE).is_file() else "an unfinished"
+    if not rerun:
+        again = "use --rerun-changed (run.rerun_changed) to train it again, or another results_dir"
+        if isinstance(saved, str):
+            raise ConfigError(f"{run_dir / INPUTS_FILE}: unreadable ({saved}), so {state} run's inputs are unknown; "
+                              f"{again}")
+        shown = ", ".join(changed[:8]) + (" …" if len(changed) > 8 else "")
+        raise ConfigError(f"{run_dir} holds {state} run with other inputs ({shown} changed); {again}")
+    shutil.rmtree(run_dir)
+    return False

@@ -1,12 +1,15 @@
-"""Allowed values of config keys: one table of rules, checked once when a config is loaded.
+"""Allowed values of config keys, declared on each field of ``mdmt.config`` and checked once when a config is loaded.
 
-A rule names a dotted key (``train.lr``; ``grid.seeds[]`` checks every item of a list or mapping) and what
-its value may be. ``validate`` reports every value that breaks its rule in one ``ConfigError`` naming the
-key, the value and what is allowed. Unset optional values (``None``) are not checked.
+A field declares what its value may be with ``metadata={"check": Check}`` (``mdmt.config.setting(check=...)``);
+``validate`` walks the config's dataclasses and reports every value that breaks its field's check in one
+``ConfigError`` naming the key, the value and what is allowed. A check marked ``each`` applies to every item of a
+list or mapping; a check's test also sees the whole config (``protocol.paired_cv_fold < protocol.cv_folds``).
+Unset optional values (``None``) are not checked. ``check_device`` asks torch whether the machine has the device.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from collections.abc import Callable, Iterator
@@ -15,18 +18,17 @@ from typing import Any
 
 from mdmt.errors import ConfigError
 
-EACH = "[]"
-"""Suffix of a rule key whose rule applies to each item of a list or mapping."""
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?|mps")
 
 
 @dataclass(frozen=True)
-class Rule:
-    """What the value of ``key`` may be: ``test(value, config)`` holds; ``allowed`` says it in words."""
+class Check:
+    """What a field's value may be: ``test(value, config)`` holds; ``allowed`` says it in words; ``each``: the test
+    applies to every item of a list or mapping."""
 
-    key: str
     test: Callable[[Any, Any], bool]
     allowed: str
+    each: bool = False
 
 
 @dataclass(frozen=True)
@@ -55,69 +57,76 @@ class Interval:
         return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
 
 
-def within(interval: Interval, *keys: str) -> tuple[Rule, ...]:
-    """One rule per key: the value lies in ``interval``."""
-    return tuple(Rule(key, lambda value, config: value in interval, str(interval)) for key in keys)
+def within(interval: Interval) -> Check:
+    """The value lies in ``interval``."""
+    return Check(lambda value, config: value in interval, str(interval))
 
 
-def ordered_pair(key: str, interval: Interval, strict: bool) -> Rule:
+def each(check: Check) -> Check:
+    """``check`` on every item of a list or mapping."""
+    return dataclasses.replace(check, each=True)
+
+
+def ordered_pair(interval: Interval, strict: bool) -> Check:
     """A (low, high) pair inside ``interval`` with low < high (``strict``) or low <= high."""
 
     def test(pair: Any, config: Any) -> bool:
         low, high = pair
         return low in interval and high in interval and (low < high if strict else low <= high)
 
-    return Rule(key, test, f"two values low {'<' if strict else '<='} high, each {interval}")
+    return Check(test, f"two values low {'<' if strict else '<='} high, each {interval}")
 
 
-POSITIVE = Interval(0, low_open=True)
-NON_NEGATIVE = Interval(0)
-AT_LEAST_ONE = Interval(1)
-FRACTION = Interval(0, 1)
-
-RULES: tuple[Rule, ...] = (
-    *within(AT_LEAST_ONE, "data.image_size", "model.input_size", "train.batch_size", "train.max_epochs",
-            "grid.workers", "grid.slurm.time_minutes", "grid.slurm.cpus_per_run", "grid.slurm.mem_gb"),
-    *within(POSITIVE, "train.lr", "augment.elastic_sigma"),
-    *within(NON_NEGATIVE, "data.workers", "train.weight_decay", "train.min_lr", "train.warmup_epochs",
-            "train.early_stopping", "train.scheduler_patience", "train.checkpoint_every_s", "train.num_workers", "train.threads",
-            "augment.shift", "loss.task_weights[]", "grid.seeds[]", "grid.folds[]", "run.fold", "seed",
-            "synth.seed", "synth.opacity", "synth.workers", "grid.slurm.gpus_per_run"),
-    *within(FRACTION, "data.max_drop_fraction", "augment.p", "train.mix_ratio"),
-    *within(Interval(0, 0.5, high_open=True), "data.crop_margin"),
-    *within(Interval(0, 1, high_open=True), "augment.zoom"),
-    *within(Interval(0, 180), "augment.rotation"),
-    *within(Interval(0, 1, low_open=True, high_open=True), "train.scheduler_factor", "protocol.loco_val_fraction"),
-    *within(Interval(3), "protocol.cv_folds"),
-    *within(Interval(32), "synth.image_size"),
-    ordered_pair("data.clip_percentiles", Interval(0, 100), strict=True),
-    ordered_pair("augment.elastic_alpha", NON_NEGATIVE, strict=False),
-    Rule("protocol.paired_cv_fold", lambda fold, config: 0 <= fold < config.protocol.cv_folds,
-         "a fold index >= 0 and < protocol.cv_folds"),
-    Rule("train.device", lambda name, config: DEVICE_PATTERN.fullmatch(name) is not None,
-         "auto, cpu, cuda, cuda:N or mps"),
-)
-"""Every checked key. A float key of the config without a rule here would accept NaN (a test checks all have one)."""
+POSITIVE = within(Interval(0, low_open=True))
+NON_NEGATIVE = within(Interval(0))
+AT_LEAST_ONE = within(Interval(1))
+FRACTION = within(Interval(0, 1))
+OPEN_FRACTION = within(Interval(0, 1, low_open=True, high_open=True))
+DEVICE = Check(lambda name, config: DEVICE_PATTERN.fullmatch(name) is not None, "auto, cpu, cuda, cuda:N or mps")
 
 
-def values_at(config: Any, key: str) -> Iterator[tuple[str, Any]]:
-    """``(dotted name, value)`` of ``key`` in ``config``; one pair per item for a key ending in ``[]``."""
-    path = key.removesuffix(EACH)
-    value = config
-    for part in path.split("."):
-        value = getattr(value, part)
-    if not key.endswith(EACH):
-        yield path, value
-    elif isinstance(value, dict):
-        yield from ((f"{path}.{name}", item) for name, item in value.items())
-    else:
-        yield from ((f"{path}[{i}]", item) for i, item in enumerate(value or ()))
+def checked_values(config: Any, prefix: str = "") -> Iterator[tuple[str, Any, Check]]:
+    """``(dotted key, value, check)`` of every checked field of ``config`` and its sections; one triple per item
+    for a check marked ``each``."""
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            yield from checked_values(value, f"{key}.")
+        check = f.metadata.get("check")
+        if check is None:
+            continue
+        if not check.each:
+            yield key, value, check
+        elif isinstance(value, dict):
+            yield from ((f"{key}.{name}", item, check) for name, item in value.items())
+        else:
+            yield from ((f"{key}[{i}]", item, check) for i, item in enumerate(value or ()))
 
 
-def validate(config: Any, rules: tuple[Rule, ...] = RULES) -> None:
-    """Raise one ConfigError naming every key whose value breaks its rule (the value and what is allowed)."""
-    problems = [f"{name} = {value!r} is not allowed: must be {rule.allowed}"
-                for rule in rules for name, value in values_at(config, rule.key)
-                if value is not None and not rule.test(value, config)]
+def validate(config: Any) -> None:
+    """Raise one ConfigError naming every key whose value breaks its field's check (the value and what is allowed)."""
+    problems = [f"{key} = {value!r} is not allowed: must be {check.allowed}"
+                for key, value, check in checked_values(config)
+                if value is not None and not check.test(value, config)]
     if problems:
         raise ConfigError("; ".join(problems))
+
+
+def check_device(name: str, key: str = "runtime.device") -> None:
+    """ConfigError (one line) unless this machine has device ``name``: ``cuda`` without CUDA, ``cuda:N`` past the
+    last GPU, ``mps`` without MPS, or a name that is none of these. ``auto`` and ``cpu`` always pass. Imports
+    torch."""
+    import torch
+
+    if DEVICE_PATTERN.fullmatch(name) is None:
+        raise ConfigError(f"{key} = {name!r} is not allowed: must be {DEVICE.allowed}")
+    kind, _, index = name.partition(":")
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"{key} {name}: no CUDA device on this machine (torch.cuda.is_available() is False)")
+        count = torch.cuda.device_count()
+        if index and int(index) >= count:
+            raise ConfigError(f"{key} {name}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
+    elif kind == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"{key} {name}: no MPS device on this machine (torch.backends.mps.is_available() is False)")

@@ -32,7 +32,7 @@ from torch import nn
 from mdmt.config import PluginRef
 from mdmt.errors import ConfigError
 from mdmt.registry import NoParams, Registry
-from mdmt.tasks import TASK_NAMES, Task
+from mdmt.tasks import TASKS, Task
 
 Losses = Mapping[str, torch.Tensor]
 
@@ -297,7 +297,7 @@ def build_weighting(
     ref = PluginRef.of(ref)
     names = [t.name for t in tasks]
     task_weights = dict(task_weights or {})
-    unknown = sorted(set(task_weights) - set(names) - set(TASK_NAMES))
+    unknown = sorted(t for t in task_weights if t not in names and t not in TASKS)
     if unknown:
         raise ConfigError(f"loss.task_weights names unknown task(s) {unknown}; this run's tasks are {names}")
     weights = {t: w for t, w in task_weights.items() if t in names}

@@ -20,7 +20,7 @@ def train_tiny_run(tiny_config: Config, results: Path, severity_task: str = "sev
         tiny_config,
         results_dir=str(results),
         model=dataclasses.replace(tiny_config.model, severity_task=severity_task),
-        train=dataclasses.replace(tiny_config.train, max_epochs=1, device="cpu"),
+        train=dataclasses.replace(tiny_config.train, max_epochs=1),
     )
     return train_run(config, RunSpec("mdmt", "tiny_cnn", "cv5", 0, 0), progress=False)
 

@@ -4,12 +4,14 @@ Layout of ``<root>/<dataset>-<key[:16]>/``: ``images.u8`` (N × S × S uint8, ro
 ``records.csv`` (the records of the cached images plus crop columns and ``content_sha256``, the sha256 of the
 source file), ``crops.csv`` (each film's crop box, method and quality flag, to open in a spreadsheet),
 ``failed.csv`` (unreadable images), ``dropped.csv`` (rows the reader dropped), ``duplicates.csv`` (ids whose
-file is byte-identical to an earlier id's), ``meta.json`` (with the sha256 of every table) and the ``COMPLETE``
-marker, written last.
+file is byte-identical to an earlier id's), ``meta.json`` (with the sha256 of every table and of ``images.u8``)
+and the ``COMPLETE`` marker, written last.
 
 A build happens in ``<dir>.tmp-<pid>``: the free space is checked first, the images are streamed to disk (never
 written through a memory map), every file is fsynced, and the folder is renamed into place only when complete;
-on any failure it is removed. A cache whose files do not match ``meta.json`` is rebuilt.
+on any failure it is removed. A cache whose files do not match ``meta.json`` is rebuilt. The images' content is
+checked against their sha256 by ``verify_images`` (a whole read of the file: ``build_cache`` rebuilds a cache that
+fails it, a run refuses one); the size alone would let bytes overwritten in place pass.
 """
 
 from __future__ import annotations
@@ -54,6 +56,8 @@ DUPLICATES_FILE = "duplicates.csv"
 CROPS_FILE = "crops.csv"
 """Every film's crop: id, path, status (ok, doubtful, fallback), method, reason, box and its share of the film."""
 META_FILE = "meta.json"
+IMAGES_CHECKSUM = "images_sha256"
+"""``meta.json`` key: the sha256 of ``images.u8`` as the build wrote it."""
 COMPLETE_FILE = "COMPLETE"
 CONTENT_HASH = "content_sha256"
 """Records column: sha256 of the image file's bytes (byte-identical files under two ids share it)."""
@@ -162,15 +166,16 @@ def _check_files(path: Path, meta: dict[str, Any]) -> None:
 def open_cache(path: str | Path) -> ImageCache:
     """Open a complete cache directory (images memory-mapped read-only).
 
-    DataError naming the file when the marker is missing, ``meta.json`` is unreadable, ``images.u8`` has the
-    wrong size or a table is not the one the build wrote.
+    DataError naming the file when the marker is missing, ``meta.json`` is unreadable or lacks a checksum,
+    ``images.u8`` has the wrong size or a table is not the one the build wrote. The images' content is not read
+    here (``verify_images`` does it), so a loader worker re-opens a cache at no cost.
     """
     path = Path(path)
     if not (path / COMPLETE_FILE).is_file():
         raise DataError(f"{path}: not a complete image cache (no {COMPLETE_FILE} marker)")
     meta = _read_meta(path)
     missing = [name for name in (RECORDS_FILE, FAILED_FILE, DROPPED_FILE, DUPLICATES_FILE)
-               if name not in meta["tables"]]
+               if name not in meta["tables"]] + ([] if isinstance(meta.get(IMAGES_CHECKSUM), str) else [IMAGES_FILE])
     if missing:
         raise DataError(f"{path / META_FILE}: no checksum for {', '.join(missing)} (written by an older mdmt)")
     _check_files(path, meta)
@@ -190,6 +195,42 @@ def open_cache(path: str | Path) -> ImageCache:
         dropped=_read_table(path / DROPPED_FILE),
         duplicates=_read_table(path / DUPLICATES_FILE),
     )
+
+
+_VERIFIED: set[tuple[str, int, int]] = set()
+"""(images.u8, size, mtime_ns) of the caches whose images this process has found to match their checksum."""
+
+
+def _check_images(cache: ImageCache) -> None:
+    """DataError naming ``images.u8`` when its sha256 is not the one ``meta.json`` recorded at the build.
+
+    Hashing reads the whole file: 1.2 s for a paper-sized cache (6,280 images of 256 px, 392.5 MiB, from the page
+    cache, on 2 cores shared with other work; ``benchmarks/cache_checksum.py``), so a process hashes a cache once
+    and again only when the file's size or modification time changed.
+    """
+    images = cache.path / IMAGES_FILE
+    try:
+        stat = images.stat()
+        seen = (str(images), stat.st_size, stat.st_mtime_ns)
+        if seen in _VERIFIED:
+            return
+        digest = file_sha256(images)
+    except OSError as exc:
+        raise DataError(f"{images}: cannot read the cached images ({exc.strerror or exc})") from exc
+    if digest != cache.meta[IMAGES_CHECKSUM]:
+        raise DataError(f"{images}: contents differ from the sha256 {META_FILE} recorded at the build (bytes "
+                        f"overwritten or corrupt)")
+    _VERIFIED.add(seen)
+
+
+def verify_images(cache: ImageCache) -> ImageCache:
+    """``cache`` once its images match their checksum (``_check_images``); a run's DataError otherwise, naming the
+    file and how to rebuild the cache."""
+    try:
+        _check_images(cache)
+    except DataError as exc:
+        raise DataError(f"{exc}; the cache is refused: `mdmt prepare` rebuilds it") from None
+    return cache
 
 
 def _dataset_name(records: pd.DataFrame) -> str:
@@ -233,9 +274,10 @@ def _check_space(final: Path, n_images: int, size: int) -> None:
 
 
 def _write_images(
-    records: pd.DataFrame, cfg: DataConfig, images_path: Path, name: str, progress: bool
+    records: pd.DataFrame, cfg: DataConfig, images_path: Path, name: str, progress: bool, workers: int
 ) -> tuple[list[int], list[dict[str, Any]], list[dict[str, str]]]:
-    """Preprocess every row and stream the images to ``images_path`` (fsynced).
+    """Preprocess every row (in ``workers`` processes, 0: this one) and stream the images to ``images_path``
+    (fsynced).
 
     Returns the kept row numbers, their crop columns and file hash, and the failures.
     """
@@ -245,7 +287,7 @@ def _write_images(
     failures: list[dict[str, str]] = []
     with open(images_path, "wb") as out, ExitStack() as stack:
         results = stack.enter_context(closing(ordered_map(functools.partial(try_preprocess, cfg=cfg), items,
-                                                          cfg.workers)))
+                                                          workers)))
         for row, result in enumerate(progress_bar(results, f"caching {name}", total=len(items), enabled=progress)):
             path, image_id = items[row]
             if isinstance(result, str):
@@ -279,7 +321,8 @@ def _write_table(table: pd.DataFrame, path: Path) -> str:
 
 
 def _build(
-    records: pd.DataFrame, dropped: pd.DataFrame, cfg: DataConfig, key: str, final: Path, progress: bool
+    records: pd.DataFrame, dropped: pd.DataFrame, cfg: DataConfig, key: str, final: Path, progress: bool,
+    workers: int,
 ) -> None:
     """Build the cache in ``<final>.tmp-<pid>`` and rename it to ``final``; the temp folder never outlives a failure."""
     tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
@@ -287,7 +330,7 @@ def _build(
     try:
         _check_space(final, len(records), cfg.image_size)
         tmp.mkdir(parents=True)
-        kept, added, failures = _write_images(records, cfg, tmp / IMAGES_FILE, final.name, progress)
+        kept, added, failures = _write_images(records, cfg, tmp / IMAGES_FILE, final.name, progress, workers)
         cached = records.iloc[kept].reset_index(drop=True)
         cached = pd.concat([cached, pd.DataFrame(added, columns=[*CROP_COLUMNS, CONTENT_HASH])], axis=1)
         tables = {
@@ -309,6 +352,7 @@ def _build(
             "n_duplicates": len(tables[DUPLICATES_FILE]),
             "n_crop_failsoft": int(sum(not c["crop_ok"] for c in added)),
             "tables": {name: _write_table(table, tmp / name) for name, table in tables.items()},
+            IMAGES_CHECKSUM: file_sha256(tmp / IMAGES_FILE),
             "versions": _versions(),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
@@ -329,11 +373,14 @@ def _build(
 
 
 def _open_existing(final: Path) -> ImageCache | None:
-    """The cache at ``final`` if it opens; a folder there that does not is removed with a warning (to rebuild)."""
+    """The cache at ``final`` if it opens and its images match their checksum; a folder there that does not is
+    removed with a warning (to rebuild)."""
     if not final.exists():
         return None
     try:
-        return open_cache(final)
+        cache = open_cache(final)
+        _check_images(cache)
+        return cache
     except DataError as exc:
         log.warning("%s; rebuilding the cache", exc)
         shutil.rmtree(final, ignore_errors=True)
@@ -351,8 +398,10 @@ def _warn_duplicates(cache: ImageCache) -> None:
                     len(cache.duplicates) - SHOWN_DUPLICATES, cache.path / DUPLICATES_FILE)
 
 
-def build_cache(source: SourceTable, cfg: DataConfig, root: str | Path, progress: bool = True) -> ImageCache:
+def build_cache(source: SourceTable, cfg: DataConfig, root: str | Path, progress: bool = True, workers: int = 0
+                ) -> ImageCache:
     """Preprocess ``source.records`` into ``<root>/<dataset>-<key[:16]>/``, reusing a complete cache with that key.
+    ``workers`` processes preprocess the images (``runtime.workers``; 0: this one); the cache is the same.
 
     ``source`` is a ``SourceTable`` (``records``, ``dropped``). Unreadable images are listed in ``failed``
     when ``cfg.skip_unreadable``; otherwise the first one raises ``ImageReadError`` naming the file. A cache
@@ -375,7 +424,7 @@ def build_cache(source: SourceTable, cfg: DataConfig, root: str | Path, progress
     _remove_dead_builds(final.parent)
     cache = _open_existing(final)
     if cache is None:
-        _build(records, source.dropped, cfg, key, final, progress)
+        _build(records, source.dropped, cfg, key, final, progress, workers)
         cache = open_cache(final)
         _warn_duplicates(cache)
     if not cfg.skip_unreadable and len(cache.failed):

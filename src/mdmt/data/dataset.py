@@ -8,7 +8,6 @@ images stay uint8 until the batch reaches the training device.
 
 from __future__ import annotations
 
-import ctypes
 import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -19,7 +18,7 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from mdmt.config import TrainConfig
+from mdmt.config import RuntimeConfig, TrainConfig
 from mdmt.errors import ConfigError, DataError
 from mdmt.tasks import Task
 
@@ -297,32 +296,8 @@ class MixedBatchSampler:
             yield rng.permutation(batch).tolist()
 
 
-LARGE_ALLOCATION = 1 << 20
-"""Bytes from which glibc serves an allocation with its own mapping, returned to the system when freed."""
-M_MMAP_THRESHOLD = -3
-"""glibc's ``mallopt`` parameter number for the mmap threshold."""
-
-
-def return_freed_batches() -> None:
-    """Fix glibc's mmap threshold at ``LARGE_ALLOCATION`` (a no-op without glibc).
-
-    glibc raises the threshold after the first large frees, so the heap then keeps every freed batch buffer: over
-    one epoch of a paper-size cache (batches of 64 × 256² px) a loader worker's private memory grew by 140 MiB.
-    With the threshold fixed, it stays at its start (measured with ``benchmarks/memory.py``). Only for loader
-    workers, which allocate little else: in the training process the model's own large buffers would then be mapped
-    and unmapped at every step (the demo ran 25 % slower).
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return
-    libc.mallopt(M_MMAP_THRESHOLD, LARGE_ALLOCATION)
-
-
 def seed_worker(worker_id: int) -> None:
-    """Seed ``random`` and numpy in a DataLoader worker from its torch seed (set from the loader's generator); return
-    freed batch buffers to the system (``return_freed_batches``)."""
-    return_freed_batches()
+    """Seed ``random`` and numpy in a DataLoader worker from its torch seed (set from the loader's generator)."""
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
     random.seed(seed)
@@ -334,20 +309,23 @@ def make_loader(
     shuffle: bool = False,
     seed: int = 0,
     batch_sampler: MixedBatchSampler | Any | None = None,
+    runtime: RuntimeConfig | None = None,
 ) -> DataLoader:
-    """A DataLoader with ``train.batch_size`` and ``train.num_workers``, a seeded generator and seeded workers.
+    """A DataLoader with ``train.batch_size`` and ``runtime.loader_workers`` (default ``RuntimeConfig()``), a seeded
+    generator and seeded workers.
 
     ``shuffle`` uses a one-source ``MixedBatchSampler`` (order from ``(seed, epoch)``, so it resumes);
     a given ``batch_sampler`` overrides both. Memory is pinned when training on CUDA.
     """
+    runtime = runtime or RuntimeConfig()
     if batch_sampler is None and shuffle:
         batch_sampler = MixedBatchSampler([len(dataset)], train.batch_size, "natural", seed=seed)
-    workers = int(train.num_workers)
+    workers = int(runtime.loader_workers)
     common: dict[str, Any] = {
         "num_workers": workers,
         "worker_init_fn": seed_worker,
         "generator": torch.Generator().manual_seed(seed),
-        "pin_memory": train.device != "cpu" and torch.cuda.is_available(),
+        "pin_memory": runtime.device != "cpu" and torch.cuda.is_available(),
         "persistent_workers": workers > 0,
     }
     if hasattr(dataset, "__getitems__"):

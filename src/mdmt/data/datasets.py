@@ -2,13 +2,12 @@
 carries, says how it is split, and builds its image cache.
 
 Built-ins: ``aiforcovid`` (the three releases: prognosis, hospitals A–F), ``brixia`` (regional Brixia scores,
-vendors as centers) and ``table`` (any CSV/XLSX manifest: image path, patient, optional center, label columns
-mapped to record columns). A study names its datasets in ``data.datasets`` (id → ``{name, params}``); a run
-trains on the datasets its strategy lists, and its tasks are masked per sample by the labels each dataset has.
+vendors as centers), ``table`` (any CSV/XLSX manifest: image path, patient, optional center, label columns
+mapped to record columns) and ``scored_films`` (a film folder with radiologists' Brixia scores). A study names its
+datasets in ``data.datasets`` (id → ``{name, params}``); a run trains on the datasets its strategy lists, and its
+tasks are masked per sample by the labels each dataset has.
 
-Protocols: ``protocol.dataset`` defines them (k-fold CV, leave-one-center-out on its center column, the
-official split files). Every other dataset of a run follows with its own stratified patient-level CV fold:
-the same fold index under CV, fold ``protocol.paired_cv_fold`` under LOCO.
+Which fold of a dataset a run uses is the protocol's business (``mdmt.protocols``).
 """
 
 from __future__ import annotations
@@ -21,9 +20,7 @@ import numpy as np
 import pandas as pd
 
 from mdmt.config import Config, PluginRef
-from mdmt.data import splits as split_lib
 from mdmt.data.cache import (
-    CONTENT_HASH,
     ImageCache,
     build_cache,
     counts_by_reason,
@@ -36,17 +33,13 @@ from mdmt.data.sources import (
     read_aiforcovid,
     read_brixia,
     read_manifest,
+    read_scored_films,
 )
 from mdmt.data.sources.manifest import ROW_COLUMN
-from mdmt.data.splits import Split
 from mdmt.errors import ConfigError, DataError
 from mdmt.registry import Registry
-from mdmt.tasks import GLOBAL_BIN_EDGES, REGION_COLUMNS, bin_scores, get_task
+from mdmt.tasks import REGION_COLUMNS, get_task, global4_targets
 
-PROTOCOLS: tuple[str, ...] = ("cv5", "loco", "official-cv5", "official-loco")
-FOLLOWER_PROTOCOL = {"cv5": "cv5", "loco": "cv5", "official-cv5": "official-cv5", "official-loco": "official-cv5"}
-"""The protocol a following dataset uses under each protocol of the protocol-defining dataset."""
-STRATUM = "_stratum"
 
 
 @dataclass(frozen=True)
@@ -78,7 +71,8 @@ class Dataset:
         seen = len(source.records) + len(source.dropped)
         limit = config.data.max_drop_fraction
         check_losses(self.id, seen, len(source.records), source.dropped, limit)
-        cache = build_cache(source, config.data, config.data.cache_dir, progress=progress)
+        cache = build_cache(source, config.data, config.data.cache_dir, progress=progress,
+                            workers=config.runtime.workers)
         check_losses(self.id, seen, len(cache), pd.concat([cache.dropped, cache.failed]), limit)
         return cache
 
@@ -105,10 +99,6 @@ def _prognosis_label(records: pd.DataFrame) -> np.ndarray:
     return pd.to_numeric(records["prognosis"], errors="coerce").to_numpy()
 
 
-def _severity_label(records: pd.DataFrame) -> np.ndarray:
-    return bin_scores(pd.to_numeric(records["brixia_global"], errors="coerce").to_numpy(), GLOBAL_BIN_EDGES)
-
-
 @dataclass
 class RootParams:
     """A dataset in its distributed folder layout."""
@@ -133,7 +123,14 @@ def aiforcovid(params: RootParams, dataset_id: str) -> Dataset:
 def brixia(params: RootParams, dataset_id: str) -> Dataset:
     """BrixIA from its root (dicom_clean/ + metadata_global_v2.csv)."""
     return Dataset(dataset_id, lambda: read_brixia(_root(params, dataset_id)), (*REGION_COLUMNS, "brixia_global"),
-                   _severity_label, official_kind="BX", supports_loco=False)
+                   global4_targets, official_kind="BX", supports_loco=False)
+
+
+@DATASETS.register("scored_films", RootParams, "a film folder with Brixia scores: manifest.csv + brixia-scores.csv")
+def scored_films(params: RootParams, dataset_id: str) -> Dataset:
+    """Films of one folder labelled by a radiologist's Brixia scores (``mdmt.data.sources.scored_films``)."""
+    return Dataset(dataset_id, lambda: read_scored_films(_root(params, dataset_id), dataset_id),
+                   (*REGION_COLUMNS, "brixia_global"), global4_targets, supports_loco=False)
 
 
 @dataclass
@@ -216,7 +213,7 @@ def _table_stratify(params: TableParams, dataset_id: str) -> Callable[[pd.DataFr
             if records["prognosis"].notna().any():
                 return _prognosis_label(records)
             if records["brixia_global"].notna().any():
-                return _severity_label(records)
+                return global4_targets(records)
             return np.zeros(len(records))
         return pd.factorize(records[column])[0].astype(float)
 
@@ -263,136 +260,4 @@ def prepare(config: Config, ids: list[str] | tuple[str, ...] | None = None, prog
     return caches
 
 
-# --------------------------------------------------------------------------------------------- splits
-def loco_centers(config: Config, records: pd.DataFrame) -> list[str]:
-    """LOCO fold order: the configured centers present in ``records``, then any other center, sorted."""
-    present = set(records["center"].astype(str))
-    listed = [c for c in config.protocol.loco_centers if c in present]
-    return listed + sorted(present - set(listed))
-
-
-def _official_dir(config: Config) -> Path:
-    if not config.protocol.official_splits_dir:
-        raise ConfigError("protocol.official_splits_dir must be set for the official-cv5 / official-loco protocols")
-    return Path(config.protocol.official_splits_dir)
-
-
-def _check_protocol(protocol: str) -> None:
-    if protocol not in PROTOCOLS:
-        raise ConfigError(f"unknown protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
-
-
-def paired_fold(protocol: str, fold: int, config: Config) -> tuple[str, int]:
-    """The (protocol, fold) a dataset that does not define the protocol uses in run (protocol, fold)."""
-    _check_protocol(protocol)
-    follower = FOLLOWER_PROTOCOL[protocol]
-    return follower, fold if follower == protocol else config.protocol.paired_cv_fold
-
-
-def _pick(folds: list[Split], fold: int, what: str) -> Split:
-    if not 0 <= fold < len(folds):
-        raise ConfigError(f"{what}: fold {fold} does not exist (folds 0..{len(folds) - 1})")
-    return folds[fold]
-
-
-def _cv(dataset: Dataset, records: pd.DataFrame, config: Config, seed: int) -> list[Split]:
-    labelled = records.assign(**{STRATUM: dataset.stratify(records)})
-    return split_lib.kfold_splits(labelled, k=config.protocol.cv_folds, seed=seed, label=STRATUM)
-
-
-def split_groups(records: pd.DataFrame) -> pd.DataFrame:
-    """``records`` as the splits see them: patients sharing a byte-identical image merged into one patient."""
-    return split_lib.merge_duplicate_patients(records, CONTENT_HASH)
-
-
-def dataset_folds(dataset: Dataset, records: pd.DataFrame, protocol: str, config: Config, seed: int) -> list[Split]:
-    """Every fold of ``protocol`` for ``dataset`` (a following dataset gets its follower protocol's folds).
-
-    Byte-identical images never fall on two sides: k-fold and LOCO split ``split_groups(records)``; an official
-    fold is limited to the ids of ``records`` (the others in ``Split.missing``) and a copy the files put on
-    another side than its twin is left out (``Split.dropped``).
-    """
-    _check_protocol(protocol)
-    grouped = split_groups(records)
-    defines = dataset.id == config.protocol.dataset
-    if not defines:
-        protocol = FOLLOWER_PROTOCOL[protocol]
-    if protocol.startswith("official-") and dataset.official_kind is None:
-        protocol = "cv5"
-    if protocol == "cv5":
-        return _cv(dataset, grouped, config, seed)
-    if protocol == "loco":
-        if not dataset.supports_loco:
-            raise ConfigError(f"dataset {dataset.id!r} has no centers for leave-one-center-out")
-        labelled = grouped.assign(**{STRATUM: dataset.stratify(grouped)})
-        return split_lib.loco_splits(labelled, centers=loco_centers(config, grouped),
-                                     val_fraction=config.protocol.loco_val_fraction, seed=seed, label=STRATUM)
-    folds = [split_lib.restrict(split, records)
-             for split in split_lib.official_splits(_official_dir(config), protocol, dataset.official_kind or "")]
-    for split in folds:
-        split.check(records)  # a patient the files put in two parts is an error, not a duplicate to drop
-    return [split_lib.keep_groups_apart(split, grouped) for split in folds]
-
-
-SPLIT_MEMO_SIZE = 256
-"""Splits ``dataset_split`` keeps per process (a grid worker's runs share their folds: 44 in the demo)."""
-_split_memo: dict[tuple[object, ...], tuple[pd.DataFrame, Split]] = {}
-
-
-def dataset_split(dataset: Dataset, records: pd.DataFrame, protocol: str, fold: int, config: Config, seed: int
-                  ) -> Split:
-    """The split of ``dataset`` in run (protocol, fold), checked at patient level (duplicate images merged).
-
-    A k-fold or LOCO split is computed from ``records`` alone, so it is kept for the next run of this process
-    that asks with the same records object (a grid worker opens each cache once), dataset, protocol section and
-    seed; official splits are read from their files every time.
-    """
-    if dataset.id != config.protocol.dataset:
-        protocol, fold = paired_fold(protocol, fold, config)
-    key = (id(records), dataset.id, repr(config.data.datasets.get(dataset.id)), repr(config.protocol), protocol,
-           fold, seed)
-    kept = _split_memo.get(key)
-    if kept is not None and kept[0] is records:  # the memo holds the frame, so its id is not reused meanwhile
-        return kept[1]
-    split = _pick(dataset_folds(dataset, records, protocol, config, seed), fold, f"{dataset.id} {protocol}")
-    split.check(split_groups(records))
-    if not protocol.startswith("official-"):
-        if len(_split_memo) >= SPLIT_MEMO_SIZE:
-            _split_memo.pop(next(iter(_split_memo)))
-        _split_memo[key] = (records, split)
-    return split
-
-
-def build_splits(config: Config, datasets: dict[str, Dataset], caches: dict[str, ImageCache], protocol: str,
-                 fold: int, seed: int) -> dict[str, Split]:
-    """The split of every dataset of a run."""
-    return {i: dataset_split(d, caches[i].records, protocol, fold, config, seed) for i, d in datasets.items()}
-
-
-def protocol_folds(protocol: str, config: Config, centers: list[str] | None = None) -> list[int]:
-    """The fold indices of ``protocol``. LOCO has one fold per center: ``centers`` (those in the data, from
-    ``loco_centers``) when given, else one per ``protocol.loco_centers``."""
-    _check_protocol(protocol)
-    if protocol == "cv5":
-        return list(range(config.protocol.cv_folds))
-    if protocol == "loco":
-        return list(range(len(centers if centers is not None else config.protocol.loco_centers)))
-    kind = "AFC"
-    if config.protocol.dataset in config.data.datasets:
-        kind = select(config, [config.protocol.dataset])[config.protocol.dataset].official_kind or kind
-    return list(range(len(split_lib.official_splits(_official_dir(config), protocol, kind))))
-
-
-def split_ids(splits: dict[str, Split]) -> dict[str, dict[str, list[str]]]:
-    """dataset → part → sorted ids (what a run's inputs fingerprint records)."""
-    return {name: {part: sorted(map(str, ids)) for part, ids in split.parts().items()}
-            for name, split in splits.items()}
-
-
-def empty_parts(splits: dict[str, Split]) -> list[str]:
-    """``dataset/part`` of every empty part (a run cannot train, select or test on nothing)."""
-    return [f"{name}/{part}" for name, split in splits.items() for part, ids in split.parts().items() if len(ids) == 0]
-
-
-__all__ = ["DATASETS", "PROTOCOLS", "Dataset", "build_splits", "dataset_split", "paired_fold",
-           "prepare", "protocol_folds", "select", "study_datasets"]
+__all__ = ["DATASETS", "Dataset", "prepare", "select", "study_datasets"]

@@ -25,7 +25,7 @@ from PIL import Image, ImageDraw, ImageFont
 from scipy import ndimage
 from torch import nn
 
-from mdmt.errors import ConfigError
+from mdmt.errors import ConfigError, load_refusal
 
 WORK_SIZE = 128
 """Side (px) of the square, squashed copy of the film the segmenter sees."""
@@ -319,8 +319,7 @@ def read_weights(path: str | Path = WEIGHTS_FILE) -> dict[str, Any]:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch/pickle raise many types (UnpicklingError, RuntimeError, EOFError...)
-        first_line = (str(exc).strip().splitlines() or [""])[0][:160]
-        why = f"cannot read the lung segmenter weights ({type(exc).__name__}: {first_line})"
+        why = f"cannot read the lung segmenter weights ({type(exc).__name__}: {load_refusal(exc)[:160]})"
         raise _bad_weights(path, why) from exc
     if not isinstance(payload, dict) or payload.get("format") != WEIGHTS_FORMAT or "state_dict" not in payload:
         raise _bad_weights(path, f"not lung segmenter weights of format {WEIGHTS_FORMAT}")

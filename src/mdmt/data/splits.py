@@ -27,11 +27,8 @@ PARTS: tuple[str, ...] = ("train", "val", "test")
 DROPPED_COLUMNS = ["image_id", "reason"]
 OFFICIAL_KINDS: dict[str, str] = {"AFC": "AFC", "BX": "BX", "aiforcovid": "AFC", "brixia": "BX"}
 """Folder of the official split files for each dataset name."""
-OFFICIAL_PROTOCOLS: dict[str, str] = {
-    "5": "5", "10": "10", "loCo": "loCo", "official-cv5": "5", "official-cv10": "10", "official-loco": "loCo",
-}
-"""Folder of each official protocol, by folder name or by the project's protocol name."""
-OFFICIAL_NAMES: dict[str, str] = {"5": "official-cv5", "10": "official-cv10", "loCo": "official-loco"}
+OFFICIAL_FOLDERS: tuple[str, ...] = ("5", "10", "loCo")
+"""The protocol folders of the official split files (``mdmt.protocols`` names them)."""
 AFC_CLASSES: dict[str, float] = {"MILD": 0.0, "SEVERE": 1.0}
 BRIXIA_REGIONS: tuple[str, ...] = tuple(f"brixia_{r}" for r in "ABCDEF")
 SHOWN_IDS = 10
@@ -234,9 +231,10 @@ def _official_folder(directory: str | Path, kind: str, protocol: str | None = No
         raise ConfigError(f"official splits: unknown dataset {kind!r}; choose one of {', '.join(OFFICIAL_KINDS)}")
     folder = Path(directory) / OFFICIAL_KINDS[kind]
     if protocol is not None:
-        if protocol not in OFFICIAL_PROTOCOLS:
-            raise ConfigError(f"official splits: unknown protocol {protocol!r}; choose one of {', '.join(OFFICIAL_PROTOCOLS)}")
-        folder = folder / OFFICIAL_PROTOCOLS[protocol]
+        if protocol not in OFFICIAL_FOLDERS:
+            raise ConfigError(f"official splits: unknown protocol folder {protocol!r}; choose one of "
+                              f"{', '.join(OFFICIAL_FOLDERS)}")
+        folder = folder / protocol
     if not folder.is_dir():
         raise DataError(f"official splits: folder not found: {folder}")
     return folder
@@ -262,18 +260,19 @@ def read_split_file(path: str | Path) -> pd.DataFrame:
     return table
 
 
-def official_splits(directory: str | Path, protocol: str = "5", kind: str = "AFC") -> list[Split]:
+def official_splits(directory: str | Path, protocol: str = "5", kind: str = "AFC", name: str | None = None
+                    ) -> list[Split]:
     """The paper's split files ``<directory>/<kind>/<protocol>/<fold>/{train,val,test}.txt``, folds in numeric order.
 
-    ``kind``: ``AFC``/``aiforcovid`` or ``BX``/``brixia``; ``protocol``: ``5``, ``10``, ``loCo`` or the
-    project names ``official-cv5``, ``official-cv10``, ``official-loco``. The files list images, so the
-    check here is image-level (BrixIA patients: ``Split.check(records)`` with the Subject column).
+    ``kind``: ``AFC``/``aiforcovid`` or ``BX``/``brixia``; ``protocol``: the folder ``5``, ``10`` or ``loCo``;
+    ``name``: the splits' protocol name (default: the folder). The files list images, so the check here is
+    image-level (BrixIA patients: ``Split.check(records)`` with the Subject column).
     """
     folder = _official_folder(directory, kind, protocol)
     folds = _fold_dirs(folder)
     if not folds:
         raise DataError(f"official splits: no numbered fold folders in {folder}")
-    name = OFFICIAL_NAMES[OFFICIAL_PROTOCOLS[protocol]]
+    name = name or protocol
     splits = []
     for fold_dir in folds:
         ids = [_ids(read_split_file(fold_dir / f"{part}.txt")["img"]) for part in PARTS]

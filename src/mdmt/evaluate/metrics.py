@@ -17,27 +17,18 @@ from scipy import stats as scipy_stats
 from sklearn import metrics as skm
 from sklearn.exceptions import UndefinedMetricWarning
 
-from mdmt.tasks import GLOBAL_BIN_EDGES, REGIONS
+from mdmt.tasks import REGIONS, global_bins
 
 MILD, SEVERE = 0, 1
 SUMMARY_ROWS: tuple[str, ...] = ("mean", "std", "se")
 """Rows appended by ``pooled_and_per_fold`` to the per-fold table (std with ddof=1, se = std / sqrt(folds))."""
 
-REGION_SCORE_RANGE: tuple[float, float] = (0.0, 3.0)
-"""The range of a regional Brixia score; regional predictions are clipped to it before scoring."""
 REGION_CLASS_EDGES: tuple[float, ...] = (0.5, 1.5, 2.5)
 """Cut points rounding a regional prediction to a 0–3 class (the official exact-match accuracy)."""
 LUNGS: dict[str, slice] = {"right": slice(0, 3), "left": slice(3, 6)}
 """Regions of each lung in the 6-column layout: A+B+C = right, D+E+F = left."""
 
 SeverityKind = Literal["global4", "lung4", "regions"]
-SEVERITY_KIND_OF_TASK: dict[str, SeverityKind] = {
-    "severity_global4": "global4",
-    "severity_lung4": "lung4",
-    "severity_regions": "regions",
-    "severity_ordinal": "regions",
-}
-"""The ``severity_metrics`` kind of each built-in severity task (ordinal predictions are regional 0–3 values)."""
 
 
 # --------------------------------------------------------------------------------------------- helpers
@@ -106,18 +97,6 @@ def prognosis_metrics(y_true: ArrayLike, y_score: ArrayLike, threshold: float = 
 
 
 # --------------------------------------------------------------------------------------------- severity
-def global_bins(score: ArrayLike) -> np.ndarray:
-    """Brixia global score (0–18, may be a continuous prediction) → the paper's 4 bins 0–4, 5–9, 10–14, 15–18.
-
-    A continuous score goes to the bin of its nearest integer (4.4 → 0, 4.6 → 1); values are not clipped, so
-    anything below 4.5 is bin 0 and anything from 14.5 up is bin 3. NaN raises.
-    """
-    values = np.asarray(score, dtype=np.float64)
-    if np.isnan(values).any():
-        raise ValueError(f"global_bins: {int(np.isnan(values).sum())} NaN scores")
-    return np.digitize(values, np.asarray(GLOBAL_BIN_EDGES) - 0.5).astype(np.int64)
-
-
 def region_classes(values: ArrayLike) -> np.ndarray:
     """Regional predictions → classes 0–3 with the official cut points 0.5 / 1.5 / 2.5."""
     return np.digitize(np.asarray(values, dtype=np.float64), REGION_CLASS_EDGES).astype(np.int64)
@@ -211,7 +190,7 @@ SEVERITY_KINDS: dict[str, tuple[int, Callable[[np.ndarray, np.ndarray], dict[str
 
 
 def severity_metrics(kind: SeverityKind, y_true: ArrayLike, y_pred: ArrayLike) -> dict[str, float]:
-    """Metrics of one BrixIA task variant; ``SEVERITY_KIND_OF_TASK`` maps a built-in task name to its kind.
+    """Metrics of one BrixIA task variant (a built-in severity task's ``scorer`` is its kind).
 
     - ``global4``: y_true / y_pred class 0–3 of the global score, shape (N,) or (N, 1) → accuracy, f1_weighted,
       kappa_quadratic, confusion_<t>_<p>;

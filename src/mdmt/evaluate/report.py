@@ -1,6 +1,7 @@
 """The study's report of one task, rebuilt from the run folders alone (no training, no torch).
 
-``build_report`` rescans the results store and writes, into ``<results_dir>/report`` (or ``out_dir``):
+``build_report`` reads the run folders (``mdmt.store``: reading them writes nothing) and writes, into
+``<results_dir>/report`` (or ``out_dir``):
 
 - ``headline.csv``: strategies × protocols × the task's headline metrics (prognosis: ACC, F1, G-mean; severity
   classes: ACC, F1, quadratic κ; regional severity: MAE, r, R², κ of the global score's 4 bins), in two
@@ -11,6 +12,9 @@
 - ``significance.csv``: each (proposed, baseline) pair, μ↑ and σ↓, one-tailed paired t-test with stars and
   Wilcoxon, paired over backbones (or over runs when there are few backbones, said on the page);
 - ``effects.csv``: proposed − baseline mean differences with paired bootstrap 95% CIs and one-tailed p-values;
+- ``calibration.csv`` (a binary task) and ``conformal.csv`` (a binary or regional Brixia task), when any run has
+  ``calibration.json``: each run's calibration, threshold and conformal sets or intervals applied to its own test
+  rows, pooled per strategy and protocol (``report_calibration``); runs without it are listed, not scored;
 - ``report.html`` (self-contained: figures embedded as base64 PNG) and ``report.md``.
 """
 
@@ -30,7 +34,8 @@ from mdmt.errors import ConfigError, DataError
 from mdmt.evaluate import report_figures as figures
 from mdmt.evaluate import report_stats
 from mdmt.evaluate import report_tables as tables
-from mdmt.evaluate.scoring import run_entries, scorer_of
+from mdmt.evaluate.report_calibration import CalibrationData, collect_calibration
+from mdmt.evaluate.scoring import run_entries
 from mdmt.runs import atomic_write_text
 from mdmt.store import ResultsStore
 from mdmt.tasks import get_task
@@ -41,7 +46,7 @@ DETAIL_TITLES = {"regions": "Per-region scores", "lung4": "Per-lung scores", "bi
 
 @dataclass
 class ReportData:
-    """Everything the report shows of one task, read from the run folders (through a rescanned store)."""
+    """Everything the report shows of one task, read from the run folders (``ResultsStore``)."""
 
     task: str
     entry: dict[str, Any] | None  # the task's tasks.json entry; None when no finished run has the task
@@ -53,6 +58,7 @@ class ReportData:
     headline: dict[str, pd.DataFrame]
     detail: dict[str, pd.DataFrame]
     notes: list[str] = field(default_factory=list)
+    calibration: CalibrationData | None = None  # None when the task's head is not calibrated
 
 
 def _check_results(results_dir: Path) -> None:
@@ -79,32 +85,32 @@ def _view_of(entry: dict[str, Any] | None, task: str) -> tables.TaskView:
     if entry is not None:
         return tables.VIEWS[entry["scorer"]]
     try:
-        return tables.VIEWS[scorer_of(get_task(task))]
+        return tables.VIEWS[get_task(task).scorer]
     except ConfigError:
         return tables.VIEWS["binary"]
 
 
 def collect(results_dir: str | Path, task: str = "prognosis") -> ReportData:
-    """Rescan the store of ``results_dir`` and compute the tables of ``task`` (DataError, creating nothing, when the
-    folder does not exist)."""
+    """Read the run folders of ``results_dir`` once and compute the tables of ``task`` (DataError when the folder does
+    not exist); writes nothing."""
     _check_results(Path(results_dir))
     store = ResultsStore(results_dir)
-    store.rescan()
     runs = store.runs()
     entries, notes = _entries(runs, task)
     entry = next(iter(entries.values()), None)
     view = _view_of(entry, task)
-    predictions = store.predictions(task)
+    predictions = store.predictions(task, runs)
     if "dataset" in predictions.columns:  # the task's metrics are those of each run's home dataset
         homes = predictions["key"].map({key: e["home"] for key, e in entries.items()})
         predictions = predictions[predictions["dataset"] == homes]
-    metrics = store.metrics_frame(task)
+    metrics = store.metrics_frame(task, runs)
     per_backbone = tables.per_backbone_table(metrics)
     pooled, pooled_notes = (tables.pooled_long(predictions, entry, [*view.headline, *view.detail])
                             if entry is not None and not predictions.empty else (metrics.iloc[0:0], []))
     detail = tables.aggregated_tables(per_backbone, pooled, view.detail) if view.detail else {}
     return ReportData(task, entry, view, runs, metrics, predictions, per_backbone,
-                      tables.aggregated_tables(per_backbone, pooled, view.headline), detail, notes + pooled_notes)
+                      tables.aggregated_tables(per_backbone, pooled, view.headline), detail, notes + pooled_notes,
+                      collect_calibration(runs, entries, predictions, task))
 
 
 def headline_table_text(results_dir: str | Path, task: str = "prognosis", data: ReportData | None = None) -> str:
@@ -140,6 +146,43 @@ def _units_text(view: tables.TaskView) -> str:
     percent = [view.headline.get(m, view.detail.get(m, m)) for m in (*view.headline, *view.detail)
                if m in view.percent]
     return f"{', '.join(percent)} in %; other metrics as values" if percent else "values as computed"
+
+
+CALIBRATION_TEXT = (
+    "Each run's calibration (temperature or Platt scaling of P(class 1)) and decision threshold (Youden's J, or a "
+    "fixed sensitivity), fitted on its own validation fold (calibration.json), applied to its own test rows; rows "
+    "pooled over backbones, folds and seeds. ECE: 15 equal-width bins, of the raw score and of the calibrated "
+    "probability. At 0.5: the raw score (the model's own decision); at threshold: each run's threshold on its "
+    "calibrated probability (threshold_mean: their mean).")
+CONFORMAL_TEXT = (
+    "Split-conformal prediction sets (a binary task: a class is in the set when 1 − P(class) is within the "
+    "validation quantile) or intervals (regional Brixia: the global score 0–18 and each region 0–3), calibrated on "
+    "each run's validation fold at level α and applied to its own test rows, pooled over backbones, folds and "
+    "seeds: empirical coverage (guaranteed ≥ 1 − α on average over calibration folds) and mean set size or width.")
+
+
+def _by_protocol_label(frame: pd.DataFrame) -> pd.DataFrame:
+    return frame.assign(protocol=frame["protocol"].map(tables.protocol_label)) if not frame.empty else frame
+
+
+def calibration_sections(data: ReportData) -> list[Section]:
+    """The calibration section (a binary task: table and reliability diagrams) and the conformal section, each
+    run's ``calibration.json`` applied to its test rows; the runs without one listed in the first of them."""
+    found = data.calibration
+    if found is None:
+        return []
+    left_out = {"runs left out (not calibrated)": found.left_out} if len(found.left_out) else {}
+    sections = []
+    if data.view.scorer == "binary":
+        section = Section("Calibration and decision thresholds", CALIBRATION_TEXT,
+                          {"calibration": _by_protocol_label(found.calibration), **left_out})
+        if not found.rows.empty:
+            section.figures["reliability diagrams"] = figures.figure_png(figures.reliability_figure(found.rows))
+        sections.append(section)
+        left_out = {}
+    sections.append(Section("Conformal prediction", CONFORMAL_TEXT,
+                            {"conformal": _by_protocol_label(found.conformal), **left_out}))
+    return sections
 
 
 def report_sections(data: ReportData, units: pd.DataFrame, comparisons: Sequence[tuple[str, str]],
@@ -185,6 +228,7 @@ def report_sections(data: ReportData, units: pd.DataFrame, comparisons: Sequence
         title = " and ".join(plots)
         sections.append(Section(title[0].upper() + title[1:], "Test predictions of each run's home dataset, "
                                 "pooled over backbones, folds and seeds.", figures=plots))
+    sections += calibration_sections(data)
     cd = Section("Critical difference (Friedman + Holm)", "Average ranks across strategies (1 = best), blocks = "
                  f"the paired units of the significance section; Nemenyi CD at α = 0.05. {' '.join(friedman_notes)}",
                  {"pairwise Wilcoxon, Holm-corrected": report_stats.friedman_frame(friedman),
@@ -293,6 +337,10 @@ def build_report(results_dir: str | Path, out_dir: str | Path | None = None, tas
     _write_csv(report_stats.significance_long(significance_table), out / "significance.csv")
     _write_csv(effects, out / "effects.csv")
     _write_csv(data.per_backbone, out / "per_backbone.csv")
+    if data.calibration is not None and not data.calibration.rows.empty:
+        if not data.calibration.calibration.empty:
+            _write_csv(data.calibration.calibration, out / "calibration.csv")
+        _write_csv(data.calibration.conformal, out / "conformal.csv")
     sections = report_sections(data, units, pairs, significance_table, note, effects)
     title = f"mdmt report: {data.task} ({results_dir})"
     atomic_write_text(render_markdown(sections, title), out / "report.md")

@@ -1,6 +1,6 @@
-"""The report's figures: ROC curves and confusion matrices (where the task has them), headline metrics per
-backbone, training curves and critical-difference diagrams. Every figure is returned as PNG bytes by
-``figure_png``."""
+"""The report's figures: ROC curves and confusion matrices (where the task has them), reliability diagrams of a
+calibrated binary task, headline metrics per backbone, training curves and critical-difference diagrams. Every
+figure is returned as PNG bytes by ``figure_png``."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+from mdmt.evaluate import calibration as calib  # noqa: E402
 from mdmt.evaluate import metrics as metrics_lib  # noqa: E402
 from mdmt.evaluate import stats  # noqa: E402
 from mdmt.evaluate.report_tables import (  # noqa: E402
@@ -66,6 +67,35 @@ def roc_figure(predictions: pd.DataFrame) -> Figure:
         ax.set(title=f"ROC, {protocol_label(protocol)} (pooled)", xlabel="1 − specificity",
                ylabel="sensitivity", xlim=(0, 1), ylim=(0, 1.01))
         ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def reliability_figure(rows: pd.DataFrame) -> Figure:
+    """Reliability diagrams (15 equal-width bins) of the pooled test rows of a calibrated binary task: the raw
+    P(class 1) and the calibrated one against the observed fraction, a panel per strategy, a row per protocol."""
+    strategies = strategy_order(rows["strategy"])
+    protocols = order(rows["protocol"], PROTOCOL_LABELS)
+    fig, axes = plt.subplots(len(protocols), len(strategies), figsize=(3.6 * len(strategies), 3.6 * len(protocols)),
+                             squeeze=False)
+    for i, protocol in enumerate(protocols):
+        for j, strategy in enumerate(strategies):
+            ax = axes[i][j]
+            group = rows[(rows["protocol"] == protocol) & (rows["strategy"] == strategy)]
+            ax.plot([0, 1], [0, 1], ls="--", color="0.6", lw=0.8)
+            for column, label, color in (("score", "raw", "tab:red"), ("calibrated", "calibrated", "tab:blue")):
+                if group.empty:
+                    continue
+                bins = calib.reliability_table(group["y_true"], group[column])
+                table = {name: np.asarray(values) for name, values in bins.items()}
+                filled = table["count"] > 0
+                ece = calib.expected_calibration_error(group["y_true"], group[column])
+                ax.plot(table["mean_predicted"][filled], table["fraction_positive"][filled], "o-", ms=3, color=color,
+                        label=f"{label} (ECE {ece:.3f})")
+            ax.set(title=f"{strategy}, {protocol_label(protocol)} (n={len(group)})", xlabel="predicted probability",
+                   ylabel="observed fraction", xlim=(0, 1), ylim=(0, 1))
+            if not group.empty:
+                ax.legend(loc="upper left", fontsize=7)
     fig.tight_layout()
     return fig
 

@@ -1,6 +1,6 @@
 """Test-set scoring from a run folder's prediction files, so that new metrics need no retraining.
 
-``tasks.json`` says how each head is scored (``task_entry``); ``predictions_<task>.csv`` holds one row per test
+``tasks.json`` says how each head is scored (``Task.entry``: its ``scorer``); ``predictions_<task>.csv`` holds one row per test
 image of every dataset of the run that labels the task. A task's metrics are those of its home dataset's rows;
 a task labelled by several datasets also gets ``<task>@<dataset>`` metrics per dataset. Imports no torch.
 """
@@ -8,16 +8,19 @@ a task labelled by several datasets also gets ``<task>@<dataset>`` metrics per d
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from mdmt.config import CalibrationConfig, load_run_config
 from mdmt.errors import ConfigError, DataError
+from mdmt.evaluate import calibration
 from mdmt.evaluate import metrics as metrics_lib
 from mdmt.runs import (
+    CALIBRATION_FILE,
+    CONFIG_FILE,
     DONE_FILE,
     METRICS_FILE,
     PREDICTIONS_PREFIX,
@@ -27,38 +30,15 @@ from mdmt.runs import (
     task_of_predictions,
     write_json,
 )
-from mdmt.tasks import Task, get_task, group_names, prediction_column
-
-SCORERS: tuple[str, ...] = ("binary", *metrics_lib.SEVERITY_KINDS, "regression", "classification")
-"""How a task's predictions are scored: ``binary`` from ``score`` (prognosis metrics), a severity kind
-(``metrics.severity_metrics``), or plain regression / classification metrics of the ``y_pred`` columns."""
-ID_COLUMNS: dict[str, type] = {"image_id": str, "patient_id": str, "center": str, "dataset": str}
-"""Prediction-file columns read as text (ids such as BrixIA's long digit strings must not become numbers)."""
-
-
-def scorer_of(task: Task) -> str:
-    """The scorer of a task: ``binary`` for one two-class output, the severity kind of a built-in severity task,
-    else ``regression`` or ``classification`` by its kind."""
-    if task.kind == "classification" and task.n_classes == 2 and task.target_dim == 1:
-        return "binary"
-    if task.name in metrics_lib.SEVERITY_KIND_OF_TASK:
-        return metrics_lib.SEVERITY_KIND_OF_TASK[task.name]
-    return "regression" if task.kind == "regression" else "classification"
-
-
-def task_entry(task: Task, datasets: Sequence[str], home: str) -> dict[str, Any]:
-    """The ``tasks.json`` entry of a head: kind, scorer, group suffixes, classes, the run's datasets labelling it
-    and its home dataset (whose rows give the task's metrics)."""
-    if home not in datasets:
-        raise ValueError(f"task {task.name!r}: home dataset {home!r} is not one of its datasets {list(datasets)}")
-    return {"kind": task.kind, "scorer": scorer_of(task), "groups": group_names(task), "n_classes": task.n_classes,
-            "class_names": list(task.class_names), "datasets": list(datasets), "home": home}
+from mdmt.store import read_prediction_file
+from mdmt.tasks import REGION_SCORE_RANGE, SCORERS, get_task, prediction_column
 
 
 def read_predictions(path: Path) -> pd.DataFrame:
-    """A ``predictions_<task>.csv`` file (ids as text); DataError naming the file if it cannot be read."""
+    """A ``predictions_<task>.csv`` file (``mdmt.store.read_prediction_file``: ids as text, every number present);
+    DataError naming the file if it cannot be read."""
     try:
-        return pd.read_csv(path, dtype=ID_COLUMNS)
+        return read_prediction_file(path)
     except (OSError, ValueError) as error:
         raise DataError(f"{path}: unreadable prediction file ({error})") from error
 
@@ -83,7 +63,7 @@ def score_table(entry: dict[str, Any], table: pd.DataFrame) -> dict[str, float]:
     predicted = _columns(table, "y_pred", entry)
     if scorer in metrics_lib.SEVERITY_KINDS:
         if scorer == "regions":
-            predicted = np.clip(predicted, *metrics_lib.REGION_SCORE_RANGE)
+            predicted = np.clip(predicted, *REGION_SCORE_RANGE)
         return metrics_lib.severity_metrics(scorer, truth, predicted)
     if scorer == "regression":
         return metrics_lib.regression_metrics(truth.ravel(), predicted.ravel())
@@ -104,7 +84,7 @@ def _inferred_entry(path: Path) -> dict[str, Any]:
     if len(datasets) != 1:
         raise DataError(f"{path}: no {TASKS_FILE} beside it and {len(datasets)} datasets {datasets} in the file; "
                         "the home dataset is unknown")
-    return task_entry(task, datasets, datasets[0])
+    return task.entry(datasets, datasets[0])
 
 
 def run_entries(run_dir: str | Path) -> dict[str, dict[str, Any]]:
@@ -149,10 +129,51 @@ def score_run(run_dir: str | Path) -> dict[str, dict[str, float]]:
     return out
 
 
+def fit_calibration(run_dir: str | Path, settings: CalibrationConfig) -> dict[str, dict[str, Any]]:
+    """Per task, what its home dataset's validation rows (``val_predictions_<task>.csv``) calibrate: for a binary
+    head the calibration map with its decision threshold (``binary``) and conformal prediction sets on the calibrated
+    probability (``sets``); for a regional Brixia head conformal intervals of the global score (``global``, 0–18)
+    and of each region (``regions``, 0–3). A task that cannot be calibrated (a validation fold with one class, too
+    few rows for ``alpha``) records why under ``error``; a run without validation predictions gives ``{}``."""
+    run_dir = Path(run_dir)
+    out: dict[str, dict[str, Any]] = {}
+    for name, entry in run_entries(run_dir).items():
+        path = run_dir / predictions_file(name, "val")
+        if not path.is_file() or entry["scorer"] not in ("binary", "regions"):
+            continue
+        table = read_predictions(path)
+        rows = table[table["dataset"] == entry["home"]]
+        truth = _columns(rows, "y_true", entry)
+        try:
+            if entry["scorer"] == "binary":
+                binary = calibration.fit_binary_calibration(
+                    truth[:, 0], rows["score"].to_numpy(np.float64), method=settings.method, rule=settings.threshold,
+                    target_sensitivity=settings.target_sensitivity)
+                probability = binary.apply(rows["score"].to_numpy(np.float64))
+                sets = calibration.fit_binary_conformal(truth[:, 0], probability, settings.alpha)
+                out[name] = {"binary": binary.to_dict(), "sets": sets.to_dict()}
+            else:
+                predicted = np.clip(_columns(rows, "y_pred", entry), *REGION_SCORE_RANGE)
+                total = calibration.fit_interval_conformal(truth.sum(1), predicted.sum(1), settings.alpha,
+                                                           (0.0, REGION_SCORE_RANGE[1] * truth.shape[1]))
+                regions = calibration.fit_interval_conformal(truth, predicted, settings.alpha, REGION_SCORE_RANGE)
+                out[name] = {"global": total.to_dict(), "regions": regions.to_dict()}
+        except ValueError as error:
+            out[name] = {"error": f"{path} ({entry['home']} rows): {error}"}
+    return out
+
+
 def write_metrics(run_dir: str | Path) -> dict[str, dict[str, float]]:
-    """Score a run (``score_run``) and write ``metrics.json`` (strict JSON: NaN as null); returns the metrics."""
+    """Score a run (``score_run``) and write ``metrics.json`` (strict JSON: NaN as null), and ``calibration.json``
+    (``fit_calibration`` with the run's ``calibration`` settings) when it has validation predictions; returns the
+    metrics."""
+    run_dir = Path(run_dir)
     metrics = score_run(run_dir)
-    write_json(metrics, Path(run_dir) / METRICS_FILE)
+    write_json(metrics, run_dir / METRICS_FILE)
+    if any(run_dir.glob(f"{predictions_file('*', 'val')}")):
+        config = run_dir / CONFIG_FILE
+        settings = load_run_config(config).calibration if config.is_file() else CalibrationConfig()
+        write_json(fit_calibration(run_dir, settings), run_dir / CALIBRATION_FILE)
     return metrics
 
 

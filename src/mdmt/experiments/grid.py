@@ -3,10 +3,10 @@
 ``expand_grid`` turns ``config.grid`` (backbones × strategies × protocols × folds × seeds) into RunSpecs, adds the
 runs each one starts from (``mdmt.train.strategies.dependencies``) and orders them so that a dependency always
 comes first. ``run_grid`` skips runs whose ``DONE`` exists, runs the rest on a backend (in this process, a pool
-of processes forked from a fork server that imported the engine once, Ray tasks, or SLURM jobs through submitit)
-with at most ``workers`` at once, starts a run only when its dependencies are done, and records each start, success
-and failure in the :class:`~mdmt.store.ResultsStore`. A failed run does not stop the others; the runs that depend
-on it are skipped and reported. After a crash the same call skips what finished and the engine resumes the
+of spawned processes, Ray tasks, or SLURM jobs through submitit)
+with at most ``workers`` at once, starts a run only when its dependencies are done, and records each start and
+failure in the run's folder (:class:`~mdmt.store.ResultsStore`). A failed run does not stop the others; the runs
+that depend on it are skipped and reported. After a crash the same call skips what finished and the engine resumes the
 interrupted run from its ``last.pt``.
 """
 
@@ -14,10 +14,14 @@ from __future__ import annotations
 
 import fcntl
 import functools
+import graphlib
 import itertools
+import logging
 import multiprocessing
 import os
+import re
 import shutil
+import subprocess
 import threading
 import time
 import traceback
@@ -33,10 +37,11 @@ from rich.table import Table
 
 from mdmt.config import Config, PluginRef
 from mdmt.data.cache import ImageCache
-from mdmt.data.datasets import loco_centers, paired_fold, prepare, protocol_folds
+from mdmt.data.datasets import prepare
 from mdmt.errors import ConfigError
 from mdmt.plugins import load_plugins
 from mdmt.progress import make_progress
+from mdmt.protocols import get_protocol, loco_centers, run_fold
 from mdmt.runs import DONE_FILE, RunSpec
 from mdmt.store import ResultsStore
 from mdmt.train.run import finished_run, train_run
@@ -53,7 +58,7 @@ def grid_folds(protocol: str, config: Config, centers: list[str] | None = None) 
 
     LOCO has one fold per center of the data (``centers``), or of ``protocol.loco_centers`` without data.
     """
-    available = protocol_folds(protocol, config, centers)
+    available = get_protocol(protocol).folds(config, centers)
     if config.grid.folds is None:
         return available
     unknown = [f for f in config.grid.folds if f not in available]
@@ -68,10 +73,9 @@ def _requested(config: Config, centers: list[str] | None) -> Iterator[RunSpec]:
     grid = config.grid
     backbones = [PluginRef.of(b).name for b in grid.backbones]
     for backbone, name, protocol, seed in itertools.product(backbones, grid.strategies, grid.protocols, grid.seeds):
-        follows = config.protocol.dataset not in get_strategy(name, config).datasets
+        datasets = get_strategy(name, config).datasets
         for fold in grid_folds(protocol, config, centers):
-            run_protocol, run_fold = paired_fold(protocol, fold, config) if follows else (protocol, fold)
-            yield RunSpec(name, backbone, run_protocol, run_fold, seed)
+            yield RunSpec(name, backbone, *run_fold(protocol, fold, datasets, config), seed)
 
 
 def expand_grid(config: Config, centers: list[str] | None = None) -> list[RunSpec]:
@@ -80,21 +84,25 @@ def expand_grid(config: Config, centers: list[str] | None = None) -> list[RunSpe
     Runs are ordered by depth in the dependency graph (runs without dependencies first), then by the order the
     grid names them (backbone, strategy, protocol, seed, fold).
     """
-    depth: dict[RunSpec, int] = {}
+    graph: dict[RunSpec, list[RunSpec]] = {}
+    pending = list(_requested(config, centers))
+    while pending:
+        spec = pending.pop(0)
+        if spec not in graph:
+            graph[spec] = dependencies(spec, config)
+            pending.extend(graph[spec])
+    named = {spec: i for i, spec in enumerate(graph)}
+    sorter = graphlib.TopologicalSorter(graph)
+    try:
+        sorter.prepare()
+    except graphlib.CycleError as error:
+        raise ConfigError(f"dependency cycle: {' → '.join(s.key for s in error.args[1])}") from None
     order: list[RunSpec] = []
-
-    def visit(spec: RunSpec, path: tuple[RunSpec, ...]) -> int:
-        if spec in path:
-            raise ConfigError(f"dependency cycle: {' → '.join(s.key for s in (*path, spec))}")
-        if spec not in depth:
-            needed = dependencies(spec, config)
-            depth[spec] = 1 + max((visit(d, (*path, spec)) for d in needed), default=-1)
-            order.append(spec)
-        return depth[spec]
-
-    for spec in _requested(config, centers):
-        visit(spec, ())
-    return sorted(order, key=depth.__getitem__)
+    while sorter.is_active():
+        ready = sorted(sorter.get_ready(), key=named.__getitem__)
+        order += ready
+        sorter.done(*ready)
+    return order
 
 
 # --------------------------------------------------------------------------------------------- summary
@@ -106,9 +114,11 @@ class GridSummary:
     already_done: list[str] = field(default_factory=list)
     completed: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)
-    """key → the error's last line (the full traceback is in the store and the run's FAILED file)."""
+    """key → the error's last line (the full traceback is in the run's FAILED file)."""
     skipped: dict[str, list[str]] = field(default_factory=dict)
     """key → the failed or skipped dependencies it could not start without."""
+    run_seconds: dict[str, float] = field(default_factory=dict)
+    """key → wall seconds of each run this call ran, from its submission to its result."""
     seconds: float = 0.0
 
     @property
@@ -170,41 +180,13 @@ def cpu_count() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def run_with_threads(run_fn: RunFn, config: Config, spec: RunSpec, threads: int,
-                     context: tuple[str, dict[str, str]] | None = None) -> Path:
-    """Worker entry point: take the grid's working folder and environment (``context``: what ``os.getcwd()`` and
-    ``os.environ`` were at submission), limit torch to ``threads`` threads, then run ``spec`` quietly."""
+def run_with_threads(run_fn: RunFn, config: Config, spec: RunSpec, threads: int) -> Path:
+    """Worker entry point: limit torch to ``threads`` threads, then run ``spec`` quietly."""
     import torch
 
-    if context is not None:
-        cwd, environment = context
-        os.chdir(cwd)
-        os.environ.clear()
-        os.environ.update(environment)
     load_plugins(config.plugins)
     torch.set_num_threads(threads)
     return run_fn(config, spec, False)
-
-
-WORKER_PRELOAD = ["__main__", "mdmt.train.run", "mdmt.experiments.grid", "torch._dynamo"]
-"""What the local pool's fork server imports once, so that no worker imports it again: about 3 s of one core per
-worker otherwise (``torch._dynamo`` is imported by the first optimizer a process makes). ``__main__``: the main
-script, as spawned workers import it, so a ``run_fn`` defined there can be unpickled."""
-
-
-def worker_context() -> multiprocessing.context.BaseContext:
-    """Processes for the local pool: forked from a fork server that has imported ``WORKER_PRELOAD`` (started at
-    once, so its imports overlap whatever the grid does before its first run), or spawned where the platform has
-    no fork server. A worker forked from it starts in the server's folder and environment, so each submission
-    carries the grid's own (``run_with_threads``)."""
-    if "forkserver" not in multiprocessing.get_all_start_methods():
-        return multiprocessing.get_context("spawn")
-    from multiprocessing import forkserver
-
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(WORKER_PRELOAD)
-    forkserver.ensure_running()
-    return context
 
 
 def _inline(run_fn: RunFn, config: Config, progress: bool) -> Submit:
@@ -223,13 +205,17 @@ def _inline(run_fn: RunFn, config: Config, progress: bool) -> Submit:
 
 @contextmanager
 def _process_pool(run_fn: RunFn, config: Config, workers: int) -> Iterator[Submit]:
-    """A pool of ``workers`` processes (``worker_context``), each run limited to cores // workers torch threads."""
+    """A pool of ``workers`` spawned processes (a fresh interpreter in the grid's folder and environment, nothing
+    inherited from this one's threads), each run limited to cores // workers torch threads.
+
+    Measured against workers forked from a fork server that had imported the engine: no gain (A/B, alternating
+    pairs, whole-command wall time: benchmarks/RESULTS.md, "Machinery")."""
     threads = max(1, cpu_count() // workers)
-    context = worker_context()
+    context = multiprocessing.get_context("spawn")
     pools = [ProcessPoolExecutor(max_workers=workers, mp_context=context)]
 
     def submit(spec: RunSpec) -> Future:
-        arguments = (run_with_threads, run_fn, config, spec, threads, (os.getcwd(), dict(os.environ)))
+        arguments = (run_with_threads, run_fn, config, spec, threads)
         try:
             return pools[-1].submit(*arguments)
         except BrokenProcessPool:  # a worker died (its runs are recorded as failed): start a fresh pool
@@ -266,10 +252,97 @@ class SlurmJobError(RuntimeError):
     """A run's SLURM job failed: the message is the run's traceback, or why the job left no result."""
 
 
-def _job_result(job: Any) -> Path:
-    """Wait for a submitit ``job``; the run folder it returns, else SlurmJobError."""
+ENDED_STATES = frozenset({"BOOT_FAIL", "CANCELLED", "COMPLETED", "DEADLINE", "FAILED", "NODE_FAIL", "OUT_OF_MEMORY",
+                          "PREEMPTED", "REVOKED", "SPECIAL_EXIT", "TIMEOUT"})
+"""SLURM job states after which the job holds no resources and will write nothing more."""
+QUEUE_POLL_S = 10.0
+"""Seconds between two reads of the queue for a job whose state sacct does not know."""
+RESULT_GRACE_S = 60.0
+"""How long a job that left the queue may take to show its result file (a shared file system's lag)."""
+QUEUE_UNREADABLE_S = 900.0
+"""A job whose state neither sacct nor the queue gives for this long is a failed run."""
+SACCT_WARNING = "Bypassing sacct error"
+"""What submitit logs at each status poll when ``sacct`` fails (a cluster without accounting, no slurmdbd)."""
+log = logging.getLogger(__name__)
+
+
+def queue_state(job_id: str) -> str | None:
+    """A SLURM job's state from the controller: ``squeue``, else ``scontrol show job`` (a job that ended a few
+    minutes ago); None when neither knows the job (it has left the queue). OSError or SubprocessError when the
+    commands cannot be run or answer with another error."""
+    queued = _slurm_answer(["squeue", "-h", "-j", job_id, "-o", "%T"]).split()
+    if queued:
+        return queued[0]
+    found = re.search(r"JobState=(\S+)", _slurm_answer(["scontrol", "show", "job", "-o", job_id]))
+    return found.group(1) if found else None
+
+
+def _slurm_answer(command: list[str]) -> str:
+    """What a SLURM command prints; "" when the controller does not know the job; SubprocessError otherwise."""
+    done = subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
+    if done.returncode == 0:
+        return done.stdout
+    if "invalid job id" in done.stderr.lower():
+        return ""
+    raise subprocess.SubprocessError(f"{' '.join(command)}: {done.stderr.strip() or f'exit {done.returncode}'}")
+
+
+def _wait_in_queue(job: Any, queue: Callable[[str], str | None]) -> None:
+    """Return once ``job.done()`` or sacct knows the job (submitit's own wait then holds). Without accounting
+    submitit reads UNKNOWN for ever and would wait on a cancelled job for good, so its state comes from ``queue``
+    instead: a job out of the queue, or in an ended state, has ``RESULT_GRACE_S`` to show its result and is a
+    failed run (SlurmJobError) after that, as is a job whose state cannot be read for ``QUEUE_UNREADABLE_S``."""
+    gone_since: float | None = None
+    unread_since: float | None = None
+    while not job.done():
+        if job.state != "UNKNOWN":
+            return
+        now = time.monotonic()
+        try:
+            state = queue(str(job.job_id))
+        except (OSError, subprocess.SubprocessError) as exc:
+            unread_since = unread_since if unread_since is not None else now
+            if now - unread_since > QUEUE_UNREADABLE_S:
+                raise SlurmJobError(f"job {job.job_id}: no state for {QUEUE_UNREADABLE_S:.0f} s (sacct has none and "
+                                    f"the queue cannot be read: {exc}); its log: {job.paths.stderr}") from None
+        else:
+            unread_since = None
+            if state is None or state in ENDED_STATES:
+                gone_since = gone_since if gone_since is not None else now
+                if now - gone_since > RESULT_GRACE_S:
+                    seen = state or "no longer known to SLURM"
+                    raise SlurmJobError(f"job {job.job_id} left the queue without a result ({seen}; read from the "
+                                        f"queue, accounting is off); its log: {job.paths.stderr}")
+            else:
+                gone_since = None
+        time.sleep(QUEUE_POLL_S)
+
+
+class _OneAccountingWarning(logging.Filter):
+    """On submitit's logger: drops its sacct warning of each status poll; the first becomes one line of ours."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._lock = threading.Lock()
+        self._said = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if SACCT_WARNING not in record.getMessage():
+            return True
+        with self._lock:
+            said, self._said = self._said, True
+        if not said:
+            log.warning("SLURM accounting is off (sacct fails): job states are read from the queue (squeue, scontrol)")
+        return False
+
+
+def _job_result(job: Any, queue: Callable[[str], str | None] | None = None) -> Path:
+    """Wait for a submitit ``job`` (a SLURM job's state read from ``queue`` while sacct has none:
+    ``_wait_in_queue``); the run folder it returns, else SlurmJobError."""
     from submitit.core.utils import FailedJobError, UncompletedJobError, pickle_load
 
+    if queue is not None:
+        _wait_in_queue(job, queue)
     try:
         return job.result()
     except FailedJobError:
@@ -298,6 +371,7 @@ def _slurm_jobs(run_fn: RunFn, config: Config, workers: int) -> Iterator[Submit]
     """Each run one submitit job with the resources of ``grid.slurm`` (``executor: local``: a process here).
 
     At most ``workers`` jobs are queued or running at once; jobs still running when the grid stops are cancelled.
+    A SLURM job's state falls back to the queue where sacct fails (``_wait_in_queue``), said once in one line.
     """
     submitit = _submitit(config)
     slurm = config.grid.slurm
@@ -329,7 +403,7 @@ def _slurm_jobs(run_fn: RunFn, config: Config, workers: int) -> Iterator[Submit]
 
         def wait_for_job() -> None:  # a daemon thread: a grid that stops never waits for the queue
             try:
-                future.set_result(_job_result(job))
+                future.set_result(_job_result(job, queue_state if slurm.executor == "slurm" else None))
             except Exception as exc:  # noqa: BLE001 - the run's failure
                 future.set_exception(exc)
             finally:
@@ -338,11 +412,14 @@ def _slurm_jobs(run_fn: RunFn, config: Config, workers: int) -> Iterator[Submit]
         threading.Thread(target=wait_for_job, name=f"mdmt-slurm-{job.job_id}", daemon=True).start()
         return future
 
+    accounting = _OneAccountingWarning()
+    logging.getLogger("submitit").addFilter(accounting)
     try:
         yield submit
     finally:
         for job in list(live):
             job.cancel(check=False)
+        logging.getLogger("submitit").removeFilter(accounting)
 
 
 @contextmanager
@@ -392,14 +469,15 @@ def run_grid(
     config: Config,
     workers: int = 1,
     backend: str = "local",
-    run_fn: RunFn = train_run,
+    run_fn: RunFn | None = None,
     progress: bool = True,
 ) -> GridSummary:
     """Run every run of ``expand_grid(config)`` that has no ``DONE`` yet; returns what happened.
 
     ``workers`` runs at most that many at once (local: spawned processes, one in this process when 1;
     ``backend="ray"``: Ray tasks; ``backend="slurm"``: submitit jobs configured by ``config.grid.slurm``).
-    ``run_fn(config, spec, progress) -> run_dir`` does one run (the engine's ``train_run``; tests inject fakes).
+    Without ``run_fn`` each run is ``train_run`` on the caches this grid builds once; a ``run_fn(config, spec,
+    progress) -> run_dir`` replaces the whole run (it reads or builds whatever data it needs).
     """
     if backend not in BACKENDS:
         raise ConfigError(f"grid.backend {backend!r} is not one of {', '.join(BACKENDS)}")
@@ -408,22 +486,19 @@ def run_grid(
     workers = max(1, int(workers))
     start = time.perf_counter()
     results_dir = Path(config.results_dir)
-    if backend == "local" and workers > 1:
-        worker_context()  # the fork server imports while the caches are built
     with ExitStack() as stack:
-        caches = prepare(config, progress=progress) if run_fn is train_run else None  # built once, here
+        caches = prepare(config, progress=progress) if run_fn is None else None  # built once, here
         home = caches.get(config.protocol.dataset) if caches else None
         specs = expand_grid(config, loco_centers(config, home.records) if home is not None else None)
         stack.enter_context(grid_lock(results_dir))  # after the checks: a refused grid writes nothing
         store = ResultsStore(results_dir)
-        store.rescan()
         needs = {spec: dependencies(spec, config) for spec in specs}
         summary = GridSummary(total=len(specs))
         done = _finished(config, specs, caches, summary)
         pending = [spec for spec in specs if spec not in done and spec.key not in summary.failed]
         summary.already_done = [s.key for s in specs if s in done]
 
-        if caches is not None:  # the runs open the caches built above instead of preparing them again
+        if run_fn is None:  # the runs open the caches built above instead of preparing them again
             run_fn = functools.partial(train_run, caches={name: str(c.path) for name, c in caches.items()})
         submit = stack.enter_context(_backend(backend, workers, run_fn, config, progress))
         bar = stack.enter_context(make_progress()) if progress else None
@@ -454,15 +529,14 @@ def run_grid(
             finished, _ = wait(running, return_when=FIRST_COMPLETED)
             for future in finished:
                 spec, began = running.pop(future)
-                seconds = time.perf_counter() - began
+                summary.run_seconds[spec.key] = time.perf_counter() - began
                 error = future.exception()
                 if error is None:
                     done.add(spec)
                     summary.completed.append(spec.key)
-                    store.record_done(spec, seconds)
                 else:
                     summary.failed[spec.key] = _error_line(error)
-                    store.record_failure(spec, _error_text(error), seconds)
+                    store.record_failure(spec, _error_text(error))
                 show(advance=1)
     summary.seconds = time.perf_counter() - start
     return summary

@@ -1,12 +1,8 @@
 """Grad-CAM of one head (the ``grad-cam`` package) on the last convolutional stage of any backbone.
 
-Each head is reduced to one scalar per image, the quantity whose evidence the map shows:
-
-- a two-class head (prognosis): the log-odds of class 1 (SEVERE), i.e. logit 1 − logit 0;
-- another classification head (``severity_global4``, ``severity_lung4``): the expected class index
-  ``Σ_c c·softmax_c``, summed over groups;
-- an ordinal head: the expected score ``Σ_k sigmoid(logit_k)`` summed over the six regions (the global score);
-- a regression head (``severity_regions``): the sum of its outputs (the predicted global score).
+Each head is reduced to one scalar per image, the quantity whose evidence the map shows: the task's
+``cam_scalar`` (``mdmt.tasks``: the log-odds of SEVERE for prognosis, the predicted global score for a regional
+Brixia head, the expected class index for a multi-class one).
 
 The target layer is the backbone's last child module that is or holds an ``nn.Conv2d`` before its global
 pooling (ResNet ``layer4``, DenseNet and MobileNet ``features``, ShuffleNet ``conv5``, GoogLeNet
@@ -30,21 +26,8 @@ TARGET_LAYERS: dict[str, str] = {"EfficientNet": "bn2"}
 GLOBAL_POOLS = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
 
 
-def head_scalar(task: Task, raw: torch.Tensor) -> torch.Tensor:
-    """One scalar per image from a head's raw outputs ``(B, n_outputs)`` (the module docstring says which)."""
-    if task.kind == "regression":
-        return raw.sum(dim=1)
-    grouped = raw.reshape(raw.shape[0], task.groups, -1)
-    if task.kind == "ordinal":
-        return torch.sigmoid(grouped).sum(dim=(1, 2))
-    if task.n_classes == 2:
-        return (grouped[..., 1] - grouped[..., 0]).sum(dim=1)
-    classes = torch.arange(task.n_classes, dtype=raw.dtype, device=raw.device)
-    return (torch.softmax(grouped, dim=-1) * classes).sum(dim=(1, 2))
-
-
 class HeadScalar(nn.Module):
-    """``x → (B, 1)``: one head's scalar (``head_scalar``) of a multi-task model, what Grad-CAM explains; a model
+    """``x → (B, 1)``: one head's scalar (``Task.cam_scalar``) of a multi-task model, what Grad-CAM explains; a model
     that fuses clinical features reads the batch's ``clinical`` ``(B, D)`` with the films."""
 
     def __init__(self, model: MultiTaskModel, task: Task, clinical: torch.Tensor | None = None):
@@ -56,7 +39,7 @@ class HeadScalar(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The head's scalar as a one-column output."""
         extra = () if self.clinical is None else (self.clinical.to(x.device),)
-        return head_scalar(self.task, self.model(x, *extra)[self.task.name])[:, None]
+        return self.task.cam_scalar(self.model(x, *extra)[self.task.name])[:, None]
 
 
 def _has_conv(module: nn.Module) -> bool:

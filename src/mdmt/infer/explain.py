@@ -18,9 +18,16 @@ from PIL import Image
 from mdmt.errors import ConfigError
 from mdmt.infer.cam import grad_cams
 from mdmt.infer.clinical import open_clinical_sheet
+from mdmt.infer.guard import guard_notes
 from mdmt.infer.model_io import TrainedModel, load_trained
 from mdmt.infer.overlays import ContactSheets, cam_overlay, display, save_png, zone_boxes, zone_overlay
-from mdmt.infer.predict import SKIPPED_COLUMNS, Batch, PredictionResult, iter_batches, write_predictions
+from mdmt.infer.predict import (
+    SKIPPED_COLUMNS,
+    Batch,
+    PredictionResult,
+    iter_batches,
+    write_film_predictions,
+)
 from mdmt.infer.preprocess import Film, expand_inputs
 from mdmt.tasks import REGIONS, Task
 
@@ -98,5 +105,5 @@ def explain_files(run_dir: str | Path, paths: Iterable[str | Path], out: str | P
     sheets.flush()
     table = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=["path", "image_id"])
     skipped_table = pd.DataFrame(skipped, columns=SKIPPED_COLUMNS)
-    written = write_predictions(trained, table, skipped_table, out) + sheets.written
-    return PredictionResult(table, skipped_table, written)
+    written = write_film_predictions(trained, table, skipped_table, out) + sheets.written
+    return PredictionResult(table, skipped_table, written, guard_notes(trained, table))

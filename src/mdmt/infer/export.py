@@ -7,7 +7,17 @@ does all of it). It returns one raw output per head, in ``preprocessing.json``'s
 task; the JSON gives each task's decoding (``mdmt.losses.decode``): a classification head's ``groups × classes``
 logits take a softmax per group, an ordinal head's ``groups × (classes − 1)`` logits a sigmoid each (the score
 is how many exceed 0.5), a regression head gives one value per group (regional Brixia scores are clipped to
-0–3). The lung crop is not in the graph.
+0–3). ``columns`` lists the columns ``mdmt predict`` writes for the head (``named``: the run's prognosis or
+severity head, whose ``scorer`` names them). The lung crop is not in the graph: the lung segmenter is exported
+beside it (``lungs.onnx`` / ``lungs.pt``: ``film`` float32 ``(B, 1, 128, 128)``, the [0, 1] film squashed to the
+working size, → ``lungs``, the lung probability per pixel), and ``preprocessing.json``'s ``segmenter`` entry holds
+the rules that turn its map into the lung box (``mdmt.data.lungs.segmented_box``): the crop of a ``crop: lungs``
+run, and under every crop mode the guard of ``mdmt predict`` (a film without a plausible pair of lungs is not
+scored, ``mdmt.infer.guard``).
+
+An ONNX export also holds ``reference_predict.py``, a standalone script (numpy, pydicom, Pillow, onnxruntime; no
+torch, no mdmt) that goes from DICOM/PNG/JPEG files to the columns of ``mdmt predict``, and every export holds the
+run's model card (``metadata.json``, ``model_card.md``; ``mdmt.model_card``).
 
 A run whose model reads clinical columns is exported with a second input, ``clinical``: float32 ``(B, D)``, the
 encoded clinical vector. ``preprocessing.json``'s ``clinical`` entry holds what builds it from a sheet row: the
@@ -28,24 +38,27 @@ import torch
 from torch import nn
 
 from mdmt.clinical import ClinicalEncoder
+from mdmt.data import lungs
+from mdmt.data.lung_unet import WORK_SIZE, load_segmenter, weights_fingerprint
 from mdmt.errors import ConfigError
 from mdmt.infer.extras import require
 from mdmt.infer.model_io import TrainedModel, load_trained
+from mdmt.model_card import write_model_card
 from mdmt.runs import atomic_target, atomic_write_text
-from mdmt.tasks import Task, group_names
+from mdmt.tasks import Task
 
 ExportFormat = Literal["onnx", "torchscript"]
 FORMATS: dict[str, str] = {"onnx": "model.onnx", "torchscript": "model.pt"}
 """Format → the file name of the exported network."""
+SEGMENTER_FILES: dict[str, str] = {"onnx": "lungs.onnx", "torchscript": "lungs.pt"}
+"""Format → the file name of the exported lung segmenter."""
+SEGMENTER_INPUT, SEGMENTER_OUTPUT = "film", "lungs"
+REFERENCE_SCRIPT = "reference_predict.py"
+"""The standalone script an ONNX export holds (its source: ``mdmt/infer/reference_predict.py``)."""
 PREPROCESSING_FILE = "preprocessing.json"
 INPUT_NAME = "image"
 CLINICAL_INPUT = "clinical"
 ONNX_OPSET = 17
-DECODING = {
-    "classification": "softmax over each group's n_classes logits; the predicted class is the argmax",
-    "ordinal": "sigmoid of each group's n_classes - 1 logits (P(score > k)); the score is how many exceed 0.5",
-    "regression": "one value per group (regional Brixia scores: clip to 0-3)",
-}
 
 
 class InferenceNetwork(nn.Module):
@@ -64,13 +77,49 @@ class InferenceNetwork(nn.Module):
         return tuple(outputs[name] for name in self.names)
 
 
-def _task_info(task: Task) -> dict[str, object]:
-    return {"name": task.name, "kind": task.kind, "outputs": task.n_outputs, "groups": group_names(task),
-            "n_classes": task.n_classes, "class_names": list(task.class_names), "decoding": DECODING[task.kind]}
+class LungNetwork(nn.Module):
+    """``film (B, 1, S, S)`` in [0, 1] → lung probability ``(B, 1, S, S)``, ``S = WORK_SIZE``: the shipped segmenter
+    as ``mdmt.data.lung_unet.segment`` runs it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.unet = load_segmenter()
+        self.inputs, self.names = [SEGMENTER_INPUT], [SEGMENTER_OUTPUT]
+
+    def forward(self, film: torch.Tensor) -> torch.Tensor:
+        """The sigmoid of the U-Net's logits."""
+        return torch.sigmoid(self.unet(film))
 
 
-def preprocessing(trained: TrainedModel, model_file: str) -> dict[str, object]:
-    """What a consumer of the exported network needs: the preprocessing parameters and each output's decoding."""
+def _segmenter_info(model_file: str) -> dict[str, object]:
+    return {
+        "file": model_file, "input": SEGMENTER_INPUT, "output": SEGMENTER_OUTPUT, "work_size": WORK_SIZE,
+        "weights_sha256_16": weights_fingerprint(), "threshold": lungs.SEG_THRESHOLD,
+        "checks": {"min_piece": lungs.SEG_MIN_PIECE, "min_lung": lungs.SEG_MIN_LUNG,
+                   "min_area_ratio": lungs.SEG_MIN_AREA_RATIO, "min_height_ratio": lungs.SEG_MIN_HEIGHT_RATIO,
+                   "min_overlap": lungs.SEG_MIN_OVERLAP, "max_apex_gap": lungs.SEG_MAX_APEX_GAP,
+                   "max_base_gap": lungs.SEG_MAX_BASE_GAP, "box_aspect": list(lungs.SEG_BOX_ASPECT),
+                   "lung_aspect": list(lungs.SEG_LUNG_ASPECT), "fragment_gap": lungs.SEG_FRAGMENT_GAP},
+        "steps": [
+            ("resize the clipped [0, 1] film to work_size x work_size (bilinear, antialiased, aspect not kept), "
+             "clip to [0, 1]"),
+            ("lung pixels: probability > threshold; 4-connected pieces; the two largest must pass the checks "
+             "(mdmt.data.lungs.segmented_box), pieces split off a lung join it"),
+            ("the box of the chosen pieces, scaled to the film; a film without a plausible pair of lungs is not "
+             "scored (mdmt.infer.guard)"),
+        ],
+    }
+
+
+def _output_info(trained: TrainedModel, task: Task) -> dict[str, object]:
+    named = task in (trained.prognosis, trained.severity)
+    columns = task.film_columns(torch.zeros(1, task.n_outputs), named=named)
+    return {**task.export_info(), "scorer": task.scorer, "named": named, "columns": list(columns)}
+
+
+def preprocessing(trained: TrainedModel, model_file: str, segmenter_file: str) -> dict[str, object]:
+    """What a consumer of the exported network needs: the preprocessing parameters, the exported lung segmenter
+    (``segmenter_file``) and each output's decoding."""
     data, model_cfg = trained.config.data, trained.config.model
     mean, std = trained.normalization
     return {
@@ -94,7 +143,8 @@ def preprocessing(trained: TrainedModel, model_file: str) -> dict[str, object]:
             "divide by 255, resize to input_size (bilinear, antialiased) when it differs",
             "repeat the gray channel 3 times, subtract mean and divide by std per channel",
         ],
-        "outputs": [_task_info(t) for t in trained.tasks],
+        "segmenter": _segmenter_info(segmenter_file),
+        "outputs": [_output_info(trained, t) for t in trained.tasks],
         **({"clinical": _clinical_info(trained.encoder)} if trained.encoder is not None else {}),
     }
 
@@ -120,7 +170,7 @@ def _example(trained: TrainedModel) -> tuple[torch.Tensor, ...]:
     return image, torch.zeros(2, trained.encoder.dim, device=trained.device)
 
 
-def _write_onnx(network: InferenceNetwork, example: tuple[torch.Tensor, ...], path: Path) -> None:
+def _write_onnx(network: InferenceNetwork | LungNetwork, example: tuple[torch.Tensor, ...], path: Path) -> None:
     require("onnx", "ONNX export")
     axes = {name: {0: "batch"} for name in [*network.inputs, *network.names]}
     with atomic_target(path) as tmp, warnings.catch_warnings():
@@ -130,7 +180,8 @@ def _write_onnx(network: InferenceNetwork, example: tuple[torch.Tensor, ...], pa
                           dynamic_axes=axes, opset_version=ONNX_OPSET, dynamo=False)
 
 
-def _write_torchscript(network: InferenceNetwork, example: tuple[torch.Tensor, ...], path: Path) -> None:
+def _write_torchscript(network: InferenceNetwork | LungNetwork, example: tuple[torch.Tensor, ...],
+                       path: Path) -> None:
     with atomic_target(path) as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated but still the portable format
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
@@ -138,8 +189,9 @@ def _write_torchscript(network: InferenceNetwork, example: tuple[torch.Tensor, .
 
 
 def export_run(run_dir: str | Path, fmt: ExportFormat, out: str | Path, device: str = "cpu") -> list[Path]:
-    """Write the finished run's network in ``fmt`` (``model.onnx`` or ``model.pt``) and ``preprocessing.json``
-    (with the clinical encoder of a run that reads clinical columns) into ``out``; returns both paths."""
+    """Write the finished run's network in ``fmt`` (``model.onnx`` or ``model.pt``), the lung segmenter
+    (``lungs.onnx`` or ``lungs.pt``), ``preprocessing.json`` (with the clinical encoder of a run that reads clinical
+    columns), ``reference_predict.py`` (ONNX) and the model card into ``out``; returns the paths written."""
     if fmt not in FORMATS:
         raise ConfigError(f"export format {fmt!r} is not one of {', '.join(FORMATS)}")
     trained = load_trained(run_dir, device)
@@ -147,8 +199,14 @@ def export_run(run_dir: str | Path, fmt: ExportFormat, out: str | Path, device: 
     out.mkdir(parents=True, exist_ok=True)
     network = InferenceNetwork(trained).eval()
     model_path = out / FORMATS[fmt]
+    write = _write_onnx if fmt == "onnx" else _write_torchscript
+    paths = [model_path, out / SEGMENTER_FILES[fmt], out / PREPROCESSING_FILE]
     with torch.no_grad():
-        (_write_onnx if fmt == "onnx" else _write_torchscript)(network, _example(trained), model_path)
-    info_path = out / PREPROCESSING_FILE
-    atomic_write_text(json.dumps(preprocessing(trained, model_path.name), indent=2) + "\n", info_path)
-    return [model_path, info_path]
+        write(network, _example(trained), model_path)
+        write(LungNetwork().eval(), (torch.zeros(2, 1, WORK_SIZE, WORK_SIZE),), paths[1])
+    info = preprocessing(trained, model_path.name, paths[1].name)
+    atomic_write_text(json.dumps(info, indent=2) + "\n", paths[2])
+    if fmt == "onnx":
+        paths.append(out / REFERENCE_SCRIPT)
+        atomic_write_text(Path(__file__).with_name(REFERENCE_SCRIPT).read_text(), paths[-1])
+    return paths + write_model_card(run_dir, out, info)

@@ -5,7 +5,8 @@ rebuilt from the config (backbone, heads) and the task list, and the checkpoint'
 strictly: an unfinished run, a missing or foreign checkpoint, or a checkpoint whose heads or tensors do not
 fit the config is refused with an error naming the folder. A run whose model reads clinical columns also holds
 ``clinical_encoder.json`` (the encoder fitted on its training fold); the heads with a clinical term are those
-with ``clinical.<task>.*`` entries in the checkpoint.
+with ``clinical.<task>.*`` entries in the checkpoint. ``ood_features.npz`` (``mdmt.train.feature_stats``), when the
+run has it, must describe the films as this model does (``descriptor_dim``).
 """
 
 from __future__ import annotations
@@ -19,15 +20,15 @@ from typing import Any
 import torch
 
 from mdmt.clinical import ENCODER_FILE, ClinicalEncoder
-from mdmt.config import Config, load_config
+from mdmt.config import Config, load_run_config
 from mdmt.errors import ConfigError, DataError
-from mdmt.evaluate.scoring import task_entry
 from mdmt.models.backbones import Stats
 from mdmt.models.multitask import MultiTaskModel, build_model
 from mdmt.runs import BEST_CHECKPOINT, CONFIG_FILE, DONE_FILE, FAILED_FILE, TASKS_FILE
 from mdmt.tasks import Task, get_task, make_task
 from mdmt.train.checkpoints import load_checkpoint
 from mdmt.train.engine import resolve_device
+from mdmt.train.feature_stats import FEATURE_STATS_FILE, FeatureStats, descriptor_dim, read_feature_stats
 
 PROGNOSIS = "prognosis"
 SEVERITY_PREFIX = "severity_"
@@ -46,6 +47,8 @@ class TrainedModel:
     device: torch.device
     encoder: ClinicalEncoder | None = None
     """The run's clinical encoder when its model reads clinical columns."""
+    feature_stats: FeatureStats | None = None
+    """The training films' descriptor statistics (``ood_features.npz``); None for a run trained without them."""
 
     @property
     def normalization(self) -> tuple[Stats, Stats]:
@@ -67,12 +70,20 @@ class TrainedModel:
         preferred = self.task(self.config.model.severity_task)
         return preferred or next((t for t in self.tasks if t.name.startswith(SEVERITY_PREFIX)), None)
 
-    @torch.no_grad()
     def outputs(self, x: torch.Tensor, clinical: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Every head's raw outputs for the network input ``x`` and, for a clinical run, the encoded clinical
         features ``(B, D)`` (on CPU)."""
-        extra = () if clinical is None else (clinical.to(self.device),)
-        return {k: v.float().cpu() for k, v in self.model(x.to(self.device), *extra).items()}
+        return self.features_and_outputs(x, clinical)[1]
+
+    @torch.no_grad()
+    def features_and_outputs(self, x: torch.Tensor, clinical: torch.Tensor | None = None
+                             ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The pooled backbone features ``(B, feature_dim)`` and every head's raw outputs (``outputs``), from one
+        backbone pass (on CPU)."""
+        features = self.model.features(x.to(self.device))
+        extra = None if clinical is None else clinical.to(self.device)
+        outputs = self.model.head_outputs(features, extra)
+        return features.float().cpu(), {k: v.float().cpu() for k, v in outputs.items()}
 
 
 def _read_tasks(run_dir: Path, config: Config) -> list[Task]:
@@ -93,7 +104,7 @@ def _read_tasks(run_dir: Path, config: Config) -> list[Task]:
         except ConfigError as exc:
             raise ConfigError(f"{run_dir}: {TASKS_FILE}: {exc}") from None
         try:
-            same = isinstance(entry, dict) and task_entry(task, entry["datasets"], entry["home"]) == entry
+            same = isinstance(entry, dict) and task.entry(entry["datasets"], entry["home"]) == entry
         except (KeyError, TypeError, ValueError):
             same = False
         if not same:
@@ -172,7 +183,7 @@ def load_trained(run_dir: str | Path, device: str = "cpu") -> TrainedModel:
     and the ``best.pt`` weights on ``device`` (eval mode)."""
     run_dir = Path(run_dir)
     check_run_dir(run_dir)
-    config = load_config(run_dir / CONFIG_FILE)
+    config = load_run_config(run_dir / CONFIG_FILE)
     tasks = _read_tasks(run_dir, config)
     state = _read_state(run_dir)
     encoder = _read_encoder(run_dir, state)
@@ -181,5 +192,9 @@ def load_trained(run_dir: str | Path, device: str = "cpu") -> TrainedModel:
     model = build_model(dataclasses.replace(config.model, weights="none"), tasks,
                         encoder.dim if encoder else 0, [t.name for t in tasks if t.name in fused])
     _load_weights(run_dir, model, state, tasks)
+    stats = read_feature_stats(run_dir)
+    if stats is not None and stats.dim != descriptor_dim(model):
+        raise ConfigError(f"{run_dir / FEATURE_STATS_FILE}: statistics of {stats.dim} features, but the model's "
+                          f"films are described by {descriptor_dim(model)} (another run's or version's file)")
     target = resolve_device(device)
-    return TrainedModel(run_dir, config, tasks, model.to(target).eval(), target, encoder)
+    return TrainedModel(run_dir, config, tasks, model.to(target).eval(), target, encoder, stats)

@@ -15,7 +15,8 @@ models, among them the paper's ``efficientnet_b1_pruned``).
 Weights (``weights``): ``none`` (random init), ``imagenet`` (torchvision's DEFAULT weights / timm's
 pretrained ones; an offline machine gets a ConfigError telling how to supply them), or the path of a local
 ``.pt`` / ``.pth`` / ``.safetensors`` state dict (``module.`` / ``backbone.`` prefixes stripped, classifier
-keys ignored, every other key must match).
+keys ignored, every other key must match). ``mdmt.models.xrv`` adds the chest X-ray backbones of
+torchxrayvision, whose ``model.weights`` may also name one of its weight sets (``WEIGHT_SET_PREFIXES``).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from torch import nn
 
 from mdmt.config import PluginRef
 from mdmt.data.augment import IMAGENET_MEAN, IMAGENET_STD
-from mdmt.errors import ConfigError
+from mdmt.errors import ConfigError, load_refusal
 from mdmt.registry import Registry
 
 TORCHVISION_PAPER_BACKBONES: tuple[str, ...] = (
@@ -54,6 +55,9 @@ WEIGHT_SUFFIXES: tuple[str, ...] = (".pt", ".pth", ".safetensors")
 STRIPPED_KEY_PREFIXES: tuple[str, ...] = ("module.", "backbone.")
 CHECKPOINT_CONTAINER_KEYS: tuple[str, ...] = ("state_dict", "model")
 MDMT_HEADS_PREFIX = "heads."  # task heads of an mdmt checkpoint (best.pt), never part of a backbone
+WEIGHT_SET_PREFIXES: dict[str, str] = {}
+"""Backbone name → the prefix of the named weight sets its ``model.weights`` may give besides none, imagenet and a
+path (filled by the module registering such a backbone)."""
 
 Stats = tuple[float, float, float]
 
@@ -137,9 +141,9 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             return load_file(str(path))
         state: Any = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch and safetensors raise several types for a corrupt or foreign file
-        reason = str(exc).strip().splitlines()
-        raise ConfigError(f"{path}: not a readable torch state dict ({reason[0] if reason else type(exc).__name__})"
-                          ) from exc
+        raise ConfigError(f"{path}: not a readable torch state dict ({load_refusal(exc)})") from exc
+    if isinstance(state, nn.Module):  # a pickled model whose classes the caller allow-listed (torch safe_globals)
+        state = state.state_dict()
     while isinstance(state, Mapping) and not any(isinstance(v, torch.Tensor) for v in state.values()):
         inner = next((state[k] for k in CHECKPOINT_CONTAINER_KEYS if k in state), None)
         if inner is None:
@@ -335,9 +339,12 @@ def list_backbones(include_timm: bool = False) -> list[str]:
 
 def build_backbone(ref: PluginRef | str, weights: str = "none") -> Backbone:
     """The feature extractor a config entry names (``{name, params}`` or a name) with ``weights``
-    (none | imagenet | path)."""
-    if weights not in ("none", "imagenet") and not _is_weights_path(weights):
-        raise ConfigError(f"model.weights must be none, imagenet or a path to a {'/'.join(WEIGHT_SUFFIXES)} file; "
-                          f"got {weights!r}")
+    (none | imagenet | path | one of the backbone's weight sets)."""
     ref = PluginRef.of(ref)
+    prefix = WEIGHT_SET_PREFIXES.get(ref.name)
+    named = prefix is not None and weights.startswith(prefix)
+    if weights not in ("none", "imagenet") and not named and not _is_weights_path(weights):
+        sets = f", a {prefix}* weight set" if prefix else ""
+        raise ConfigError(f"model.weights must be none, imagenet{sets} or a path to a {'/'.join(WEIGHT_SUFFIXES)} "
+                          f"file; got {weights!r}")
     return BACKBONES.build(ref, name=ref.name, weights=weights)

@@ -90,7 +90,11 @@ class MultiTaskModel(nn.Module):
 
     def forward(self, x: torch.Tensor, clinical: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Every head's outputs from one shared feature pass (fused heads add their clinical term)."""
-        features = self.backbone(x)
+        return self.head_outputs(self.features(x), clinical)
+
+    def head_outputs(self, features: torch.Tensor, clinical: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Every head's outputs from pooled backbone features ``(B, feature_dim)`` (fused heads add their clinical
+        term)."""
         outputs = {name: head(features) for name, head in self.heads.items()}
         if not self.fused:
             return outputs

@@ -2,11 +2,12 @@
 
 Checkpoints hold tensors, numbers, strings and containers only (the RNG states as tensors), and load with
 ``torch.load(weights_only=True)``: a checkpoint from elsewhere cannot run code. A file that is not a
-checkpoint of this project is refused with an error naming it.
+checkpoint of this project is refused with an error naming it (and never advising to load it unsafely).
 """
 
 from __future__ import annotations
 
+import functools
 import random
 from collections.abc import Mapping
 from pathlib import Path
@@ -15,7 +16,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from mdmt.errors import DataError
+from mdmt.data.preprocess import file_sha256
+from mdmt.errors import DataError, load_refusal
 from mdmt.runs import BEST_CHECKPOINT, atomic_target
 
 CHECKPOINT_FORMAT = 2
@@ -87,9 +89,8 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     except MemoryError:
         raise
     except Exception as exc:  # foreign bytes make torch's unpickler raise almost any error
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise DataError(f"{path}: not a readable mdmt checkpoint (truncated, empty or foreign; "
-                        f"only tensors and plain values are loaded): {reason}") from None
+                        f"only tensors and plain values are loaded): {load_refusal(exc)}") from None
     if not isinstance(values, dict) or values.get("format") != CHECKPOINT_FORMAT or "model" not in values:
         raise DataError(f"{path}: not an mdmt checkpoint of format {CHECKPOINT_FORMAT} (written by another "
                         f"version or program); delete the run folder and train it again")
@@ -99,3 +100,18 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
 def load_model_state(run_dir: Path, name: str = BEST_CHECKPOINT) -> dict[str, torch.Tensor]:
     """The model ``state_dict`` stored in ``run_dir/name``."""
     return load_checkpoint(Path(run_dir) / name)["model"]
+
+
+@functools.lru_cache(maxsize=256)
+def _sha256(path: str, size: int, mtime_ns: int) -> str:
+    return file_sha256(path)
+
+
+def checkpoint_sha256(path: Path) -> str | None:
+    """sha256 of a checkpoint file's bytes, None when there is none; a process hashes a file again only when its
+    size or modification time changed (the grid asks for every run's parents)."""
+    try:
+        stat = Path(path).stat()
+    except FileNotFoundError:
+        return None
+    return _sha256(str(path), stat.st_size, stat.st_mtime_ns)

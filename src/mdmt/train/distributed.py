@@ -21,6 +21,7 @@ import torch.distributed as dist
 from torch import nn
 
 from mdmt.errors import ConfigError
+from mdmt.validation import check_device
 
 UNSUPPORTED_WEIGHTINGS = ("gradnorm", "pcgrad")
 
@@ -55,14 +56,23 @@ def from_environment() -> DistContext:
     return DistContext(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
 
 
-def init_distributed(device_name: str) -> tuple[DistContext, torch.device | None]:
+def resolve_device(name: str) -> torch.device:
+    """``auto`` → CUDA when available, else CPU; another name must be a device this machine has (a one-line
+    ConfigError otherwise: ``mdmt.validation.check_device``)."""
+    check_device(name)
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def init_distributed(device_name: str) -> tuple[DistContext, torch.device]:
     """Join the process group when launched by torchrun; returns the context and this rank's device.
 
-    The device is ``None`` when not distributed (the engine resolves ``train.device`` itself).
+    Not distributed: the device ``runtime.device`` names (``resolve_device``).
     """
     ctx = from_environment()
     if not ctx.enabled:
-        return ctx, None
+        return ctx, resolve_device(device_name)
     use_cuda = device_name != "cpu" and torch.cuda.is_available()
     device = torch.device("cuda", ctx.local_rank) if use_cuda else torch.device("cpu")
     if use_cuda:

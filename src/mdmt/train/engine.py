@@ -6,7 +6,9 @@ RNG states included) written atomically, or, with ``train.checkpoint_every_s``, 
 after the last one and the last epoch; a run killed at any point and started again with the same inputs
 finishes with the same weights and history as one that was never interrupted. ``history.csv`` (every epoch) and
 ``best.pt`` (every new best) are replaced atomically and fsynced with ``last.pt``. Each history row also says where
-the epoch's time went (``TIMING_COLUMNS``: data, forward, backward, step, validation).
+the epoch's time went (``TIMING_COLUMNS``: data, forward, backward, step, validation) unless
+``train.phase_timing`` is off. Callbacks (``mdmt.train.callbacks``: the ``train.callbacks`` of the config and those
+given to ``fit``) hear of the start, every epoch's row and the end.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import io
 import math
 import os
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,6 +41,7 @@ from mdmt.runs import (
     fsync_file,
 )
 from mdmt.tasks import Task
+from mdmt.train.callbacks import Callback, build_callbacks
 from mdmt.train.checkpoints import (
     derived_seed,
     load_checkpoint,
@@ -52,14 +55,12 @@ from mdmt.train.distributed import (
     all_reduce_sum,
     average_gradients,
     loss_scale,
+    resolve_device,
     wrap_model,
 )
 
 STATUS_EVERY = 20
 """Steps between running-loss updates of the progress bar on a GPU (each costs a device sync)."""
-
-EpochCallback = Callable[[int, dict[str, float]], None]
-"""Called after each epoch's bookkeeping (history, and ``last.pt`` when due) with (epoch index, history row)."""
 
 TRAIN_PHASES = ("data", "forward", "backward", "step")
 """Where a training epoch's time goes (history columns ``<phase>_s``): waiting for the next batch, host → device
@@ -152,13 +153,6 @@ def make_optimizer(params: Iterable[Any], device: torch.device, lr: float, weigh
     return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, fused=device.type in FUSED_ADAM_DEVICES)
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto`` → CUDA when available, else CPU; anything else is passed to ``torch.device``."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def _set_sampler_epoch(loader: Iterable[Any], epoch: int) -> None:
     for holder in (getattr(loader, "batch_sampler", None), getattr(loader, "sampler", None)):
         if hasattr(holder, "set_epoch"):
@@ -203,17 +197,26 @@ class PhaseClock:
     """Splits wall time into phases: ``lap(phase)`` adds the seconds since the previous lap (or the start) to it.
 
     Laps are contiguous, so the phases add up to the time from the start to the last lap. ``sync`` waits for a
-    CUDA device at each lap (a no-op elsewhere: CPU work is done when the call returns).
+    CUDA device at each lap (a no-op elsewhere: CPU work is done when the call returns). A clock that is not
+    ``enabled`` (``train.phase_timing: false``) measures nothing and its ``seconds`` is empty. A lap costs about
+    0.8 µs more than a disabled one: 0.014 % of an epoch of the demo's network, the smallest the project trains
+    (``benchmarks/phase_timing.py``; on loaded cores the whole-fit A/B only bounds it by its 10 % noise).
+
+    The laps stay in the loop rather than in a callback: they mark the boundaries between the loop's own
+    statements, so a callback would need a hook per boundary, called for every batch.
     """
 
-    def __init__(self, phases: Iterable[str], device: torch.device, sync: bool = False):
-        self.seconds = dict.fromkeys(phases, 0.0)
+    def __init__(self, phases: Iterable[str], device: torch.device, sync: bool = False, enabled: bool = True):
+        self.enabled = enabled
+        self.seconds = dict.fromkeys(phases, 0.0) if enabled else {}
         self.device = device
         self.sync = sync and device.type == "cuda"
         self.last = time.perf_counter()
 
     def lap(self, phase: str) -> None:
         """Charge the time since the previous lap to ``phase``."""
+        if not self.enabled:
+            return
         if self.sync:
             torch.cuda.synchronize(self.device)
         now = time.perf_counter()
@@ -292,6 +295,8 @@ class Trainer:
     dist: DistContext = SINGLE
     device: torch.device | None = None
     sync_timing: bool = field(default_factory=lambda: os.environ.get(SYNC_TIMING_ENV) == "1")
+    callbacks: Sequence[Callback] = ()
+    """Called on every process, after the ``train.callbacks`` of the config (built on the main process only)."""
 
     def __post_init__(self) -> None:
         self.run_dir = Path(self.run_dir)
@@ -300,9 +305,7 @@ class Trainer:
         self.task_names = [t.name for t in self.tasks]
         if self.select_task not in self.task_names:
             raise ConfigError(f"select_task {self.select_task!r} is not one of the model's tasks {self.task_names}")
-        if self.cfg.threads > 0:
-            torch.set_num_threads(self.cfg.threads)
-        self.device = self.device or resolve_device(self.cfg.device)
+        self.device = self.device or resolve_device("auto")
         on_cuda = self.device.type == "cuda"
         self.amp = self.cfg.amp and on_cuda
         channels_last = self.cfg.channels_last  # faster on CPU too (tiny_cnn 1.6×, densenet121 1.2×, resnet18 equal)
@@ -381,7 +384,7 @@ class Trainer:
 
         The meter's ``seconds`` splits the pass into ``TRAIN_PHASES``."""
         self.model.train()
-        clock = PhaseClock(TRAIN_PHASES, self.device, self.sync_timing)
+        clock = PhaseClock(TRAIN_PHASES, self.device, self.sync_timing, self.cfg.phase_timing)
         _set_sampler_epoch(loader, epoch)
         generator = torch.Generator(device=self.device).manual_seed(derived_seed(self.seed, epoch, self.dist.rank))
         meter = LossMeter(self.task_names, self.device)
@@ -415,7 +418,7 @@ class Trainer:
         """Losses on ``loader`` without augmentation or gradients; the meter's ``seconds`` splits the pass into
         ``EVAL_PHASES``."""
         self.model.eval()
-        clock = PhaseClock(EVAL_PHASES, self.device, self.sync_timing)
+        clock = PhaseClock(EVAL_PHASES, self.device, self.sync_timing, self.cfg.phase_timing)
         meter = LossMeter(self.task_names, self.device)
         for batch in loader:
             x, targets, present = self.batches(batch)
@@ -465,12 +468,17 @@ class Trainer:
         val_loader: Iterable[Any],
         augmenter: Any = None,
         progress: bool = True,
-        on_epoch_end: EpochCallback | None = None,
         description: str = "train",
     ) -> FitResult:
-        """Train until ``max_epochs`` or early stopping, resuming from ``last.pt`` when present."""
+        """Train until ``max_epochs`` or early stopping, resuming from ``last.pt`` when present.
+
+        ``description`` names the run on the progress bar and to the callbacks (a run of the grid passes its key)."""
+        configured = build_callbacks(self.cfg.callbacks, self.run_dir, description) if self.dist.is_main else []
+        callbacks = [*configured, *self.callbacks]
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.resume()
+        for callback in callbacks:
+            callback.on_fit_start(self)
         # running losses need a device sync: on a GPU the bar shows them every STATUS_EVERY steps only
         bars = RunProgress(progress and self.dist.is_main, description, self.cfg.max_epochs,
                            1 if self.device.type == "cpu" else STATUS_EVERY)
@@ -485,9 +493,9 @@ class Trainer:
                 val = self.evaluate_epoch(val_loader)
                 row = self._end_epoch(epoch, train, val, lr, time.perf_counter() - started)
                 bars.end_epoch(self.state, val.task_means())
-                if on_epoch_end is not None:
-                    on_epoch_end(epoch, row)
-        return FitResult(
+                for callback in callbacks:
+                    callback.on_epoch_end(epoch, row)
+        result = FitResult(
             best_epoch=self.state.best_epoch,
             best_score=self.state.best_score,
             epochs_run=self.state.epoch,
@@ -495,6 +503,9 @@ class Trainer:
             history=pd.DataFrame(self.history),
             best_path=self.run_dir / BEST_CHECKPOINT,
         )
+        for callback in callbacks:
+            callback.on_fit_end(result)
+        return result
 
 
 def fit(
@@ -512,15 +523,18 @@ def fit(
     loss_variant: str = "clean",
     seed: int = 0,
     input_size: int | None = None,
-    on_epoch_end: EpochCallback | None = None,
+    callbacks: Sequence[Callback] = (),
     description: str = "train",
     dist: DistContext = SINGLE,
     device: torch.device | None = None,
 ) -> FitResult:
-    """Train ``model`` on its ``tasks`` (resuming from ``run_dir/last.pt``); best weights go to ``best.pt``."""
+    """Train ``model`` on its ``tasks`` (resuming from ``run_dir/last.pt``); best weights go to ``best.pt``.
+
+    ``callbacks`` are called besides the config's ``train.callbacks``. ``device`` None: ``auto``; the caller sets
+    torch's threads (``runtime.threads``)."""
     trainer = Trainer(model, tasks, cfg, weighting, Path(run_dir), select_task, loss_variant, seed, input_size,
-                      dist=dist, device=device)
-    return trainer.fit(train_loader, val_loader, augmenter, progress, on_epoch_end, description)
+                      dist=dist, device=device, callbacks=callbacks)
+    return trainer.fit(train_loader, val_loader, augmenter, progress, description)
 
 
 @torch.no_grad()

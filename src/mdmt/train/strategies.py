@@ -19,16 +19,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import pandas as pd
 
 from mdmt.config import Config, PluginRef
-from mdmt.data.datasets import paired_fold
 from mdmt.errors import ConfigError
 from mdmt.models.multitask import MultiTaskModel, average_backbones, load_backbone_state
+from mdmt.protocols import run_fold
 from mdmt.registry import Registry
 from mdmt.runs import BEST_CHECKPOINT, RunSpec
-from mdmt.train.checkpoints import load_model_state
+from mdmt.train.checkpoints import checkpoint_sha256, load_model_state
 
 SEVERITY_ALIAS = "severity"
 """In a strategy's task list, the task ``model.severity_task`` names."""
@@ -59,8 +57,9 @@ class StageParams:
     clinical_trainable: bool = False
     """False: the clinical term stays the logistic regression's and the image branch learns the residual; True:
     the term is trained with the network from there."""
-    image: bool = True
-    """False: no network; a logistic regression on the ``clinical`` columns (the clinical-only baseline)."""
+    estimator: str = "network"
+    """What the run fits (``mdmt.train.estimators``): ``network`` (the multi-task CNN) or ``clinical_logistic`` (no
+    network; a logistic regression on the ``clinical`` columns, the clinical-only baseline)."""
     summary: str = ""
 
 
@@ -95,11 +94,15 @@ class Strategy:
         out = []
         for name in self.stage.start_from:
             other = get_strategy(name, config)
-            protocol, fold = spec.protocol, spec.fold
-            if config.protocol.dataset not in other.datasets:
-                protocol, fold = paired_fold(protocol, fold, config)
+            protocol, fold = run_fold(spec.protocol, spec.fold, other.datasets, config)
             out.append(dataclasses.replace(spec, strategy=name, protocol=protocol, fold=fold))
         return out
+
+    def parent_checkpoints(self, spec: RunSpec, config: Config, results_dir: Path) -> dict[str, str | None]:
+        """Each strategy this run starts from → the sha256 of its run's ``best.pt`` (None when absent): a run
+        records them among its inputs, so a parent trained again makes it stale."""
+        return {d.strategy: checkpoint_sha256(d.run_dir(results_dir) / BEST_CHECKPOINT)
+                for d in self.dependencies(spec, config)}
 
     def start_weights(self) -> list[float]:
         """The averaging weights of ``start_from``."""
@@ -129,9 +132,6 @@ class Strategy:
             if unknown:
                 raise ConfigError(f"{where}.{key}: dataset(s) {unknown} are not in data.datasets "
                                   f"({', '.join(config.data.datasets) or 'none configured'})")
-        if not self.stage.image and (not self.stage.clinical or len(self.stage.tasks) != 1 or self.stage.start_from):
-            raise ConfigError(f"{where}.image: false (a clinical-only logistic regression) needs clinical columns, "
-                              f"exactly one two-class task and no start_from")
         stray = [d for d in self.stage.permute if d not in self.stage.datasets]
         if stray:
             raise ConfigError(f"{where}.permute: {stray} are not datasets of this strategy")
@@ -143,10 +143,9 @@ class Strategy:
         select = self.select_task(config)
         if select not in self.task_names(config):
             raise ConfigError(f"{where}.select: {select!r} is not one of its tasks {list(self.task_names(config))}")
-        if config.protocol.dataset not in self.datasets:
-            paired = paired_fold(spec.protocol, spec.fold, config)
-            if paired != (spec.protocol, spec.fold):
-                raise ConfigError(f"{self.name} does not train on {config.protocol.dataset}, so it runs on the "
+        paired = run_fold(spec.protocol, spec.fold, self.datasets, config)
+        if paired != (spec.protocol, spec.fold):
+            raise ConfigError(f"{self.name} does not train on {config.protocol.dataset}, so it runs on the "
                                   f"folds its datasets follow: use protocol {paired[0]} fold {paired[1]} "
                                   f"(run {spec.key} would duplicate that run)")
 
@@ -171,19 +170,6 @@ def get_strategy(name: str, config: Config) -> Strategy:
 def dependencies(spec: RunSpec, config: Config) -> list[RunSpec]:
     """The runs ``spec`` starts from (they must be DONE first)."""
     return get_strategy(spec.strategy, config).dependencies(spec, config)
-
-
-def permute_labels(records: pd.DataFrame, rows: np.ndarray, columns: tuple[str, ...], seed: int) -> pd.DataFrame:
-    """A copy of ``records`` whose ``columns`` are permuted together across ``rows`` (drawn with ``seed``).
-
-    Each image of ``rows`` gets the whole label set of another image of ``rows``; other rows keep theirs.
-    """
-    rows = np.asarray(rows)
-    present = [c for c in columns if c in records.columns]
-    out = records.copy()
-    order = np.random.default_rng(seed).permutation(len(rows))
-    out.loc[out.index[rows], present] = records.iloc[rows[order]][present].to_numpy()
-    return out
 
 
 def describe(config: Config) -> list[tuple[str, str]]:

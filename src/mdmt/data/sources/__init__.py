@@ -15,6 +15,7 @@ from typing import Any
 from mdmt.data.sources.aiforcovid import read_aiforcovid
 from mdmt.data.sources.brixia import read_brixia, read_brixia_consensus
 from mdmt.data.sources.manifest import read_manifest
+from mdmt.data.sources.scored_films import read_scored_films
 from mdmt.data.sources.tables import (
     DROPPED_COLUMNS,
     ID_COLUMNS,
@@ -39,11 +40,13 @@ READERS: dict[str, Callable[..., SourceTable]] = {
     "aiforcovid": read_aiforcovid,
     "brixia": read_brixia,
     "manifest": read_manifest,
+    "scored_films": read_scored_films,
 }
 
 
 def read_source(kind: str, path: str | Path, **opts: Any) -> SourceTable:
-    """Read a dataset with the reader registered as ``kind`` (``aiforcovid``, ``brixia``, ``manifest``)."""
+    """Read a dataset with the reader registered as ``kind`` (``aiforcovid``, ``brixia``, ``manifest``,
+    ``scored_films``)."""
     if kind not in READERS:
         raise ConfigError(f"unknown dataset kind {kind!r}; known kinds: {sorted(READERS)}")
     return READERS[kind](path, **opts)
@@ -69,6 +72,7 @@ __all__ = [
     "read_brixia",
     "read_brixia_consensus",
     "read_manifest",
+    "read_scored_films",
     "read_source",
     "read_table",
     "sniff_delimiter",

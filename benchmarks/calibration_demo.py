@@ -1,0 +1,188 @@
+"""Calibration, thresholds and conformal prediction on the demo's test folds, against the targets of the issue.
+
+Reads a results folder (``mdmt demo --out D`` writes ``D/results``) through the report's own tables
+(``mdmt.evaluate.report_calibration``: each run's ``calibration.json``, fitted on its validation fold, applied to its
+own test rows, pooled per strategy and protocol); trains and writes nothing. Prints per strategy and protocol the ECE
+(15 bins) before and after calibration, the balanced accuracy at 0.5 and at the runs' thresholds, the coverage and
+mean size of the prognosis sets and the coverage and mean width of the global Brixia interval; the size of the
+validation folds the maps were fitted on; on CV, both calibration methods fitted again from the prediction files (in
+memory) with the ECE a perfectly calibrated model would show on the same rows (labels drawn from the calibrated
+probability, 200 draws: the estimator's noise floor); and whether each target holds on the pooled CV test
+predictions:
+
+- MDMT's ECE after calibration <= 0.05, and >= 30 % below the raw ECE when that is above 0.05;
+- balanced accuracy at the chosen threshold >= at 0.5, for every strategy;
+- at alpha = 0.1, coverage in [0.88, 0.95] for the prognosis sets and the global Brixia interval.
+
+    mdmt demo --out demo-output
+    python benchmarks/calibration_demo.py demo-output/results
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from mdmt.config import CalibrationConfig
+from mdmt.evaluate import calibration as calib
+from mdmt.evaluate.report import collect
+from mdmt.evaluate.report_calibration import binary_columns, calibration_table, conformal_table
+from mdmt.evaluate.scoring import fit_calibration, read_predictions
+from mdmt.runs import CALIBRATION_FILE, DONE_FILE, RUNS_DIR
+
+ALPHA = 0.1
+COVERAGE = (0.88, 0.95)
+ECE_TARGET, ECE_DROP = 0.05, 0.30
+SEVERITY = "severity_regions"
+STRATEGIES = {"stl_prognosis": "STL", "stl_severity": "STL severity", "ft": "FT",
+              "mdmt_permuted": "MDMT, BrixIA labels permuted", "mdmt": "MDMT"}
+PROTOCOLS = {"cv5": "CV", "loco": "LOCO"}
+
+
+def _cell(value: float, spec: str = ".3f") -> str:
+    return "—" if pd.isna(value) else f"{value:{spec}}"
+
+
+def tables(results: Path) -> pd.DataFrame:
+    """One row per strategy × protocol: the calibration and conformal columns of both tasks at ALPHA."""
+    prognosis = collect(results, "prognosis").calibration
+    severity = collect(results, SEVERITY).calibration
+    if prognosis is None or prognosis.rows.empty:
+        raise SystemExit(f"{results}: no run has a {CALIBRATION_FILE} with prognosis (an older results folder?)")
+    keys = ["strategy", "protocol"]
+    sets = prognosis.conformal[prognosis.conformal["alpha"] == ALPHA].set_index(keys)
+    table = prognosis.calibration.set_index(keys).join(sets[["coverage", "mean_size"]].add_prefix("set_"))
+    if severity is not None and not severity.conformal.empty:
+        intervals = severity.conformal[(severity.conformal["alpha"] == ALPHA)
+                                       & (severity.conformal["interval"] == "global")].set_index(keys)
+        table = table.join(intervals[["coverage", "mean_width"]].add_prefix("global_"), how="outer")
+    return table
+
+
+def validation_sizes(results: Path) -> dict[tuple[str, str], list[int]]:
+    """Per task and protocol, the number of validation rows each run's conformal map was calibrated on."""
+    sizes: dict[tuple[str, str], list[int]] = {}
+    for path in sorted((results / RUNS_DIR).glob(f"*/*/*/fold*/seed*/{CALIBRATION_FILE}")):
+        fitted, protocol = json.loads(path.read_text()), path.parents[2].name
+        for task, part in (("prognosis", "sets"), (SEVERITY, "global")):
+            if part in fitted.get(task, {}):
+                sizes.setdefault((task, protocol), []).append(int(fitted[task][part]["n_calibration"]))
+    return sizes
+
+
+def ece_floor(truth: np.ndarray, probability: np.ndarray, draws: int = 200) -> tuple[float, float]:
+    """Median and 90th percentile of the ECE of labels drawn from ``probability`` itself (seeded)."""
+    rng = np.random.default_rng(0)
+    values = [calib.expected_calibration_error(rng.binomial(1, probability), probability) for _ in range(draws)]
+    return float(np.median(values)), float(np.quantile(values, 0.9))
+
+
+def _home_rows(path: Path) -> pd.DataFrame:
+    rows = read_predictions(path)
+    return rows[rows["dataset"] == "aiforcovid"]
+
+
+def _nonconformity(rows: pd.DataFrame) -> float:
+    """Mean 1 - P(true class) of calibrated rows: what the conformal quantile is taken of."""
+    return float(np.mean(np.where(rows["y_true"] == 1, 1 - rows["calibrated"], rows["calibrated"])))
+
+
+def methods_on_cv(results: Path) -> pd.DataFrame:
+    """Per strategy, on the pooled CV test rows: ECE raw, and per method (fitted again on each run's validation
+    rows, in memory) the ECE, its noise floor, the coverage of the prognosis sets and the mean nonconformity score
+    on the validation rows against the test rows."""
+    runs = sorted(p.parent for p in (results / RUNS_DIR).glob(f"*/*/cv5/fold*/seed*/{DONE_FILE}")
+                  if (p.parent / "val_predictions_prognosis.csv").is_file())
+    records = {}
+    for method in ("temperature", "platt"):
+        parts = []
+        for run_dir in runs:
+            fitted = fit_calibration(run_dir, CalibrationConfig(method=method, alpha=ALPHA)).get("prognosis", {})
+            if "binary" not in fitted:
+                continue
+            for part, name in (("test", "predictions_prognosis.csv"), ("val", "val_predictions_prognosis.csv")):
+                rows = _home_rows(run_dir / name)
+                parts.append(rows.assign(strategy=run_dir.parents[3].name, protocol="cv5", key=str(run_dir),
+                                         part=part, **binary_columns(fitted, rows)))
+        both = pd.concat(parts, ignore_index=True)
+        pooled = both[both["part"] == "test"]
+        table = calibration_table(pooled).set_index("strategy")
+        coverage = conformal_table(pooled, {"scorer": "binary"}).set_index("strategy")["coverage"]
+        for strategy, group in pooled.groupby("strategy"):
+            floor = ece_floor(group["y_true"].to_numpy(), group["calibrated"].to_numpy())
+            records.setdefault(strategy, {"ece_raw": table.loc[strategy, "ece_raw"]})
+            val = both[(both["strategy"] == strategy) & (both["part"] == "val")]
+            records[strategy] |= {f"ece_{method}": table.loc[strategy, "ece_calibrated"],
+                                  f"floor_{method}": f"{floor[0]:.3f} / {floor[1]:.3f}",
+                                  f"coverage_{method}": coverage.loc[strategy],
+                                  f"score_{method}": f"{_nonconformity(val):.3f} / {_nonconformity(group):.3f}"}
+    return pd.DataFrame.from_dict(records, orient="index").loc[[s for s in STRATEGIES if s in records]]
+
+
+def print_table(table: pd.DataFrame) -> None:
+    print("| strategy | protocol | runs | ECE raw | ECE calibrated | BAcc at 0.5 | BAcc at threshold | mean threshold "
+          "| set coverage | set size | Brixia global coverage | global width |")
+    print("|---" * 12 + "|")
+    order = [(s, p) for s in STRATEGIES for p in PROTOCOLS if (s, p) in table.index]
+    for strategy, protocol in order:
+        row = table.loc[(strategy, protocol)]
+        runs = "—" if pd.isna(row.get("runs")) else str(int(row["runs"]))
+        cells = [_cell(row.get(c)) for c in ("ece_raw", "ece_calibrated", "balanced_accuracy_at_0.5",
+                                              "balanced_accuracy_at_threshold", "threshold_mean", "set_coverage",
+                                              "set_mean_size", "global_coverage", "global_mean_width")]
+        print(f"| {STRATEGIES[strategy]} | {PROTOCOLS[protocol]} | {runs} | " + " | ".join(cells) + " |")
+
+
+def targets(table: pd.DataFrame) -> list[tuple[str, bool]]:
+    """Each issue target on the pooled CV test predictions, with whether it holds."""
+    cv = table.xs("cv5", level="protocol")
+    mdmt = cv.loc["mdmt"]
+    raw, calibrated = mdmt["ece_raw"], mdmt["ece_calibrated"]
+    drop = 1 - calibrated / raw
+    ece_ok = calibrated <= ECE_TARGET and (raw <= ECE_TARGET or drop >= ECE_DROP)
+    out = [(f"MDMT ECE {raw:.3f} -> {calibrated:.3f} ({-drop:+.0%}; target <= {ECE_TARGET}, and >= {ECE_DROP:.0%} "
+            f"lower when the raw ECE is above {ECE_TARGET})", bool(ece_ok))]
+    rows = cv.dropna(subset=["balanced_accuracy_at_0.5"])
+    worse = [s for s, r in rows.iterrows() if r["balanced_accuracy_at_threshold"] < r["balanced_accuracy_at_0.5"]]
+    out.append((f"balanced accuracy at the threshold >= at 0.5 for every strategy (below: "
+                f"{', '.join(worse) or 'none'})", not worse))
+    for column, label in (("set_coverage", "prognosis set"), ("global_coverage", "Brixia global interval")):
+        values = cv[column].dropna()
+        inside = values.between(*COVERAGE)
+        out.append((f"{label} coverage in [{COVERAGE[0]}, {COVERAGE[1]}] for every strategy: "
+                    + ", ".join(f"{s} {v:.3f}" for s, v in values.items()), bool(inside.all())))
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("results", nargs="+", type=Path, help="results folders (mdmt demo --out D: D/results)")
+    args = parser.parse_args()
+    for results in args.results:
+        table = tables(results)
+        print(f"\n{results}: pooled test predictions per strategy and protocol, alpha = {ALPHA}")
+        print_table(table)
+        for (task, protocol), sizes in sorted(validation_sizes(results).items()):
+            print(f"{task}, {PROTOCOLS.get(protocol, protocol)}: validation rows per run median "
+                  f"{np.median(sizes):.0f} ({min(sizes)} to {max(sizes)}), {len(sizes)} runs")
+        methods = methods_on_cv(results)
+        print("\nCV, both methods fitted again on each run's validation rows; ECE floor: median / 90th percentile "
+              "for labels drawn from the calibrated probability")
+        print("| strategy | ECE raw | ECE temperature | floor | ECE Platt | floor | set coverage temperature "
+              "| set coverage Platt | 1 − P(true) val / test (temperature) |")
+        print("|---" * 9 + "|")
+        for strategy, row in methods.iterrows():
+            cells = [_cell(row["ece_raw"]), _cell(row["ece_temperature"]), row["floor_temperature"],
+                     _cell(row["ece_platt"]), row["floor_platt"], _cell(row["coverage_temperature"]),
+                     _cell(row["coverage_platt"]), row["score_temperature"]]
+            print(f"| {STRATEGIES[strategy]} | " + " | ".join(cells) + " |")
+        for text, holds in targets(table):
+            print(f"target {'HOLDS' if holds else 'FAILS'}: {text}")
+
+
+if __name__ == "__main__":
+    main()
