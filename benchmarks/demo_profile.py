@@ -10,10 +10,10 @@ folder and splits its wall time into phases:
 The grid's runs work in ``grid.workers`` processes at once, so the figures are core time: a phase's wall seconds ×
 workers. Inside the grid, each run's ``history.csv`` splits its epochs into data, forward (model forward and the
 losses), backward, step (optimizer step and bookkeeping), and the validation pass's data and forward; the grid's
-summary (``GridSummary.run_seconds``) holds each run's wall seconds, and a run's overhead is its wall time less those phases (process start, splits, loaders,
-model, checkpoints, predictions, metrics). Idle is the grid's core time no run used (dependency waits, the last
-run finishing alone). The headline is Σ over runs of model forward (training and validation) + backward ÷ (demo
-wall × workers); on a GPU it is only exact with ``MDMT_SYNC_TIMING=1`` (``--sync``).
+summary (``GridSummary.run_seconds``) holds each run's wall seconds, and a run's overhead is its wall time less those
+phases (process start, splits, loaders, model, checkpoints, predictions, metrics). Idle is the grid's core time no
+run used (dependency waits, the last run finishing alone). The headline is Σ over runs of model forward (training
+and validation) + backward ÷ (demo wall × workers); on a GPU it is only exact with ``MDMT_SYNC_TIMING=1`` (``--sync``).
 
     python benchmarks/demo_profile.py [--config demo] [--set grid.seeds=[0] ...] [--json figures.json]
 """

@@ -114,6 +114,8 @@ def test_runs_everything_once_and_skips_done_runs(tmp_path):
     summary = run_grid(config, run_fn=fake_run, progress=False)
     assert summary.ok and summary.completed == [s.key for s in specs]
     assert [c["key"] for c in calls(tmp_path)] == [s.key for s in specs]
+    assert set(summary.run_seconds) == set(summary.completed)
+    assert 0 < sum(summary.run_seconds.values()) < summary.seconds
     again = run_grid(config, run_fn=fake_run, progress=True)
     assert len(calls(tmp_path)) == len(specs)
     assert again.completed == [] and len(again.already_done) == len(specs)

@@ -126,7 +126,8 @@ def _row(spec: RunSpec, run_dir: Path) -> dict[str, Any]:
     row: dict[str, Any] = {"key": spec.key, **spec_fields(spec), "status": "running", "run_dir": str(run_dir),
                            "started": _mtime(run_dir / SPEC_FILE) or _mtime(run_dir)}
     if done.is_file():
-        row |= _finished_fields(run_dir) | {"finished": _mtime(done), "seconds": _history_seconds(run_dir / HISTORY_FILE)}
+        row |= _finished_fields(run_dir)
+        row |= {"finished": _mtime(done), "seconds": _history_seconds(run_dir / HISTORY_FILE)}
     elif failed.is_file():
         row |= {"status": "failed", "finished": _mtime(failed), "error": failed.read_text(errors="replace")}
     return row
