@@ -1,4 +1,4 @@
-"""What checking an image cache's content costs (``mdmt.data.cache.verify_images``: the sha256 of ``images.u8``).
+"""What checking an image cache's content costs (``mdmt.cache.image_cache.verify_images``: the sha256 of ``images.u8``).
 
 (a) The demo: its twin and caches (shipped ``demo`` config), then one of its runs (``stl_prognosis``, cv5 fold 0)
     started as a grid worker starts it (the caches opened by path, so the run checks them). The run's start-up is
@@ -32,15 +32,20 @@ import pandas as pd
 from rich.console import Console
 from rich.table import Table
 
+from mdmt.cache import image_cache as cache_module
+from mdmt.cache.image_cache import (
+    IMAGES_CHECKSUM,
+    IMAGES_FILE,
+    ImageCache,
+    verify_images,
+)
+from mdmt.cache.preprocess import file_sha256
 from mdmt.cli import config_path
 from mdmt.config import PluginRef, load_config
-from mdmt.data import cache as cache_module
-from mdmt.data.cache import IMAGES_CHECKSUM, IMAGES_FILE, ImageCache, verify_images
 from mdmt.data.datasets import prepare
-from mdmt.data.preprocess import file_sha256
-from mdmt.data.synthetic import generate
 from mdmt.demo import twin_datasets
 from mdmt.runs import HISTORY_FILE, RunSpec
+from mdmt.synth import generate
 from mdmt.train.run import train_run
 
 console = Console(width=120)

@@ -20,13 +20,13 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from mdmt.cache.image_cache import build_cache
+from mdmt.cache.preprocess import preprocess_image
 from mdmt.config import AugmentConfig, DataConfig, RuntimeConfig, TrainConfig
 from mdmt.data.augment import BatchAugmenter
-from mdmt.data.cache import build_cache
-from mdmt.data.dataset import CachedImageDataset, MultiSourceDataset, make_loader
-from mdmt.data.preprocess import preprocess_image
-from mdmt.data.sources import read_aiforcovid, read_brixia
-from mdmt.data.synthetic import generate
+from mdmt.data.batches import CachedImageDataset, MultiSourceDataset, make_loader
+from mdmt.sources import read_aiforcovid, read_brixia
+from mdmt.synth import generate
 from mdmt.tasks import get_task
 
 console = Console()

@@ -2,7 +2,7 @@
 
 Runs ``mdmt.demo.run_demo`` (the shipped ``demo`` config, or ``--config``, with ``--set`` overrides) in a temporary
 folder and splits its wall time into phases:
-  twin      the synthetic twin (``mdmt.data.synthetic.generate``);
+  twin      the synthetic twin (``mdmt.synth.generate``);
   caches    the image caches, lung crop included (``mdmt.data.datasets.prepare``, once per grid);
   grid      the training runs (``run_grid`` less the caches);
   report    what follows the grid: statistics, the report, the headline table;
@@ -38,9 +38,9 @@ from rich.console import Console
 from rich.table import Table
 
 import mdmt.data.datasets
-import mdmt.data.synthetic
 import mdmt.demo
 import mdmt.experiments.grid
+import mdmt.synth
 from mdmt.cli import config_path
 from mdmt.config import Config, load_config, parse_override
 from mdmt.runs import HISTORY_FILE
@@ -123,7 +123,7 @@ def profile(config: Config, out: Path) -> dict[str, Any]:
     grids: list[Any] = []
     load_before = os.getloadavg()
     with ExitStack() as stack:
-        stack.enter_context(timed(mdmt.data.synthetic, "generate", calls["twin"]))
+        stack.enter_context(timed(mdmt.synth, "generate", calls["twin"]))
         stack.enter_context(timed(mdmt.data.datasets, "prepare", calls["caches"]))
         stack.enter_context(timed(mdmt.experiments.grid, "run_grid", calls["grid"], grids))
         start = time.perf_counter()

@@ -37,13 +37,13 @@ from rich.table import Table
 
 import mdmt
 from mdmt.config import load_config, parse_override
-from mdmt.data.lung_films import read_film_folder
-from mdmt.data.lungs import read_mask
-from mdmt.data.synthetic import generate
 from mdmt.infer.cam import grad_cams
+from mdmt.infer.films import Film, load_film, network_input
 from mdmt.infer.model_io import TrainedModel, load_trained
-from mdmt.infer.preprocess import Film, load_film, network_input
+from mdmt.lungs.locate import read_mask
+from mdmt.lungs.training import read_film_folder
 from mdmt.runs import RunSpec
+from mdmt.synth import generate
 from mdmt.train.run import train_run
 
 REAL_FILMS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real-cxr-lungs"

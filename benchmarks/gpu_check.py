@@ -248,7 +248,7 @@ def _engine_steps(amp: bool, cache: Any, sizes: Sizes, device: Any, run_dir: Pat
     import torch
 
     from mdmt.config import Config, RuntimeConfig
-    from mdmt.data.dataset import (
+    from mdmt.data.batches import (
         CachedImageDataset,
         MixedBatchSampler,
         MultiSourceDataset,

@@ -34,7 +34,7 @@ from train_step import memmap_source
 
 from mdmt.config import AugmentConfig, Config, RuntimeConfig
 from mdmt.data.augment import BatchAugmenter
-from mdmt.data.dataset import (
+from mdmt.data.batches import (
     CachedImageDataset,
     ImageArrays,
     MixedBatchSampler,

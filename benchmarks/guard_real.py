@@ -38,14 +38,19 @@ from rich.console import Console
 from rich.table import Table
 
 from mdmt.data.datasets import prepare, select
-from mdmt.data.lung_films import read_film_folder
+from mdmt.infer.films import load_film
 from mdmt.infer.guard import NOT_FRONTAL
 from mdmt.infer.model_io import TrainedModel, load_trained
 from mdmt.infer.predict import predict_files
-from mdmt.infer.preprocess import load_film
+from mdmt.lungs.training import read_film_folder
 from mdmt.protocols import build_splits
 from mdmt.runs import SPEC_FILE, RunSpec
-from mdmt.train.feature_stats import FEATURE_STATS_FILE, film_descriptors, fit_feature_stats, write_feature_stats
+from mdmt.train.feature_stats import (
+    FEATURE_STATS_FILE,
+    film_descriptors,
+    fit_feature_stats,
+    write_feature_stats,
+)
 from mdmt.train.strategies import get_strategy
 
 REAL_FILMS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real-cxr-lungs"

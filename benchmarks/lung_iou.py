@@ -18,8 +18,8 @@ import pandas as pd
 from rich.console import Console
 from rich.table import Table
 
-from mdmt.data.lungs import localiser_iou, locate_lungs, locate_lungs_classical
-from mdmt.data.synthetic import generate
+from mdmt.lungs.locate import localiser_iou, locate_lungs, locate_lungs_classical
+from mdmt.synth import generate
 
 DATASETS = ("aiforcovid", "brixia")
 LOCALISERS = {"segmenter": locate_lungs, "classical": locate_lungs_classical}

@@ -30,23 +30,21 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from mdmt.data.dicom import normalize_intensity, read_image
-from mdmt.data.lung_films import (
+from mdmt.images import normalize_intensity, read_image
+from mdmt.lungs.locate import localiser_iou, locate_lungs, locate_lungs_classical
+from mdmt.lungs.training import (
     FOLD_SEED,
     FOLDS,
-    TWIN_FILMS,
-    TWIN_SEED,
     film_summary,
     fit_segmenter,
     patient_folds,
     read_film_folder,
     read_holdout,
     score_films,
-    twin_training_films,
 )
-from mdmt.data.lung_unet import TrainSettings, read_weights, save_weights, segment
-from mdmt.data.lungs import localiser_iou, locate_lungs, locate_lungs_classical
-from mdmt.data.synthetic import generate
+from mdmt.lungs.unet import TrainSettings, read_weights, save_weights, segment
+from mdmt.synth import generate
+from mdmt.synth.lung_films import TWIN_FILMS, TWIN_SEED, twin_training_films
 
 REAL_FILMS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real-cxr-lungs"
 TARGETS = {"iou": 0.85, "keep95": 0.97, "fallback": 0.05, "twin": 0.90}

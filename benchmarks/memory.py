@@ -31,7 +31,7 @@ import torch
 from train_step import memmap_source
 
 from mdmt.config import Config, RuntimeConfig
-from mdmt.data.dataset import (
+from mdmt.data.batches import (
     CachedImageDataset,
     MixedBatchSampler,
     MultiSourceDataset,

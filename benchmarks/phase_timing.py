@@ -29,7 +29,7 @@ from train_step import synthetic_cache
 
 from mdmt.cli import config_path
 from mdmt.config import Config, load_config
-from mdmt.data.dataset import (
+from mdmt.data.batches import (
     CachedImageDataset,
     MixedBatchSampler,
     MultiSourceDataset,

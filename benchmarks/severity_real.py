@@ -43,18 +43,18 @@ from rich.console import Console
 from rich.table import Table
 from sklearn.model_selection import StratifiedGroupKFold
 
+from mdmt.cache.image_cache import ImageCache, build_cache
 from mdmt.config import Config, PluginRef, load_config, parse_override
 from mdmt.data.augment import BatchAugmenter
-from mdmt.data.cache import ImageCache, build_cache
-from mdmt.data.dataset import CachedImageDataset, make_loader
+from mdmt.data.batches import CachedImageDataset, make_loader
 from mdmt.data.datasets import DATASETS
-from mdmt.data.sources import SourceTable
-from mdmt.data.sources.scored_films import JUNIOR_COLUMNS
 from mdmt.evaluate.metrics import severity_metrics
 from mdmt.models.multitask import build_model, check_input_size
 from mdmt.parallel import ordered_map
 from mdmt.protocols import split_groups
 from mdmt.runs import write_json
+from mdmt.sources import SourceTable
+from mdmt.sources.scored_films import JUNIOR_COLUMNS
 from mdmt.tasks import REGION_COLUMNS, REGION_SCORE_RANGE, get_task, global4_targets
 from mdmt.train.checkpoints import load_model_state, seed_everything
 from mdmt.train.engine import BEST_CHECKPOINT, fit, predict, resolve_device

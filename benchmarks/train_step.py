@@ -36,7 +36,7 @@ from rich.console import Console
 from rich.table import Table
 
 from mdmt.config import Config
-from mdmt.data.dataset import (
+from mdmt.data.batches import (
     CachedImageDataset,
     ImageArrays,
     MixedBatchSampler,

@@ -1,7 +1,7 @@
 """Retrain the shipped lung segmenter weights (deterministic: same films, seed and threads → same weights).
 
-Trains the compact U-Net of ``mdmt.data.lung_unet`` on the real films of ``--data`` (the folder layout of
-``mdmt.data.lung_films``: manifest.csv, images/, masks/) and on films of the synthetic twin (generated
+Trains the compact U-Net of ``mdmt.lungs.unet`` on the real films of ``--data`` (the folder layout of
+``mdmt.lungs.training``: manifest.csv, images/, masks/) and on films of the synthetic twin (generated
 here in a temporary folder). One patient-grouped fold of the real films is left out of training and listed
 beside the weights, so the tests can score the shipped weights out of sample; ``--holdout-fold none``
 trains on every film.
@@ -17,20 +17,22 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from mdmt.data.lung_films import (
+from mdmt.lungs.training import (
     FOLD_SEED,
     FOLDS,
     HOLDOUT_FOLD,
-    TWIN_FILMS,
-    TWIN_PRESET,
-    TWIN_SEED,
     fit_segmenter,
     patient_folds,
     read_film_folder,
-    twin_training_films,
     write_holdout,
 )
-from mdmt.data.lung_unet import HOLDOUT_FILE, WEIGHTS_FILE, TrainSettings, save_weights
+from mdmt.lungs.unet import HOLDOUT_FILE, WEIGHTS_FILE, TrainSettings, save_weights
+from mdmt.synth.lung_films import (
+    TWIN_FILMS,
+    TWIN_PRESET,
+    TWIN_SEED,
+    twin_training_films,
+)
 
 REAL_FILMS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real-cxr-lungs"
 

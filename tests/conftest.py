@@ -13,7 +13,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The `tiny` synthetic AIforCOVID + BrixIA twin (seed 0), in the real formats."""
-    from mdmt.data.synthetic import generate
+    from mdmt.synth import generate
 
     out = tmp_path_factory.mktemp("tiny-synthetic")
     generate(out, preset="tiny", seed=0, progress=False)

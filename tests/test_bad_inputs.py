@@ -80,7 +80,7 @@ class Base:
 @pytest.fixture(scope="session")
 def base(tmp_path_factory: pytest.TempPathFactory) -> Base:
     """Twin → caches → finished stl_prognosis and stl_severity runs (cv5 fold 0), built once."""
-    from mdmt.data.synthetic import generate
+    from mdmt.synth import generate
 
     root = tmp_path_factory.mktemp("bad-inputs-base")
     twin, cache, results = root / "twin", root / "cache", root / "results"
@@ -404,7 +404,7 @@ def counts_add_up(dataset: str, total: int, failed: tuple[str, ...] = (), droppe
     """The new cache of ``dataset``: cached + failed + dropped == ``total`` rows, the named ids failed/dropped."""
 
     def check(ws: Workspace, text: str) -> None:
-        from mdmt.data.cache import open_cache
+        from mdmt.cache.image_cache import open_cache
 
         cache = open_cache(ws.cache_of(dataset))
         assert len(cache) + len(cache.failed) + len(cache.dropped) == total
@@ -436,7 +436,7 @@ def rebuilt(dataset: str) -> Check:
     """The damaged cache folder of ``dataset`` opens again with every image."""
 
     def check(ws: Workspace, text: str) -> None:
-        from mdmt.data.cache import open_cache, verify_images
+        from mdmt.cache.image_cache import open_cache, verify_images
 
         (folder,) = ws.cache.glob(f"{dataset}-*")
         cache = verify_images(open_cache(folder))
@@ -472,7 +472,7 @@ def full_images_file(ws: Workspace, monkeypatch: pytest.MonkeyPatch) -> None:
     """The cache's images are streamed into a full device (writes fail with ENOSPC)."""
     import builtins
 
-    import mdmt.data.cache as cache_module
+    import mdmt.cache.image_cache as cache_module
 
     def open_full(path: Any, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
         target = "/dev/full" if str(path).endswith("images.u8") and "w" in mode else path
@@ -482,7 +482,7 @@ def full_images_file(ws: Workspace, monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def no_free_space(ws: Workspace, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("mdmt.data.cache.shutil.disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9, 0))
+    monkeypatch.setattr("mdmt.cache.image_cache.shutil.disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9, 0))
 
 
 def writer_fails(number: int, name: str) -> Setup:

@@ -13,14 +13,14 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from scipy import ndimage
 
+from mdmt.cache import image_cache as cache_module
+from mdmt.cache import preprocess as preprocess_module
+from mdmt.cache.image_cache import COMPLETE_FILE, build_cache, open_cache, summary_table
 from mdmt.config import DataConfig
-from mdmt.data import cache as cache_module
-from mdmt.data import preprocess as preprocess_module
-from mdmt.data.cache import COMPLETE_FILE, build_cache, open_cache, summary_table
 from mdmt.data.datasets import prepare
-from mdmt.data.dicom import normalize_intensity, read_image
-from mdmt.data.lungs import crop_to_box, locate_lungs
 from mdmt.errors import DataError, ImageReadError
+from mdmt.images import normalize_intensity, read_image
+from mdmt.lungs.locate import crop_to_box, locate_lungs
 
 IDS = ["12345678901234567890", "00000000000000000042", "P_1", "P_2_7", "98765432109876543210"]
 
@@ -226,7 +226,7 @@ def test_cache_pickles_by_path(tmp_path):
 
 
 def test_prepare_builds_each_configured_dataset(tiny_config, tiny_caches):
-    from mdmt.data.sources import read_aiforcovid, read_brixia
+    from mdmt.sources import read_aiforcovid, read_brixia
 
     assert set(tiny_caches) == {"aiforcovid", "brixia"}
     readers = {

@@ -21,7 +21,7 @@ from mdmt.config import (
     parse_override,
     save_config,
 )
-from mdmt.data.dataset import CachedImageDataset, ImageArrays, make_loader
+from mdmt.data.batches import CachedImageDataset, ImageArrays, make_loader
 from mdmt.errors import ConfigError
 from mdmt.losses import build_weighting
 from mdmt.models.multitask import build_model

@@ -164,7 +164,7 @@ def test_a_full_or_read_only_disk_exits_2_naming_the_file(tmp_path, capsys, monk
     def failing_write(plan, rendered, out, seed):
         raise OSError(number, os.strerror(number), str(out / "BRIXIA" / "x.dcm"))
 
-    monkeypatch.setattr("mdmt.data.synthetic.twin.write_image", failing_write)
+    monkeypatch.setattr("mdmt.synth.twin.write_image", failing_write)
     code, text = run(capsys, "synth", str(tmp_path / "twin"), "--preset", "tiny")
     assert code == 2 and f"{tmp_path / 'twin' / 'BRIXIA' / 'x.dcm'}: {reason}" in text
 

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import torch
 
-from mdmt.clinical import ENCODER_FILE, ClinicalEncoder
+from mdmt.clinical_encoder import ENCODER_FILE, ClinicalEncoder
 from mdmt.config import PluginRef
 from mdmt.errors import ConfigError
 from mdmt.runs import DONE_FILE, RunSpec, predictions_file

@@ -16,16 +16,16 @@ from helpers.infer_runs import train_tiny_run
 
 from mdmt.cli import main
 from mdmt.config import PluginRef
-from mdmt.data.sources.tables import read_table
 from mdmt.errors import ConfigError
 from mdmt.infer.cam import grad_cams
-from mdmt.infer.clinical import IMPUTED_COLUMN
+from mdmt.infer.clinical_sheet import IMPUTED_COLUMN
 from mdmt.infer.explain import explain_files
 from mdmt.infer.export import PREPROCESSING_FILE, export_run
+from mdmt.infer.films import load_film, network_input
 from mdmt.infer.model_io import load_trained
 from mdmt.infer.predict import predict_files
-from mdmt.infer.preprocess import load_film, network_input
 from mdmt.runs import RunSpec, predictions_file
+from mdmt.sources.tables import read_table
 from mdmt.train.run import train_run
 
 COLUMNS = ["Age", "Sex", "LDH", "PaO2", "SaO2", "RespiratoryFailure"]

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from mdmt.data.crop_qc import crop_issue_lines, crop_table, write_contact_sheets
+from mdmt.cache.crop_qc import crop_issue_lines, crop_table, write_contact_sheets
 from mdmt.errors import DataError
 
 

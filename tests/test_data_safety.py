@@ -23,9 +23,8 @@ import pytest
 from helpers.dicom_fixtures import write_dicom
 from PIL import Image
 
-from mdmt.config import Config, DataConfig, load_config
-from mdmt.data import cache as cache_module
-from mdmt.data.cache import (
+from mdmt.cache import image_cache as cache_module
+from mdmt.cache.image_cache import (
     CONTENT_HASH,
     SPACE_MARGIN,
     build_cache,
@@ -33,11 +32,12 @@ from mdmt.data.cache import (
     summary_table,
     verify_images,
 )
+from mdmt.config import Config, DataConfig, load_config
 from mdmt.data.datasets import Dataset, prepare
-from mdmt.protocols import dataset_split
-from mdmt.data.dicom import read_image
-from mdmt.data.sources import SourceTable
 from mdmt.errors import ConfigError, DataError, ImageReadError
+from mdmt.images import read_image
+from mdmt.protocols import dataset_split
+from mdmt.sources import SourceTable
 
 SIZE = 16
 
@@ -180,7 +180,7 @@ def test_a_corrupt_cache_file_is_named_and_the_cache_rebuilt(tmp_path, caplog, c
     corrupt(first.path / name)
     with pytest.raises(DataError, match=re.escape(name)):
         open_cache(first.path)
-    with caplog.at_level(logging.WARNING, logger="mdmt.data.cache"):
+    with caplog.at_level(logging.WARNING, logger="mdmt.cache.image_cache"):
         again = build_cache(toy, data_config(), tmp_path / "cache", progress=False)
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and name in warnings[0] and "rebuilding" in warnings[0]
@@ -218,7 +218,7 @@ def test_images_overwritten_in_place_are_refused_by_a_run_and_rebuilt_by_prepare
     assert str(refused.value) == (f"{first.path / 'images.u8'}: contents differ from the sha256 meta.json recorded "
                                   "at the build (bytes overwritten or corrupt); the cache is refused: `mdmt prepare` "
                                   "rebuilds it")
-    with caplog.at_level(logging.WARNING, logger="mdmt.data.cache"):
+    with caplog.at_level(logging.WARNING, logger="mdmt.cache.image_cache"):
         again = build_cache(toy, data_config(), tmp_path / "cache", progress=False)
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "images.u8: contents differ" in warnings[0] and "rebuilding" in warnings[0]
@@ -297,7 +297,7 @@ def test_byte_identical_files_are_hashed_listed_and_warned(tmp_path, caplog):
     copy = tmp_path / "data" / "DUP.dcm"
     shutil.copyfile(tmp_path / "data" / "P_1.dcm", copy)
     toy.records.loc[3] = ["DUP", "DUP", "B", str(copy), "toy", 1.0]
-    with caplog.at_level(logging.WARNING, logger="mdmt.data.cache"):
+    with caplog.at_level(logging.WARNING, logger="mdmt.cache.image_cache"):
         cache = build_cache(toy, data_config(), tmp_path / "cache", progress=False)
     digests = [hashlib.sha256(Path(p).read_bytes()).hexdigest() for p in toy.records["path"]]
     assert cache.records[CONTENT_HASH].tolist() == digests and digests[0] == digests[3]

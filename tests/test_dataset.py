@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from mdmt.config import RuntimeConfig, TrainConfig
-from mdmt.data.dataset import (
+from mdmt.data.batches import (
     CachedImageDataset,
     ImageArrays,
     MixedBatchSampler,

@@ -13,8 +13,8 @@ from pydicom.data import get_testdata_file
 from pydicom.pixels import convert_color_space
 from pydicom.uid import ImplicitVRLittleEndian, RLELossless
 
-from mdmt.data.dicom import image_info, normalize_intensity, read_image
 from mdmt.errors import ImageReadError
+from mdmt.images import image_info, normalize_intensity, read_image
 
 RNG = np.random.default_rng(0)
 CODECS_INSTALLED = all(importlib.util.find_spec(m) for m in ("pylibjpeg", "libjpeg", "openjpeg"))

@@ -12,8 +12,9 @@ import torch
 
 from mdmt.config import Config
 from mdmt.data.datasets import select
-from mdmt.protocols import build_splits
+from mdmt.data.loaders import build_data
 from mdmt.losses import build_weighting
+from mdmt.protocols import build_splits
 from mdmt.runs import BEST_CHECKPOINT, HISTORY_FILE, LAST_CHECKPOINT
 from mdmt.tasks import get_task
 from mdmt.train.callbacks import Callback
@@ -32,7 +33,6 @@ from mdmt.train.engine import (
     history_csv,
     is_eligible,
 )
-from mdmt.data.loaders import build_data
 from mdmt.train.strategies import get_strategy
 
 
@@ -333,7 +333,7 @@ import sys
 import torch
 from torch import nn
 from mdmt.config import load_config
-from mdmt.data.cache import open_cache
+from mdmt.cache.image_cache import open_cache
 from mdmt.losses import build_weighting
 from mdmt.tasks import get_task
 from mdmt.train.distributed import init_distributed, shutdown

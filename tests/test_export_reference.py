@@ -18,12 +18,12 @@ import torch.nn.functional as F
 from helpers.infer_runs import train_tiny_run
 from scipy import ndimage
 
-from mdmt.data import lungs
-from mdmt.data.dicom import normalize_intensity, read_image
-from mdmt.data.lung_unet import WORK_SIZE, segment, squash
+from mdmt.images import normalize_intensity, read_image
 from mdmt.infer.export import PREPROCESSING_FILE, REFERENCE_SCRIPT, export_run
 from mdmt.infer.guard import OOD_COLUMNS
 from mdmt.infer.predict import predict_files
+from mdmt.lungs import locate as lungs
+from mdmt.lungs.unet import WORK_SIZE, segment, squash
 from mdmt.model_card import CARD_JSON, CARD_MD
 
 ort = pytest.importorskip("onnxruntime")

@@ -15,12 +15,12 @@ from PIL import Image
 
 from mdmt.cli import main
 from mdmt.config import DataConfig
-from mdmt.data.lungs import NO_LUNG_FIELD
 from mdmt.errors import ConfigError, DataError
+from mdmt.infer.films import load_film
 from mdmt.infer.guard import NOT_FRONTAL, film_refusal
 from mdmt.infer.model_io import load_trained
 from mdmt.infer.predict import predict_files
-from mdmt.infer.preprocess import load_film
+from mdmt.lungs.locate import NO_LUNG_FIELD
 from mdmt.train.feature_stats import (
     FEATURE_STATS_FILE,
     FeatureStats,

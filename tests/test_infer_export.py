@@ -15,8 +15,8 @@ from helpers.infer_runs import train_tiny_run
 from mdmt.cli import main
 from mdmt.errors import ConfigError
 from mdmt.infer.export import PREPROCESSING_FILE, export_run
+from mdmt.infer.films import load_film, network_input
 from mdmt.infer.model_io import load_trained
-from mdmt.infer.preprocess import load_film, network_input
 
 TOLERANCE = 1e-4
 

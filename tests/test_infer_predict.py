@@ -16,11 +16,11 @@ from helpers.dicom_fixtures import write_dicom
 from helpers.infer_runs import train_tiny_run, write_variants
 
 from mdmt.cli import main
-from mdmt.data.dicom import normalize_intensity, read_image
 from mdmt.errors import ConfigError, DataError
+from mdmt.images import normalize_intensity, read_image
+from mdmt.infer.films import expand_inputs, load_film
 from mdmt.infer.model_io import load_trained
 from mdmt.infer.predict import predict_files
-from mdmt.infer.preprocess import expand_inputs, load_film
 from mdmt.runs import BEST_CHECKPOINT, DONE_FILE, FAILED_FILE, TASKS_FILE
 from mdmt.tasks import REGIONS
 from mdmt.train.checkpoints import save_checkpoint

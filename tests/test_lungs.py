@@ -13,8 +13,8 @@ from PIL import Image
 from scipy import ndimage
 
 from mdmt.config import DataConfig
-from mdmt.data.lung_unet import BASE_SIZE, REBUILD_COMMAND, TrainSettings, segment, train_segmenter
-from mdmt.data.lungs import (
+from mdmt.errors import ConfigError, DataError
+from mdmt.lungs.locate import (
     NO_LUNG_FIELD,
     LungBox,
     box_from_mask,
@@ -31,7 +31,13 @@ from mdmt.data.lungs import (
     resolve_box,
     segmented_box,
 )
-from mdmt.errors import ConfigError, DataError
+from mdmt.lungs.unet import (
+    BASE_SIZE,
+    REBUILD_COMMAND,
+    TrainSettings,
+    segment,
+    train_segmenter,
+)
 
 
 def chest_phantom(height: int, width: int, seed: int) -> tuple[np.ndarray, tuple[int, int, int, int]]:

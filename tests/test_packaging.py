@@ -23,7 +23,7 @@ def test_the_wheel_carries_the_configs_and_weights_and_runs_from_its_install(tmp
     modules = {str(p.relative_to(ROOT / "src")) for p in (ROOT / "src" / "mdmt").rglob("*.py")}
     assert modules <= names
     assert {"mdmt/configs/demo.yaml", "mdmt/configs/demo3.yaml", "mdmt/configs/paper.yaml"} <= names
-    assert "mdmt/data/weights/lung_unet.pt" in names
+    assert "mdmt/lungs/weights/lung_unet.pt" in names
 
     target = tmp_path / "installed"
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],

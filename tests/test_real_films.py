@@ -17,9 +17,11 @@ import torch
 from helpers.dicom_fixtures import write_dicom
 from PIL import Image, ImageDraw, ImageFont
 
+from mdmt.cache.preprocess import preprocess_image
 from mdmt.config import DataConfig
-from mdmt.data.dicom import normalize_intensity, read_image
-from mdmt.data.lung_films import (
+from mdmt.images import normalize_intensity, read_image
+from mdmt.lungs.locate import box_from_mask, read_mask
+from mdmt.lungs.training import (
     FOLD_SEED,
     FOLDS,
     film_summary,
@@ -28,9 +30,7 @@ from mdmt.data.lung_films import (
     read_holdout,
     score_films,
 )
-from mdmt.data.lung_unet import HOLDOUT_FILE, WEIGHTS_FILE, read_weights
-from mdmt.data.lungs import box_from_mask, read_mask
-from mdmt.data.preprocess import preprocess_image
+from mdmt.lungs.unet import HOLDOUT_FILE, WEIGHTS_FILE, read_weights
 
 TARGET_IOU, TARGET_KEEP95, TARGET_FALLBACK = 0.85, 0.97, 0.05
 DAMAGED_KEEP95 = 0.95

@@ -17,9 +17,9 @@ from PIL import Image
 
 from mdmt.config import PluginRef
 from mdmt.data.datasets import DATASETS
-from mdmt.data.sources import RECORD_COLUMNS, read_source
-from mdmt.data.sources.scored_films import JUNIOR_COLUMNS, read_scored_films
 from mdmt.errors import DataError
+from mdmt.sources import RECORD_COLUMNS, read_source
+from mdmt.sources.scored_films import JUNIOR_COLUMNS, read_scored_films
 from mdmt.tasks import REGION_COLUMNS
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "severity_real.py"

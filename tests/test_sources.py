@@ -12,8 +12,9 @@ from helpers.dicom_fixtures import write_dicom
 from PIL import Image
 
 from mdmt.data.datasets import TableParams, read_table_dataset
-from mdmt.data.dicom import read_image
-from mdmt.data.sources import (
+from mdmt.errors import ConfigError, DataError, ImageReadError
+from mdmt.images import read_image
+from mdmt.sources import (
     KNOWN_BAD_REASON,
     RECORD_COLUMNS,
     read_aiforcovid,
@@ -22,7 +23,6 @@ from mdmt.data.sources import (
     read_manifest,
     read_source,
 )
-from mdmt.errors import ConfigError, DataError, ImageReadError
 from mdmt.tasks import REGION_COLUMNS
 
 PIXELS = np.arange(64, dtype=np.uint16).reshape(8, 8) * 50
@@ -394,7 +394,7 @@ def test_read_source_registry(afc_root: Path, manifest_dir: Path):
 
 # ----------------------------------------------------------------------------------------------- synthetic twin
 def test_readers_load_the_synthetic_tiny_twin(request: pytest.FixtureRequest):
-    pytest.importorskip("mdmt.data.synthetic")
+    pytest.importorskip("mdmt.synth")
     root: Path = request.getfixturevalue("tiny_data")
     afc = read_aiforcovid(root / "AIforCOVID")
     brixia = read_brixia(root / "BRIXIA")
@@ -425,7 +425,7 @@ def test_readers_load_the_synthetic_tiny_twin(request: pytest.FixtureRequest):
 def test_a_brixia_folder_converted_to_png_and_jpeg_still_matches_its_metadata(tiny_data: Path, tmp_path: Path):
     from PIL import Image as PILImage
 
-    from mdmt.data.dicom import normalize_intensity, read_image
+    from mdmt.images import normalize_intensity, read_image
 
     root = tmp_path / "BRIXIA"
     shutil.copytree(tiny_data / "BRIXIA", root)

@@ -253,3 +253,32 @@ def test_a_split_is_the_same_for_the_same_records_protocol_and_seed(tiny_config,
     three = dataclasses.replace(tiny_config, protocol=dataclasses.replace(tiny_config.protocol, cv_folds=3))
     thirds = build_splits(three, chosen, tiny_caches, "cv5", 1, 0)["aiforcovid"]
     assert len(thirds.test) > len(first.test)
+
+
+def test_a_process_computes_each_fold_once(tiny_config, tiny_caches, monkeypatch):
+    """Runs of one grid process share their folds: a second request with the same records, protocol section and seed
+    gets the split already computed; another seed, another protocol section or other records are computed anew."""
+    import dataclasses
+
+    from mdmt import protocols as protocols_module
+    from mdmt.data.datasets import select
+    from mdmt.protocols import build_splits
+
+    calls = []
+    kfold = protocols_module.get_protocol("cv5")
+    compute = type(kfold).splits
+    monkeypatch.setattr(type(kfold), "splits", lambda self, *a, **k: calls.append(a[3:]) or compute(self, *a, **k))
+    monkeypatch.setattr(protocols_module, "_split_memo", {})
+    chosen = select(tiny_config, ["aiforcovid"])
+    first = build_splits(tiny_config, chosen, tiny_caches, "cv5", 1, 0)["aiforcovid"]
+    again = build_splits(tiny_config, chosen, tiny_caches, "cv5", 1, 0)["aiforcovid"]
+    assert again is first and len(calls) == 1
+    other_seed = build_splits(tiny_config, chosen, tiny_caches, "cv5", 1, 1)["aiforcovid"]
+    assert len(calls) == 2 and not np.array_equal(np.sort(other_seed.test), np.sort(first.test))
+    three = dataclasses.replace(tiny_config, protocol=dataclasses.replace(tiny_config.protocol, cv_folds=3))
+    build_splits(three, chosen, tiny_caches, "cv5", 1, 0)
+    assert len(calls) == 3
+    copy = {"aiforcovid": dataclasses.replace(tiny_caches["aiforcovid"],
+                                              records=tiny_caches["aiforcovid"].records.copy())}
+    fresh = build_splits(tiny_config, chosen, copy, "cv5", 1, 0)["aiforcovid"]
+    assert len(calls) == 4 and fresh is not first and np.array_equal(fresh.test, first.test)

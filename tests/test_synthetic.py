@@ -16,10 +16,11 @@ from scipy import ndimage
 from scipy.stats import spearmanr
 from sklearn.metrics import roc_auc_score
 
-from mdmt.data.dicom import normalize_intensity, read_image
-from mdmt.data.sources import read_manifest
-from mdmt.data.sources.aiforcovid import KNOWN_BAD_IDS
-from mdmt.data.synthetic import (
+from mdmt.errors import ConfigError
+from mdmt.images import normalize_intensity, read_image
+from mdmt.sources import read_manifest
+from mdmt.sources.aiforcovid import KNOWN_BAD_IDS
+from mdmt.synth import (
     AIFORCOVID_BLOCKS,
     COHORT_SEVERE_RATE,
     FAULTS,
@@ -33,7 +34,6 @@ from mdmt.data.synthetic import (
     generate,
     plan_aiforcovid,
 )
-from mdmt.errors import ConfigError
 from mdmt.tasks import REGIONS
 
 INT64_MAX = 2**63 - 1

@@ -14,17 +14,17 @@ import yaml
 from mdmt.cli import CONFIGS_DIR, main
 from mdmt.config import load_config
 from mdmt.data.datasets import prepare, select
+from mdmt.data.loaders import build_data
 from mdmt.protocols import build_splits
 from mdmt.runs import RunSpec
 from mdmt.tasks import get_task
-from mdmt.data.loaders import build_data
 from mdmt.train.strategies import get_strategy
 
 
 @pytest.fixture(scope="module")
 def study(tmp_path_factory) -> Path:
     """The tiny twin with its cohort, and a config file (demo3's layout) pointing at it: nothing else is needed."""
-    from mdmt.data.synthetic import generate
+    from mdmt.synth import generate
 
     data = tmp_path_factory.mktemp("tiny-cohort")
     generate(data, preset="tiny", seed=0, progress=False, cohort=True)

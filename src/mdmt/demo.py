@@ -19,7 +19,7 @@ console = Console()
 
 def _synthetic_data(config: Config, data_dir: Path) -> None:
     """Generate the synthetic twin unless the same parameters and generator version already produced ``data_dir``."""
-    from mdmt.data.synthetic import GENERATOR_VERSION, generate
+    from mdmt.synth import GENERATOR_VERSION, generate
 
     params = dataclasses.asdict(config.synth) | {"generator_version": GENERATOR_VERSION}
     params.pop("out")
@@ -72,7 +72,11 @@ def run_demo(config: Config, out: Path) -> Path:
         console.print(line, style="red", markup=False, highlight=False, soft_wrap=True)
 
     console.rule("3/3 statistics and report")
-    from mdmt.evaluate.report import build_report, collect, headline_table_text  # matplotlib: 0.4 s, needed here only
+    from mdmt.evaluate.report import (  # matplotlib: 0.4 s, needed here only
+        build_report,
+        collect,
+        headline_table_text,
+    )
 
     data = collect(config.results_dir)
     report = build_report(config.results_dir, out / "report", data=data)

@@ -1,5 +1,7 @@
 """The model card of a finished run or an export: ``metadata.json`` (machine-readable, keys after the
 ``metadata.json`` of MONAI bundles) and ``model_card.md`` (the same for people).
+(Over 400 lines on purpose: the JSON and the Markdown are two views of one record, gathered once from the run
+folder.)
 
 Everything comes from the run folder (``mdmt.runs``): the mdmt version and source commit, the config fingerprint
 (``inputs.json``), the tasks (``tasks.json``), the training data (each dataset's images, patients and centers per
@@ -32,7 +34,6 @@ from scipy import stats as scipy_stats
 
 from mdmt import __version__
 from mdmt.config import Config, PluginRef, load_run_config
-from mdmt.data.synthetic.layout import PARAMS_FILE, TRUTH_DIR
 from mdmt.errors import DataError
 from mdmt.evaluate import calibration as calib
 from mdmt.evaluate.metrics import region_classes
@@ -49,6 +50,7 @@ from mdmt.runs import (
     spec_from_dir,
     write_json,
 )
+from mdmt.sources.tables import SYNTHETIC_MARKER
 from mdmt.tasks import REGION_SCORE_RANGE, prediction_column
 
 if TYPE_CHECKING:
@@ -129,7 +131,7 @@ def synthetic_twin(location: Path | None) -> Path | None:
     if location is None:
         return None
     location = location.absolute()
-    return next((f for f in [location, *location.parents][:3] if (f / TRUTH_DIR / PARAMS_FILE).is_file()), None)
+    return next((f for f in [location, *location.parents][:3] if (f / SYNTHETIC_MARKER).is_file()), None)
 
 
 def run_datasets(run_dir: Path, config: Config) -> list[str]:
@@ -177,7 +179,7 @@ def _parts_from_caches(config: Config, spec: RunSpec, inputs: Mapping[str, Any])
     """``split_parts`` of the run's splits rebuilt from its image caches; None when a cache is not on this machine
     or a rebuilt split differs from the one ``inputs.json`` records."""
     # the image stack (torch) is imported only when the splits must be rebuilt
-    from mdmt.data.cache import open_cache
+    from mdmt.cache.image_cache import open_cache
     from mdmt.data.datasets import select
     from mdmt.protocols import build_splits, split_ids
 
@@ -228,7 +230,7 @@ def training_data(run_dir: Path, config: Config, spec: RunSpec, inputs: Mapping[
 def lung_segmenter() -> dict[str, Any]:
     """The shipped lung segmenter (the crop of ``crop: lungs`` runs, and predict's check for frontal lungs): weights
     fingerprint, what it was trained on, licence."""
-    from mdmt.data.lung_unet import read_weights, weights_fingerprint
+    from mdmt.lungs.unet import read_weights, weights_fingerprint
 
     return {"weights_sha256_16": weights_fingerprint(), "trained_on": read_weights().get("trained_on", {}),
             "licence": SEGMENTER_LICENCE}

@@ -9,7 +9,7 @@ import numpy as np
 from PIL import Image
 
 from mdmt.config import Config
-from mdmt.data.dicom import normalize_intensity, read_image
+from mdmt.images import normalize_intensity, read_image
 from mdmt.runs import RunSpec
 from mdmt.train.run import train_run
 

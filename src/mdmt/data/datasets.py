@@ -19,14 +19,16 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from mdmt.config import Config, PluginRef
-from mdmt.data.cache import (
+from mdmt.cache.image_cache import (
     ImageCache,
     build_cache,
     counts_by_reason,
     print_summary,
 )
-from mdmt.data.sources import (
+from mdmt.config import Config, PluginRef
+from mdmt.errors import ConfigError, DataError
+from mdmt.registry import Registry
+from mdmt.sources import (
     KNOWN_BAD_REASON,
     LABEL_COLUMNS,
     SourceTable,
@@ -35,11 +37,8 @@ from mdmt.data.sources import (
     read_manifest,
     read_scored_films,
 )
-from mdmt.data.sources.manifest import ROW_COLUMN
-from mdmt.errors import ConfigError, DataError
-from mdmt.registry import Registry
+from mdmt.sources.manifest import ROW_COLUMN
 from mdmt.tasks import REGION_COLUMNS, get_task, global4_targets
-
 
 
 @dataclass(frozen=True)
@@ -128,7 +127,7 @@ def brixia(params: RootParams, dataset_id: str) -> Dataset:
 
 @DATASETS.register("scored_films", RootParams, "a film folder with Brixia scores: manifest.csv + brixia-scores.csv")
 def scored_films(params: RootParams, dataset_id: str) -> Dataset:
-    """Films of one folder labelled by a radiologist's Brixia scores (``mdmt.data.sources.scored_films``)."""
+    """Films of one folder labelled by a radiologist's Brixia scores (``mdmt.sources.scored_films``)."""
     return Dataset(dataset_id, lambda: read_scored_films(_root(params, dataset_id), dataset_id),
                    (*REGION_COLUMNS, "brixia_global"), global4_targets, supports_loco=False)
 

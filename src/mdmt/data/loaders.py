@@ -17,9 +17,14 @@ import pandas as pd
 from rich.console import Console
 from torch.utils.data import DataLoader
 
+from mdmt.cache.image_cache import ImageCache
 from mdmt.config import Config
-from mdmt.data.cache import ImageCache
-from mdmt.data.dataset import CachedImageDataset, MixedBatchSampler, MultiSourceDataset, make_loader
+from mdmt.data.batches import (
+    CachedImageDataset,
+    MixedBatchSampler,
+    MultiSourceDataset,
+    make_loader,
+)
 from mdmt.data.splits import Split
 from mdmt.errors import DataError
 from mdmt.tasks import Task

@@ -1,4 +1,5 @@
 """Patient-level splits: stratified k-fold (the paper's rotation), leave-one-center-out, official split files.
+(Over 400 lines on purpose: the three split kinds share the patient checks and the reporting of dropped rows.)
 
 A ``Split`` holds arrays of ``image_id`` strings. Every constructor checks that no patient (AIforCOVID:
 the image; BrixIA: the ``Subject``) falls in two parts of a fold, and reports by id the rows it leaves out

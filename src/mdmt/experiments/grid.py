@@ -1,4 +1,5 @@
 """The grid runner: expand a study into runs, run what is missing in dependency order, record every run.
+(Over 400 lines on purpose: expansion, ordering and the four backends share the run records and the lock.)
 
 ``expand_grid`` turns ``config.grid`` (backbones × strategies × protocols × folds × seeds) into RunSpecs, adds the
 runs each one starts from (``mdmt.train.strategies.dependencies``) and orders them so that a dependency always
@@ -35,8 +36,8 @@ from typing import Any
 
 from rich.table import Table
 
+from mdmt.cache.image_cache import ImageCache
 from mdmt.config import Config, PluginRef
-from mdmt.data.cache import ImageCache
 from mdmt.data.datasets import prepare
 from mdmt.errors import ConfigError
 from mdmt.plugins import load_plugins

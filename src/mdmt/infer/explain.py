@@ -17,10 +17,18 @@ from PIL import Image
 
 from mdmt.errors import ConfigError
 from mdmt.infer.cam import grad_cams
-from mdmt.infer.clinical import open_clinical_sheet
+from mdmt.infer.clinical_sheet import open_clinical_sheet
+from mdmt.infer.films import Film, expand_inputs
 from mdmt.infer.guard import guard_notes
 from mdmt.infer.model_io import TrainedModel, load_trained
-from mdmt.infer.overlays import ContactSheets, cam_overlay, display, save_png, zone_boxes, zone_overlay
+from mdmt.infer.overlays import (
+    ContactSheets,
+    cam_overlay,
+    display,
+    save_png,
+    zone_boxes,
+    zone_overlay,
+)
 from mdmt.infer.predict import (
     SKIPPED_COLUMNS,
     Batch,
@@ -28,7 +36,6 @@ from mdmt.infer.predict import (
     iter_batches,
     write_film_predictions,
 )
-from mdmt.infer.preprocess import Film, expand_inputs
 from mdmt.tasks import REGIONS, Task
 
 CAPTION_CHARS = 100

@@ -2,7 +2,7 @@
 
 The exported graph takes the network input, ``image``: float32 ``(B, 3, S, S)`` with ``S = model.input_size``
 (the film decoded, clipped to the percentiles, cropped, resized to ``data.image_size`` as uint8, divided by
-255, resized to ``S``, the gray channel repeated three times, then ``(x - mean) / std``; ``mdmt.infer.preprocess``
+255, resized to ``S``, the gray channel repeated three times, then ``(x - mean) / std``; ``mdmt.infer.films``
 does all of it). It returns one raw output per head, in ``preprocessing.json``'s task order, named after the
 task; the JSON gives each task's decoding (``mdmt.losses.decode``): a classification head's ``groups × classes``
 logits take a softmax per group, an ordinal head's ``groups × (classes − 1)`` logits a sigmoid each (the score
@@ -11,7 +11,7 @@ is how many exceed 0.5), a regression head gives one value per group (regional B
 severity head, whose ``scorer`` names them). The lung crop is not in the graph: the lung segmenter is exported
 beside it (``lungs.onnx`` / ``lungs.pt``: ``film`` float32 ``(B, 1, 128, 128)``, the [0, 1] film squashed to the
 working size, → ``lungs``, the lung probability per pixel), and ``preprocessing.json``'s ``segmenter`` entry holds
-the rules that turn its map into the lung box (``mdmt.data.lungs.segmented_box``): the crop of a ``crop: lungs``
+the rules that turn its map into the lung box (``mdmt.lungs.locate.segmented_box``): the crop of a ``crop: lungs``
 run, and under every crop mode the guard of ``mdmt predict`` (a film without a plausible pair of lungs is not
 scored, ``mdmt.infer.guard``).
 
@@ -37,12 +37,12 @@ from typing import Literal
 import torch
 from torch import nn
 
-from mdmt.clinical import ClinicalEncoder
-from mdmt.data import lungs
-from mdmt.data.lung_unet import WORK_SIZE, load_segmenter, weights_fingerprint
+from mdmt.clinical_encoder import ClinicalEncoder
 from mdmt.errors import ConfigError
 from mdmt.infer.extras import require
 from mdmt.infer.model_io import TrainedModel, load_trained
+from mdmt.lungs import locate as lungs
+from mdmt.lungs.unet import WORK_SIZE, load_segmenter, weights_fingerprint
 from mdmt.model_card import write_model_card
 from mdmt.runs import atomic_target, atomic_write_text
 from mdmt.tasks import Task
@@ -79,7 +79,7 @@ class InferenceNetwork(nn.Module):
 
 class LungNetwork(nn.Module):
     """``film (B, 1, S, S)`` in [0, 1] → lung probability ``(B, 1, S, S)``, ``S = WORK_SIZE``: the shipped segmenter
-    as ``mdmt.data.lung_unet.segment`` runs it."""
+    as ``mdmt.lungs.unet.segment`` runs it."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -104,7 +104,7 @@ def _segmenter_info(model_file: str) -> dict[str, object]:
             ("resize the clipped [0, 1] film to work_size x work_size (bilinear, antialiased, aspect not kept), "
              "clip to [0, 1]"),
             ("lung pixels: probability > threshold; 4-connected pieces; the two largest must pass the checks "
-             "(mdmt.data.lungs.segmented_box), pieces split off a lung join it"),
+             "(mdmt.lungs.locate.segmented_box), pieces split off a lung join it"),
             ("the box of the chosen pieces, scaled to the film; a film without a plausible pair of lungs is not "
              "scored (mdmt.infer.guard)"),
         ],

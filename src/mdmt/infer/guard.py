@@ -1,7 +1,7 @@
 """The guard against the wrong film: films ``predict`` must not score, and the out-of-distribution flag.
 
 A film is refused (listed in ``skipped.csv`` with the reason, never scored) when the lung segmenter
-(``mdmt.data.lungs.locate_lungs``) does not find a plausible pair of frontal lungs on it: a lateral view or any
+(``mdmt.lungs.locate.locate_lungs``) does not find a plausible pair of frontal lungs on it: a lateral view or any
 film without lungs ("no lungs found"), or a segmentation that fails one of its plausibility checks (two lung
 fields side by side, of similar size and height, level, shaped like lungs; the reason names the check). Under
 ``data.crop: lungs`` that is the film's own crop box; under any other crop mode the segmenter runs on the decoded
@@ -22,10 +22,10 @@ import pandas as pd
 import torch
 
 from mdmt.config import DataConfig
-from mdmt.data.dicom import normalize_intensity, read_image
-from mdmt.data.lungs import LungBox, locate_lungs
+from mdmt.images import normalize_intensity, read_image
+from mdmt.infer.films import Film
 from mdmt.infer.model_io import TrainedModel
-from mdmt.infer.preprocess import Film
+from mdmt.lungs.locate import LungBox, locate_lungs
 from mdmt.train.feature_stats import FEATURE_STATS_FILE, FeatureStats
 
 NO_LUNGS = "no lungs found"

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from mdmt.clinical import ENCODER_FILE, ClinicalEncoder
+from mdmt.clinical_encoder import ENCODER_FILE, ClinicalEncoder
 from mdmt.config import Config, load_run_config
 from mdmt.errors import ConfigError, DataError
 from mdmt.models.backbones import Stats
@@ -28,7 +28,12 @@ from mdmt.runs import BEST_CHECKPOINT, CONFIG_FILE, DONE_FILE, FAILED_FILE, TASK
 from mdmt.tasks import Task, get_task, make_task
 from mdmt.train.checkpoints import load_checkpoint
 from mdmt.train.engine import resolve_device
-from mdmt.train.feature_stats import FEATURE_STATS_FILE, FeatureStats, descriptor_dim, read_feature_stats
+from mdmt.train.feature_stats import (
+    FEATURE_STATS_FILE,
+    FeatureStats,
+    descriptor_dim,
+    read_feature_stats,
+)
 
 PROGNOSIS = "prognosis"
 SEVERITY_PREFIX = "severity_"

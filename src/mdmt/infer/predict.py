@@ -16,7 +16,7 @@ these and one note; for a run with
 ``ood_features.npz``, ``ood_distance`` and ``ood_flag`` (``mdmt.infer.guard``); then ``crop_method``, ``crop_ok``,
 ``crop_note`` and the crop box ``crop_x0`` … ``crop_y1`` in the film's pixels; for a run whose model reads
 clinical columns, ``clinical_imputed`` (the columns the film's sheet row left blank, imputed as in training).
-Unreadable files, films the clinical sheet has no usable row for (``mdmt.infer.clinical``) and films the guard
+Unreadable files, films the clinical sheet has no usable row for (``mdmt.infer.clinical_sheet``) and films the guard
 refuses (not a frontal chest film, ``mdmt.infer.guard``) go to ``skipped.csv`` (``path``, ``reason``) and to the
 ``skipped`` list of the JSON.
 """
@@ -35,10 +35,10 @@ import torch
 
 from mdmt.errors import ConfigError, DataError, ImageReadError
 from mdmt.evaluate import calibration as calib
-from mdmt.infer.clinical import IMPUTED_COLUMN, ClinicalSheet, open_clinical_sheet
+from mdmt.infer.clinical_sheet import IMPUTED_COLUMN, ClinicalSheet, open_clinical_sheet
+from mdmt.infer.films import Film, expand_inputs, load_film, network_input
 from mdmt.infer.guard import OOD_COLUMNS, film_refusal, guard_notes, ood_columns
 from mdmt.infer.model_io import TrainedModel, load_trained
-from mdmt.infer.preprocess import Film, expand_inputs, load_film, network_input
 from mdmt.progress import progress_bar
 from mdmt.runs import CALIBRATION_FILE, atomic_write_text, predictions_file, strict_json
 from mdmt.tasks import Task

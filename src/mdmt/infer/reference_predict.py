@@ -43,7 +43,7 @@ BOX_COLUMNS = ("crop_x0", "crop_y0", "crop_x1", "crop_y1")
 
 # ------------------------------------------------------------------------------------------------ the film
 def read_gray(path: Path) -> np.ndarray:
-    """The film as float32 gray, bright = dense (``mdmt.data.dicom.read_image``)."""
+    """The film as float32 gray, bright = dense (``mdmt.images.read_image``)."""
     with path.open("rb") as handle:
         dicm = handle.read(132)[128:] == b"DICM"
     if dicm or path.suffix.lower() in DICOM_SUFFIXES:
@@ -121,7 +121,7 @@ def components(mask: np.ndarray) -> tuple[np.ndarray, int]:
 
 def lung_box(prob: np.ndarray, shape: tuple[int, int], segmenter: dict) -> tuple[tuple[int, int, int, int] | None, str]:
     """The union box of a plausible pair of lungs, scaled to ``shape``, or None and the reason
-    (``mdmt.data.lungs.segmented_box`` with the checks of ``segmenter['checks']``)."""
+    (``mdmt.lungs.locate.segmented_box`` with the checks of ``segmenter['checks']``)."""
     c = segmenter["checks"]
     height, width = prob.shape
     sy, sx = shape[0] / height, shape[1] / width
@@ -188,7 +188,7 @@ def lung_verdict(img01: np.ndarray, segmenter: dict, lungs: onnxruntime.Inferenc
 
 
 def crop_window(box: tuple[int, int, int, int], shape: tuple[int, int], margin: float) -> tuple[int, int, int, int]:
-    """The box enlarged by ``margin`` and squared with real pixels (``mdmt.data.lungs.crop_window``)."""
+    """The box enlarged by ``margin`` and squared with real pixels (``mdmt.lungs.locate.crop_window``)."""
     def grow(start: int, stop: int, limit: int) -> tuple[int, int]:
         pad = int((stop - start) * margin + 1e-9) // 2
         return max(0, start - pad), min(limit, stop + pad)

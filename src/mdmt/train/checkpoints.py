@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mdmt.data.preprocess import file_sha256
+from mdmt.cache.preprocess import file_sha256
 from mdmt.errors import DataError, load_refusal
 from mdmt.runs import BEST_CHECKPOINT, atomic_target
 

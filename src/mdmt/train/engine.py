@@ -1,4 +1,6 @@
 """One training loop for every strategy: epochs, AMP, plateau schedule, selection, checkpoint and exact resume.
+(Over 400 lines on purpose: the one training loop with its resume and phase timing; split up, the loop's state would
+cross modules.)
 
 The loop knows nothing about strategies: it gets a model, its tasks, two loaders, a task weighting and the
 task whose validation loss selects the model. Every epoch ends with ``last.pt`` (everything needed to go on,

@@ -5,7 +5,7 @@ A strategy names its estimator (``estimator`` in its params, a plug-in of ``ESTI
 - ``network`` (the default): the multi-task CNN: built and started from the strategy's parents, trained by the
   engine (``mdmt.train.engine.fit``), its best checkpoint predicting every test image of every dataset;
 - ``clinical_logistic``: the clinical-only baseline, the logistic regression on the strategy's ``clinical``
-  columns fitted on the training fold (``mdmt.clinical``), predicting its dataset's test images.
+  columns fitted on the training fold (``mdmt.clinical_encoder``), predicting its dataset's test images.
 
 Each implements ``build`` (everything a bad config or a bad starting checkpoint can stop, before the run folder is
 written), ``fit`` and ``predict`` (raw head outputs of one dataset's test rows). ``mdmt.train.run`` writes the
@@ -24,10 +24,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mdmt.clinical import ClinicalEncoder, check_columns, fit_logit_term
+from mdmt.cache.image_cache import ImageCache
+from mdmt.clinical_encoder import ClinicalEncoder, check_columns, fit_logit_term
 from mdmt.config import Config
 from mdmt.data.augment import BatchAugmenter
-from mdmt.data.cache import ImageCache
 from mdmt.data.datasets import Dataset
 from mdmt.data.loaders import RunData, build_data, rows_of, split_rows
 from mdmt.data.splits import Split

@@ -25,8 +25,8 @@ import pandas as pd
 import torch
 from rich.console import Console
 
+from mdmt.cache.image_cache import ImageCache, open_cache, verify_images
 from mdmt.config import Config, PluginRef, save_config, to_dict
-from mdmt.data.cache import ImageCache, open_cache, verify_images
 from mdmt.data.datasets import Dataset, prepare, select
 from mdmt.data.splits import Split
 from mdmt.errors import ConfigError, DataError
@@ -50,7 +50,13 @@ from mdmt.runs import (
 )
 from mdmt.tasks import Task, get_task, make_task
 from mdmt.train.checkpoints import seed_everything
-from mdmt.train.distributed import DistContext, barrier, check_weighting, init_distributed, shutdown
+from mdmt.train.distributed import (
+    DistContext,
+    barrier,
+    check_weighting,
+    init_distributed,
+    shutdown,
+)
 from mdmt.train.estimators import ESTIMATORS, Estimator, RunContext, clinical_inputs
 from mdmt.train.strategies import Strategy, get_strategy
 

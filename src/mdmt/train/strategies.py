@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-
 from mdmt.config import Config, PluginRef
 from mdmt.errors import ConfigError
 from mdmt.models.multitask import MultiTaskModel, average_backbones, load_backbone_state
@@ -53,7 +52,7 @@ class StageParams:
     clinical: list[str] = field(default_factory=list)
     """Clinical columns of the first dataset's records, fused at the logits (late fusion) with the heads of the
     two-class tasks that dataset labels: head logits + a linear term of the encoded columns that starts as the
-    logistic regression fitted on the training fold; empty: images only (``mdmt.clinical``)."""
+    logistic regression fitted on the training fold; empty: images only (``mdmt.clinical_encoder``)."""
     clinical_trainable: bool = False
     """False: the clinical term stays the logistic regression's and the image branch learns the residual; True:
     the term is trained with the network from there."""
