@@ -10,7 +10,13 @@ import torch
 from scipy.ndimage import gaussian_filter
 
 from mdmt.config import AugmentConfig
-from mdmt.data.augment import IMAGENET_MEAN, IMAGENET_STD, BatchAugmenter, gaussian_blur, to_network_input
+from mdmt.data.augment import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    BatchAugmenter,
+    gaussian_blur,
+    to_network_input,
+)
 from mdmt.errors import ConfigError
 from mdmt.tasks import get_task
 

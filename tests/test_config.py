@@ -136,7 +136,7 @@ def test_shipped_configs_ship_inside_the_package_and_load():
     from mdmt.cli import CONFIGS_DIR, config_path
 
     names = sorted(p.name for p in CONFIGS_DIR.glob("*.yaml"))
-    assert names == ["demo.yaml", "demo3.yaml", "demo_clinical.yaml", "paper.yaml"]
+    assert names == ["demo.yaml", "demo3.yaml", "demo_clinical.yaml", "paper.yaml", "real_severity.yaml"]
     assert CONFIGS_DIR.parent.name == "mdmt"  # inside the package, not beside it
     for name in names:
         assert isinstance(load_config(CONFIGS_DIR / name), Config)

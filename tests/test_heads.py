@@ -89,7 +89,7 @@ def test_bad_head_params_name_the_key(entry, message):
 
 def test_describe_lists_the_heads():
     assert {name: params for name, _, params in HEADS.describe()} == {
-        "mlp": "dropout=0.5, hidden=[128, 32]", "linear": "dropout=0.5"}
+        "mlp": "dropout=0.5, hidden=[128, 32]", "linear": "dropout=0.5", "mask_decoder": "width=32"}
 
 
 # ----------------------------------------------------------------------------------------- model

@@ -24,7 +24,7 @@ from mdmt.tasks import get_task
 
 TASKS = [get_task("prognosis"), get_task("severity_regions")]
 FAMILIES = {
-    "tiny_cnn": "features",
+    "tiny_cnn": "features.14",  # the last ReLU, before the stage's final max pooling
     "resnet18": "layer4",
     "densenet121": "features",
     "efficientnet_b0": "bn2",
@@ -55,6 +55,33 @@ def test_grad_cam_works_on_every_backbone_family(name, one_torch_thread):
         for cam in cams:  # each map is scaled to [0, 1], or all zero when nothing raises the head's scalar
             assert cam.max() == 0 or cam.max() > 0.5
     assert not model.training
+
+
+def _averaging_tiny_cnn():
+    """A ``tiny_cnn`` severity model whose every conv averages its 3 × 3 inputs and whose head sums the pooled
+    features: its global score grows with the bright pixels of the film, wherever they are."""
+    model = build_model(ModelConfig(backbone=PluginRef("tiny_cnn"), weights="none"), TASKS[1:]).eval()
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.Conv2d):
+                module.weight.fill_(1.0 / (9 * module.in_channels))
+            elif isinstance(module, torch.nn.BatchNorm2d):
+                module.reset_parameters()
+                module.reset_running_stats()
+            elif isinstance(module, torch.nn.Linear):
+                module.weight.fill_(0.1)
+                module.bias.zero_()
+    return model
+
+
+def test_the_map_holds_the_evidence_where_it_is(one_torch_thread):
+    model = _averaging_tiny_cnn()
+    x = -torch.ones(1, 3, 48, 48)  # the demo's input size; dark everywhere (no evidence) ...
+    x[..., 30:38, 6:14] = 1.0  # ... but for one bright square in the lower-left quarter
+    cam = grad_cams(model, TASKS[1], x)[0]
+    assert cam[24:, :24].sum() / cam.sum() > 0.75  # 0.62 on the 3 x 3 grid after the last max pooling
+    flat = grad_cams(model, TASKS[1], torch.full((1, 3, 48, 48), 0.5))[0]  # every pixel raises the score
+    assert flat.max() == pytest.approx(1.0) and flat.min() > 0.3  # not shifted to zero by its own minimum
 
 
 def test_head_scalars_are_the_log_odds_and_the_global_score():

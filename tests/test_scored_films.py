@@ -167,8 +167,8 @@ def run_benchmark(args: list[str], cache: Path, capsys: pytest.CaptureFixture[st
     spec.loader.exec_module(benchmark)
     threads = torch.get_num_threads()
     try:
-        benchmark.main([*args, "--seeds", "0", "--epochs", "2", "--size", "32", "--crop", "none", "--workers", "0",
-                        "--cache", str(cache)])
+        benchmark.main([*args, "--seeds", "0", "--epochs", "2", "--pretrain", "none", "--size", "32", "--crop", "none",
+                        "--workers", "0", "--cache", str(cache)])
     finally:
         torch.set_num_threads(threads)  # the yardstick trains on one thread
     out = capsys.readouterr().out

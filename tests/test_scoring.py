@@ -15,7 +15,13 @@ import pytest
 
 from mdmt.errors import DataError
 from mdmt.evaluate import metrics as metrics_lib
-from mdmt.evaluate.scoring import rescore, run_entries, score_run, score_table, write_metrics
+from mdmt.evaluate.scoring import (
+    rescore,
+    run_entries,
+    score_run,
+    score_table,
+    write_metrics,
+)
 from mdmt.runs import RunSpec
 from mdmt.tasks import get_task, make_task
 

@@ -16,14 +16,14 @@ import torch
 
 from mdmt.config import Config, PluginRef, load_config, parse_override
 from mdmt.data.datasets import select
-from mdmt.protocols import build_splits, get_protocol
+from mdmt.data.loaders import build_data, permute_labels
 from mdmt.errors import ConfigError
+from mdmt.protocols import build_splits, get_protocol
 from mdmt.runs import DONE_FILE, RunSpec
 from mdmt.tasks import REGION_COLUMNS, get_task
 from mdmt.train import estimators as estimators_module
 from mdmt.train import run as run_module
 from mdmt.train.checkpoints import load_model_state
-from mdmt.data.loaders import build_data, permute_labels
 from mdmt.train.run import finished_run, train_run
 from mdmt.train.strategies import dependencies, get_strategy
 

@@ -14,7 +14,14 @@ from mdmt.config import LossConfig, PluginRef, from_dict
 from mdmt.errors import ConfigError
 from mdmt.losses import build_weighting
 from mdmt.tasks import get_task
-from mdmt.weighting import WEIGHTINGS, GradNorm, Losses, PCGrad, Weighting, project_conflicting
+from mdmt.weighting import (
+    WEIGHTINGS,
+    GradNorm,
+    Losses,
+    PCGrad,
+    Weighting,
+    project_conflicting,
+)
 
 TASKS = [get_task("prognosis"), get_task("severity_regions")]
 A, B = (t.name for t in TASKS)

@@ -2,7 +2,7 @@
 one place that says what a task is, and the three kinds share most of it.)
 
 A task is the project's unit of supervision. Its kind (``ClassificationTask``, ``OrdinalTask``,
-``RegressionTask``) owns, for that head:
+``RegressionTask``, ``SegmentationTask``) owns, for that head:
 
 - the targets: ``encode`` turns a records table into a target matrix and a label-present mask, the indicator
   function of the paper's loss (``mdmt.losses`` sums the masked per-sample losses);
@@ -33,7 +33,7 @@ from mdmt.registry import NoParams, Registry
 if TYPE_CHECKING:
     import torch
 
-TaskKind = Literal["classification", "regression", "ordinal"]
+TaskKind = Literal["classification", "regression", "ordinal", "segmentation"]
 LOSS_VARIANTS: tuple[str, ...] = ("clean", "paper")
 
 REGIONS: tuple[str, ...] = ("A", "B", "C", "D", "E", "F")
@@ -45,6 +45,9 @@ REGION_SCORE_RANGE: tuple[float, float] = (0.0, 3.0)
 GLOBAL_BIN_EDGES: tuple[float, ...] = (5.0, 10.0, 15.0)  # 0-4, 5-9, 10-14, 15-18 (the paper)
 GLOBAL_BIN_NAMES: tuple[str, ...] = ("0-4", "5-9", "10-14", "15-18")
 LUNG_BIN_EDGES: tuple[float, ...] = (2.0, 5.0, 8.0)  # 0-1, 2-4, 5-7, 8-9 (official brixia_Lung)
+MASK_PRESENT = "mask_present"
+"""Records column of an image cache built with masks: the row has a usable mask in ``masks.u8`` (else its mask is
+all zero): the segmentation indicator."""
 SCORERS: tuple[str, ...] = ("binary", "global4", "lung4", "regions", "regression", "classification")
 """How a task's predictions are scored (``mdmt.evaluate.scoring``): ``binary`` from the ``score`` of class 1,
 a Brixia variant (``global4``, ``lung4``, ``regions``), or plain regression / classification metrics."""
@@ -100,6 +103,11 @@ class Task:
     kind: ClassVar[TaskKind]
     decoding: ClassVar[str]
     """How a consumer of the raw outputs decodes them (``mdmt export`` writes it)."""
+    pixel_targets: ClassVar[bool] = False
+    """True: the targets are per-pixel masks the batches gather from the image cache (``encode`` gives only the
+    indicator); False: ``encode`` reads them from the records table."""
+    head: ClassVar[str] = ""
+    """The head this kind needs whatever ``model.head`` says (empty: any pooled head)."""
 
     def __post_init__(self) -> None:
         if not self.scorer:
@@ -355,6 +363,97 @@ class RegressionTask(Task):
         return raw.sum(dim=1)
 
 
+@dataclass(frozen=True)
+class SegmentationTask(Task):
+    """A per-pixel mask (the lungs) at a ``size`` × ``size`` grid, from the decoder head (``mask_decoder``).
+
+    Its pixel targets are not a records column: the image cache built with masks holds each film's mask cropped
+    and resized like the film (``masks.u8``), the batches gather them (area-downsampled to ``size``, so soft at
+    the mask's edge, flattened row-major to ``(B, size²)``) and the augmentation moves them with the image.
+    ``encode`` gives the indicator, the cache's ``mask_present`` column, so the masked loss applies unchanged.
+    Per sample: binary cross-entropy with logits (mean over pixels) + soft Dice loss. Decoded, and scored as a
+    ``regression``: each film's foreground share (``y_pred``, the mean probability; ``y_true``, the target's).
+    """
+
+    size: int = 16
+    kind: ClassVar[TaskKind] = "segmentation"
+    decoding: ClassVar[str] = "sigmoid of each of size × size logits (row-major): P(the pixel is in the mask)"
+    pixel_targets: ClassVar[bool] = True
+    head: ClassVar[str] = "mask_decoder"
+    DICE_EPS: ClassVar[float] = 1.0
+
+    def default_scorer(self) -> str:
+        """``regression`` of the foreground share (scoring stays per film and torch-free)."""
+        return "regression"
+
+    @property
+    def n_outputs(self) -> int:
+        """One logit per mask pixel."""
+        return self.size * self.size
+
+    @property
+    def target_dim(self) -> int:
+        """One target per mask pixel."""
+        return self.size * self.size
+
+    def group_names(self) -> list[str]:
+        """One group: the per-film columns are ``y_true`` and ``y_pred``."""
+        return [""]
+
+    def encode(self, records: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+        """No targets (``(N, 0)``: the batches gather the pixels from the cache) and the ``mask_present`` indicator
+        (all False for records without the column, e.g. a cache built without masks)."""
+        present = (np.array(records[MASK_PRESENT], dtype=bool) if MASK_PRESENT in records
+                   else np.zeros(len(records), dtype=bool))
+        return np.zeros((len(records), 0), dtype=np.float32), present
+
+    def truth_columns(self, targets: np.ndarray) -> dict[str, np.ndarray]:
+        """``y_true``: the target mask's foreground share."""
+        return {"y_true": np.asarray(targets, dtype=np.float64).mean(axis=1)}
+
+    def loss(self, outputs: torch.Tensor, targets: torch.Tensor, variant: str = "clean") -> torch.Tensor:
+        """BCE with logits averaged over pixels + 1 − soft Dice, per sample (both variants)."""
+        import torch
+        import torch.nn.functional as F
+
+        _check_variant(variant)
+        bce = F.binary_cross_entropy_with_logits(outputs, targets, reduction="none").mean(dim=1)
+        probabilities = torch.sigmoid(outputs)
+        overlap = (probabilities * targets).sum(dim=1)
+        dice = (2 * overlap + self.DICE_EPS) / (probabilities.sum(dim=1) + targets.sum(dim=1) + self.DICE_EPS)
+        return bce + 1.0 - dice
+
+    def decode(self, outputs: torch.Tensor) -> dict[str, np.ndarray]:
+        """``y_pred``: the predicted foreground share (the mean pixel probability)."""
+        import torch
+
+        return {"y_pred": torch.sigmoid(outputs.detach().float().cpu()).mean(dim=1).numpy()}
+
+    def cam_scalar(self, raw: torch.Tensor) -> torch.Tensor:
+        """The summed logits (the mask's evidence)."""
+        return raw.sum(dim=1)
+
+
+def dice_scores(probabilities: np.ndarray, masks: np.ndarray, threshold: float = 0.5) -> np.ndarray:
+    """Dice of each thresholded predicted mask against its target (``(N, P)`` each; targets thresholded at 0.5);
+    1 where both are empty."""
+    predicted, truth = np.asarray(probabilities) >= threshold, np.asarray(masks) >= 0.5
+    overlap = (predicted & truth).sum(axis=1)
+    total = predicted.sum(axis=1) + truth.sum(axis=1)
+    return np.where(total > 0, 2.0 * overlap / np.maximum(total, 1), 1.0)
+
+
+@dataclass
+class SegmentationParams:
+    """``lung_mask``: the side of the predicted mask grid (the targets are downsampled to it)."""
+
+    size: int = 16
+
+    def __post_init__(self) -> None:
+        if self.size < 1:
+            raise ConfigError(f"task lung_mask: params.size must be positive, got {self.size}")
+
+
 def _brixia_columns(task: Task, decoded: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """``brixia_A`` … ``brixia_F`` clipped to 0–3, ``brixia_global`` (their sum) and its bin."""
     scores = {f"brixia_{r}": np.clip(decoded[prediction_column("y_pred", r)].astype(np.float64), *REGION_SCORE_RANGE)
@@ -409,6 +508,9 @@ _SUMMARIES = {
 }
 for _name, _task in _BUILTIN.items():
     TASKS.add(_name, lambda params, name, task=_task: task, NoParams, _SUMMARIES[_name])
+TASKS.add("lung_mask", lambda params, name: SegmentationTask(name, (MASK_PRESENT,), 1, 0, _column(MASK_PRESENT),
+                                                             size=params.size),
+          SegmentationParams, "the lung mask per pixel (image caches built with masks)")
 
 TASK_NAMES: tuple[str, ...] = tuple(_BUILTIN)
 """The built-in tasks."""

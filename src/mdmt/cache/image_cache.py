@@ -7,7 +7,11 @@ Layout of ``<root>/<dataset>-<key[:16]>/``: ``images.u8`` (N × S × S uint8, ro
 source file), ``crops.csv`` (each film's crop box, method and quality flag, to open in a spreadsheet),
 ``failed.csv`` (unreadable images), ``dropped.csv`` (rows the reader dropped), ``duplicates.csv`` (ids whose
 file is byte-identical to an earlier id's), ``meta.json`` (with the sha256 of every table and of ``images.u8``)
-and the ``COMPLETE`` marker, written last.
+and the ``COMPLETE`` marker, written last. A cache built with ``masks=True`` (for a segmentation task) also holds
+``masks.u8`` (N × S × S uint8, 0 or 1): each record's ``mask_path`` cropped to the same lung box and resized to the
+same square as its film (bilinear, antialiased, then thresholded at one half), and the records column
+``mask_present`` (the mask file was given, read and has foreground in the crop); its key differs from the key
+without masks, so a cache built without them stays valid for runs that do not ask for them.
 
 A build happens in ``<dir>.tmp-<pid>``: the free space is checked first, the images are streamed to disk (never
 written through a memory map), every file is fsynced, and the folder is renamed into place only when complete;
@@ -36,21 +40,26 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from PIL import Image
 
 from mdmt.cache.crop_qc import crop_table
 from mdmt.cache.preprocess import (
+    Preprocessed,
     file_identity,
     file_sha256,
     preprocess_params,
+    resize_square,
     try_preprocess,
 )
 from mdmt.config import DataConfig
 from mdmt.errors import DataError, ImageReadError
-from mdmt.lungs.locate import find_mask
+from mdmt.lungs.locate import crop_to_box, find_mask, read_mask
 from mdmt.parallel import ordered_map
 from mdmt.progress import progress_bar
 from mdmt.runs import atomic_write_text
 from mdmt.sources import SourceTable
+from mdmt.sources.tables import MASK_PATH
+from mdmt.tasks import MASK_PRESENT
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +69,8 @@ RECORDS_FILE = "records.csv"
 FAILED_FILE = "failed.csv"
 DROPPED_FILE = "dropped.csv"
 DUPLICATES_FILE = "duplicates.csv"
+MASKS_FILE = "masks.u8"
+MASKS_CHECKSUM = "masks_sha256"
 CROPS_FILE = "crops.csv"
 """Every film's crop: id, path, status (ok, doubtful, fallback), method, reason, box and its share of the film."""
 META_FILE = "meta.json"
@@ -101,6 +112,8 @@ class ImageCache:
     meta: dict[str, Any]
     dropped: pd.DataFrame
     duplicates: pd.DataFrame
+    masks: np.ndarray | None = None
+    """``masks[i]`` is the cropped lung mask (0/1) of ``records.iloc[i]``; None for a cache built without masks."""
 
     def __len__(self) -> int:
         return len(self.records)
@@ -110,9 +123,11 @@ class ImageCache:
         return open_cache, (str(self.path),)
 
 
-def cache_key(records: pd.DataFrame, cfg: DataConfig) -> str:
-    """sha256 over the parameters, the records table and each input file's (id, path, size, mtime_ns)."""
-    digest = hashlib.sha256(json.dumps(preprocess_params(cfg), sort_keys=True).encode())
+def cache_key(records: pd.DataFrame, cfg: DataConfig, masks: bool = False) -> str:
+    """sha256 over the parameters, the records table and each input file's (id, path, size, mtime_ns); with
+    ``masks``, also each mask file's identity (a key without masks is the key the cache had before masks existed)."""
+    params = preprocess_params(cfg) | ({"masks": MASKS_FILE} if masks else {})
+    digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode())
     digest.update(records.to_csv(index=False).encode())
     for image_id, path in zip(records["image_id"], records["path"], strict=True):
         size, mtime = file_identity(path)
@@ -120,7 +135,32 @@ def cache_key(records: pd.DataFrame, cfg: DataConfig) -> str:
         if cfg.crop == "masks":
             mask = find_mask(cfg.masks_dir or "", str(image_id))
             digest.update(f"{mask}\0{file_identity(mask) if mask else ''}\n".encode())
+    if masks:
+        for path in _mask_paths(records):
+            digest.update(f"{path}\0{file_identity(path) if path else ''}\n".encode())
     return digest.hexdigest()
+
+
+def _mask_paths(records: pd.DataFrame) -> list[str]:
+    """Each record's ``mask_path`` as text, ``""`` where it has none (or the table has no such column)."""
+    if MASK_PATH not in records:
+        return [""] * len(records)
+    return ["" if pd.isna(p) or not str(p).strip() else str(p) for p in records[MASK_PATH]]
+
+
+def crop_mask(path: str, result: Preprocessed, cfg: DataConfig) -> np.ndarray | None:
+    """The mask file ``path`` as its film was preprocessed in ``result``: brought to the film's size (nearest) if it
+    differs, cropped to the same box and margin, resized to the same square (bilinear, antialiased) and thresholded
+    at one half into uint8 0/1; None when the mask cannot be read or has no foreground in the crop."""
+    try:
+        mask = read_mask(path) > 0
+    except ImageReadError:
+        return None
+    if mask.shape != (result.height, result.width):
+        mask = np.asarray(Image.fromarray(mask).resize((result.width, result.height), Image.NEAREST))
+    crop = crop_to_box(mask.astype(np.float32), result.box, cfg.crop_margin)
+    square = (resize_square(crop, cfg.image_size) >= 0.5).astype(np.uint8)
+    return square if square.any() else None
 
 
 def _text_columns(table: pd.DataFrame) -> list[str]:
@@ -149,17 +189,23 @@ def _read_meta(path: Path) -> dict[str, Any]:
     return meta
 
 
+def _arrays(meta: dict[str, Any]) -> dict[str, str]:
+    """The cache's array files and the ``meta.json`` key of each one's sha256 (masks only where built with them)."""
+    return {IMAGES_FILE: IMAGES_CHECKSUM, **({MASKS_FILE: MASKS_CHECKSUM} if MASKS_CHECKSUM in meta else {})}
+
+
 def _check_files(path: Path, meta: dict[str, Any]) -> None:
-    """DataError naming the first file that is missing, of the wrong size (images) or not as written (tables)."""
-    images = path / IMAGES_FILE
+    """DataError naming the first file that is missing, of the wrong size (arrays) or not as written (tables)."""
     expected = int(np.prod(meta["shape"]))
-    try:
-        size = images.stat().st_size
-    except OSError as exc:
-        raise DataError(f"{images}: cannot read the cached images ({exc.strerror or exc})") from exc
-    if size != expected:
-        raise DataError(f"{images}: {size} bytes, expected {expected} ({meta['shape'][0]} images of "
-                        f"{meta['shape'][1]}×{meta['shape'][2]}): truncated or corrupt")
+    for name in _arrays(meta):
+        array = path / name
+        try:
+            size = array.stat().st_size
+        except OSError as exc:
+            raise DataError(f"{array}: cannot read the cached images ({exc.strerror or exc})") from exc
+        if size != expected:
+            raise DataError(f"{array}: {size} bytes, expected {expected} ({meta['shape'][0]} images of "
+                            f"{meta['shape'][1]}×{meta['shape'][2]}): truncated or corrupt")
     for name, digest in meta["tables"].items():
         table = path / name
         try:
@@ -187,11 +233,9 @@ def open_cache(path: str | Path) -> ImageCache:
         raise DataError(f"{path / META_FILE}: no checksum for {', '.join(missing)} (written by an older mdmt)")
     _check_files(path, meta)
     shape = tuple(meta["shape"])
-    images = (
-        np.memmap(path / IMAGES_FILE, dtype=np.uint8, mode="r", shape=shape)
-        if shape[0] > 0
-        else np.zeros(shape, dtype=np.uint8)
-    )
+    arrays = {name: np.memmap(path / name, dtype=np.uint8, mode="r", shape=shape) if shape[0] > 0
+              else np.zeros(shape, dtype=np.uint8) for name in _arrays(meta)}
+    images = arrays[IMAGES_FILE]
     return ImageCache(
         path=path,
         key=meta["key"],
@@ -201,6 +245,7 @@ def open_cache(path: str | Path) -> ImageCache:
         meta=meta,
         dropped=_read_table(path / DROPPED_FILE),
         duplicates=_read_table(path / DUPLICATES_FILE),
+        masks=arrays.get(MASKS_FILE),
     )
 
 
@@ -209,25 +254,27 @@ _VERIFIED: set[tuple[str, int, int]] = set()
 
 
 def _check_images(cache: ImageCache) -> None:
-    """DataError naming ``images.u8`` when its sha256 is not the one ``meta.json`` recorded at the build.
+    """DataError naming ``images.u8`` (or ``masks.u8``) when its sha256 is not the one ``meta.json`` recorded at
+    the build.
 
     Hashing reads the whole file: 1.2 s for a paper-sized cache (6,280 images of 256 px, 392.5 MiB, from the page
     cache, on 2 cores shared with other work; ``benchmarks/cache_checksum.py``), so a process hashes a cache once
     and again only when the file's size or modification time changed.
     """
-    images = cache.path / IMAGES_FILE
-    try:
-        stat = images.stat()
-        seen = (str(images), stat.st_size, stat.st_mtime_ns)
-        if seen in _VERIFIED:
-            return
-        digest = file_sha256(images)
-    except OSError as exc:
-        raise DataError(f"{images}: cannot read the cached images ({exc.strerror or exc})") from exc
-    if digest != cache.meta[IMAGES_CHECKSUM]:
-        raise DataError(f"{images}: contents differ from the sha256 {META_FILE} recorded at the build (bytes "
-                        f"overwritten or corrupt)")
-    _VERIFIED.add(seen)
+    for name, checksum in _arrays(cache.meta).items():
+        images = cache.path / name
+        try:
+            stat = images.stat()
+            seen = (str(images), stat.st_size, stat.st_mtime_ns)
+            if seen in _VERIFIED:
+                continue
+            digest = file_sha256(images)
+        except OSError as exc:
+            raise DataError(f"{images}: cannot read the cached images ({exc.strerror or exc})") from exc
+        if digest != cache.meta[checksum]:
+            raise DataError(f"{images}: contents differ from the sha256 {META_FILE} recorded at the build (bytes "
+                            f"overwritten or corrupt)")
+        _VERIFIED.add(seen)
 
 
 def verify_images(cache: ImageCache) -> ImageCache:
@@ -281,18 +328,21 @@ def _check_space(final: Path, n_images: int, size: int) -> None:
 
 
 def _write_images(
-    records: pd.DataFrame, cfg: DataConfig, images_path: Path, name: str, progress: bool, workers: int
+    records: pd.DataFrame, cfg: DataConfig, images_path: Path, name: str, progress: bool, workers: int,
+    masks_path: Path | None = None,
 ) -> tuple[list[int], list[dict[str, Any]], list[dict[str, str]]]:
     """Preprocess every row (in ``workers`` processes, 0: this one) and stream the images to ``images_path``
-    (fsynced).
+    (fsynced), and with ``masks_path`` each row's cropped mask there (``crop_mask``; zeros where none).
 
-    Returns the kept row numbers, their crop columns and file hash, and the failures.
+    Returns the kept row numbers, their crop columns and file hash (and ``mask_present``), and the failures.
     """
     items = [(str(p), str(i)) for p, i in zip(records["path"], records["image_id"], strict=True)]
+    mask_paths = _mask_paths(records)
     kept: list[int] = []
     added: list[dict[str, Any]] = []
     failures: list[dict[str, str]] = []
     with open(images_path, "wb") as out, ExitStack() as stack:
+        mask_out = stack.enter_context(open(masks_path, "wb")) if masks_path is not None else None
         results = stack.enter_context(closing(ordered_map(functools.partial(try_preprocess, cfg=cfg), items,
                                                           workers)))
         for row, result in enumerate(progress_bar(results, f"caching {name}", total=len(items), enabled=progress)):
@@ -307,9 +357,15 @@ def _write_images(
             values = [box.ok, box.method, box.note, box.x0, box.y0, box.x1, box.y1, result.height, result.width,
                       result.sha256]
             added.append(dict(zip([*CROP_COLUMNS, CONTENT_HASH], values, strict=True)))
+            if mask_out is not None:
+                mask = crop_mask(mask_paths[row], result, cfg) if mask_paths[row] else None
+                mask_out.write(np.zeros_like(result.image).tobytes() if mask is None else mask.tobytes())
+                added[-1][MASK_PRESENT] = mask is not None
             kept.append(row)
-        out.flush()
-        os.fsync(out.fileno())
+        for handle in (out, mask_out):
+            if handle is not None:
+                handle.flush()
+                os.fsync(handle.fileno())
     return kept, added, failures
 
 
@@ -329,17 +385,19 @@ def _write_table(table: pd.DataFrame, path: Path) -> str:
 
 def _build(
     records: pd.DataFrame, dropped: pd.DataFrame, cfg: DataConfig, key: str, final: Path, progress: bool,
-    workers: int,
+    workers: int, masks: bool = False,
 ) -> None:
     """Build the cache in ``<final>.tmp-<pid>`` and rename it to ``final``; the temp folder never outlives a failure."""
     tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        _check_space(final, len(records), cfg.image_size)
+        _check_space(final, len(records) * (2 if masks else 1), cfg.image_size)
         tmp.mkdir(parents=True)
-        kept, added, failures = _write_images(records, cfg, tmp / IMAGES_FILE, final.name, progress, workers)
+        kept, added, failures = _write_images(records, cfg, tmp / IMAGES_FILE, final.name, progress, workers,
+                                              tmp / MASKS_FILE if masks else None)
         cached = records.iloc[kept].reset_index(drop=True)
-        cached = pd.concat([cached, pd.DataFrame(added, columns=[*CROP_COLUMNS, CONTENT_HASH])], axis=1)
+        added_columns = [*CROP_COLUMNS, CONTENT_HASH, *([MASK_PRESENT] if masks else [])]
+        cached = pd.concat([cached, pd.DataFrame(added, columns=added_columns)], axis=1)
         tables = {
             RECORDS_FILE: cached,
             CROPS_FILE: crop_table(cached),
@@ -360,6 +418,7 @@ def _build(
             "n_crop_failsoft": int(sum(not c["crop_ok"] for c in added)),
             "tables": {name: _write_table(table, tmp / name) for name, table in tables.items()},
             IMAGES_CHECKSUM: file_sha256(tmp / IMAGES_FILE),
+            **({MASKS_CHECKSUM: file_sha256(tmp / MASKS_FILE)} if masks else {}),
             "versions": _versions(),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
@@ -405,10 +464,11 @@ def _warn_duplicates(cache: ImageCache) -> None:
                     len(cache.duplicates) - SHOWN_DUPLICATES, cache.path / DUPLICATES_FILE)
 
 
-def build_cache(source: SourceTable, cfg: DataConfig, root: str | Path, progress: bool = True, workers: int = 0
-                ) -> ImageCache:
+def build_cache(source: SourceTable, cfg: DataConfig, root: str | Path, progress: bool = True, workers: int = 0,
+                masks: bool = False) -> ImageCache:
     """Preprocess ``source.records`` into ``<root>/<dataset>-<key[:16]>/``, reusing a complete cache with that key.
     ``workers`` processes preprocess the images (``runtime.workers``; 0: this one); the cache is the same.
+    ``masks`` also caches each record's ``mask_path`` aligned with its film (``masks.u8``, for segmentation tasks).
 
     ``source`` is a ``SourceTable`` (``records``, ``dropped``). Unreadable images are listed in ``failed``
     when ``cfg.skip_unreadable``; otherwise the first one raises ``ImageReadError`` naming the file. A cache
@@ -422,7 +482,7 @@ def build_cache(source: SourceTable, cfg: DataConfig, root: str | Path, progress
     if duplicated:
         raise DataError(f"duplicate image_id(s) in the records table: {', '.join(duplicated[:5])}")
     records["image_id"] = records["image_id"].astype(str)
-    key = cache_key(records, cfg)
+    key = cache_key(records, cfg, masks)
     final = Path(root) / f"{_dataset_name(records)}-{key[:16]}"
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
@@ -431,7 +491,7 @@ def build_cache(source: SourceTable, cfg: DataConfig, root: str | Path, progress
     _remove_dead_builds(final.parent)
     cache = _open_existing(final)
     if cache is None:
-        _build(records, source.dropped, cfg, key, final, progress, workers)
+        _build(records, source.dropped, cfg, key, final, progress, workers, masks)
         cache = open_cache(final)
         _warn_duplicates(cache)
     if not cfg.skip_unreadable and len(cache.failed):

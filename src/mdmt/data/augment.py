@@ -4,8 +4,10 @@ The paper's operations (shift ±10 %, zoom U(0.9, 1.1), horizontal flip, rotatio
 with alpha U(20, 40) and sigma 7 px at 256 px), each firing independently per sample with
 probability ``AugmentConfig.p``. Shift, zoom, rotation and the elastic field are composed into ONE sampling
 grid per sample, so a sample is interpolated once (bilinear, zero fill). A flip mirrors the image and applies
-each task's ``flip_perm`` to its targets (regional scores A–C ↔ D–F). All randomness comes from the
-generator passed in, so a batch augments identically for the same generator state.
+each task's ``flip_perm`` to its targets (regional scores A–C ↔ D–F). A segmentation task's mask targets
+(``(B, M²)``, row-major ``M`` × ``M``) take every geometric operation of their image — the flip and the same
+sampling grid, taken at ``M`` (bilinear); the elastic field is resized to ``M`` — so image and mask stay aligned.
+All randomness comes from the generator passed in, so a batch augments identically for the same generator state.
 """
 
 from __future__ import annotations
@@ -81,6 +83,7 @@ class BatchAugmenter:
             raise ConfigError(f"augment.elastic_sigma must be > 0, got {cfg.elastic_sigma}")
         self.cfg = cfg
         self.flip_perms = {t.name: list(t.flip_perm) for t in tasks if t.flip_perm is not None}
+        self.mask_sizes = {t.name: math.isqrt(t.target_dim) for t in tasks if t.pixel_targets}
 
     def __call__(
         self, images: torch.Tensor, targets: Mapping[str, torch.Tensor], generator: torch.Generator | None = None
@@ -109,8 +112,12 @@ class BatchAugmenter:
         angle = torch.where(rotate_on, torch.deg2rad(draws.uniform(-cfg.rotation, cfg.rotation, batch)), 0.0)
 
         images = images.clone()
+        masks = {name: targets[name].reshape(batch, 1, size, size).clone() for name, size in self.mask_sizes.items()
+                 if name in targets}
         if flip_on.any():
             images[flip_on] = images[flip_on].flip(-1)
+            for mask in masks.values():
+                mask[flip_on] = mask[flip_on].flip(-1)
             for name, perm in self.flip_perms.items():
                 if name in targets:
                     flipped = targets[name].clone()
@@ -119,19 +126,19 @@ class BatchAugmenter:
 
         moved = shift_on | zoom_on | rotate_on | elastic_on
         if not moved.any():
-            return images, targets
+            return images, targets | {name: mask.flatten(1) for name, mask in masks.items()}
         # Output point p samples the input at  R(-angle) p / zoom - 2·shift  (normalised coordinates, where a
         # shift of t moves the content by t·S pixels): the image is shifted, then zoomed, then rotated.
         cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
         linear = torch.stack([torch.stack([cos, sin], 1), torch.stack([-sin, cos], 1)], 1)
         theta = torch.cat([linear, -2.0 * shift[:, :, None]], dim=2)[moved]
-        grid = F.affine_grid(theta, [int(moved.sum()), 1, size, size], align_corners=False)
-        if elastic_on.any():
-            # The elastic field displaces p before the affine map: A(p + d) = A p + (linear part of A) d.
-            field = self._elastic(elastic_on[moved], size, draws)
-            grid = grid + torch.einsum("nij,nhwj->nhwi", theta[:, :, :2], field)
-        images[moved] = F.grid_sample(images[moved], grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-        return images, targets
+        field = self._elastic(elastic_on[moved], size, draws) if elastic_on.any() else None
+        images[moved] = F.grid_sample(images[moved], _grid(theta, field, size), mode="bilinear", padding_mode="zeros",
+                                      align_corners=False)
+        for mask in masks.values():
+            mask[moved] = F.grid_sample(mask[moved], _grid(theta, field, mask.shape[-1]), mode="bilinear",
+                                        padding_mode="zeros", align_corners=False)
+        return images, targets | {name: mask.flatten(1) for name, mask in masks.items()}
 
     def _elastic(self, on: torch.Tensor, size: int, draws: _Draws) -> torch.Tensor:
         """Displacements ``(n, S, S, 2)`` in normalised coordinates (zero where ``on`` is False).
@@ -148,6 +155,19 @@ class BatchAugmenter:
         field = torch.zeros(len(on), size, size, 2, device=noise.device, dtype=noise.dtype)
         field[on] = pixels.permute(0, 2, 3, 1) * (2.0 / size)
         return field
+
+
+def _grid(theta: torch.Tensor, field: torch.Tensor | None, size: int) -> torch.Tensor:
+    """The sampling grid ``(n, size, size, 2)`` of affine maps ``theta`` and an elastic field ``(n, S, S, 2)`` (None:
+    none), resized to ``size`` when ``S`` differs. The field displaces p before the affine map:
+    A(p + d) = A p + (linear part of A) d."""
+    grid = F.affine_grid(theta, [len(theta), 1, size, size], align_corners=False)
+    if field is None:
+        return grid
+    if field.shape[1] != size:
+        field = F.interpolate(field.permute(0, 3, 1, 2), size=(size, size), mode="bilinear",
+                              align_corners=False).permute(0, 2, 3, 1)
+    return grid + torch.einsum("nij,nhwj->nhwi", theta[:, :, :2], field)
 
 
 def to_network_input(

@@ -3,7 +3,9 @@
 Items are dicts: ``image`` uint8 ``(1, S, S)``, ``targets`` {task: float32 ``(target_dim,)``}, ``present``
 {task: bool}, ``source`` (index of the dataset in the mix) and ``row`` (row of the image in its cache).
 Targets are encoded once per dataset; ``__getitem__`` only indexes, so workers do no label work and the
-images stay uint8 until the batch reaches the training device.
+images stay uint8 until the batch reaches the training device. A segmentation task's targets are pixels: gathered
+per batch from the cache's masks (``ImageCache.masks``), area-downsampled to the task's grid and flattened
+(``mask_targets``); its indicator is still encoded once.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Any, Literal, Protocol
 import numpy as np
 import pandas as pd
 import torch
+import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from mdmt.config import RuntimeConfig, TrainConfig
@@ -41,6 +44,15 @@ class ImageArrays:
     records: pd.DataFrame
 
 
+def mask_targets(masks: np.ndarray | None, rows: np.ndarray, size: int) -> torch.Tensor:
+    """The cached masks of ``rows`` (0/1 uint8 ``(N, S, S)``) as float targets ``(len(rows), size²)``: the share of
+    each ``size`` × ``size`` cell inside the mask (area downsampling), row-major; zeros when ``masks`` is None."""
+    if masks is None:
+        return torch.zeros(len(rows), size * size)
+    pixels = torch.from_numpy(np.asarray(masks[rows], dtype=np.float32)).unsqueeze(1)
+    return F.adaptive_avg_pool2d(pixels, size).flatten(1)
+
+
 class CachedImageDataset(Dataset):
     """The images ``rows`` of a cache with every task's targets, encoded once with ``task.encode``.
 
@@ -48,6 +60,7 @@ class CachedImageDataset(Dataset):
     (row i = image i): an ``ImageCache`` or an ``ImageArrays``. The dataset keeps the cache object, not
     its array, so pickling it for DataLoader workers re-opens an ``ImageCache`` instead of copying images;
     it keeps task names and target widths, not the ``Task`` objects (their encoders are not picklable).
+    A segmentation task's targets (``mask_sizes``: its grid side) are read from ``cache.masks`` per batch.
     """
 
     def __init__(self, cache: ImageSource, rows: Sequence[int] | np.ndarray, tasks: Sequence[Task], source: int = 0,
@@ -63,12 +76,16 @@ class CachedImageDataset(Dataset):
         self.cache = cache
         self.source = int(source)
         self.target_dims = {task.name: task.target_dim for task in tasks}
+        self.mask_sizes = {task.name: int(np.sqrt(task.target_dim)) for task in tasks if task.pixel_targets}
         subset = records.iloc[self.rows].reset_index(drop=True)
         self.targets: dict[str, torch.Tensor] = {}
         self.present: dict[str, torch.Tensor] = {}
         for task in tasks:
             targets, present = task.encode(subset)
-            self.targets[task.name] = torch.from_numpy(targets)
+            if not task.pixel_targets:
+                self.targets[task.name] = torch.from_numpy(targets)
+            elif present.any() and getattr(cache, "masks", None) is None:
+                raise DataError(f"task {task.name!r}: the image cache has no masks (build it with masks=True)")
             self.present[task.name] = torch.from_numpy(present)
         self.clinical = None if clinical is None else torch.from_numpy(np.asarray(clinical, np.float32)[self.rows])
         """Encoded clinical features of the rows (``mdmt.clinical_encoder``); items carry them as ``clinical``."""
@@ -97,7 +114,8 @@ class CachedImageDataset(Dataset):
         row = int(self.rows[index])
         item = {
             "image": torch.from_numpy(np.array(self.cache.images[row], copy=True)).unsqueeze(0),
-            "targets": {name: values[index] for name, values in self.targets.items()},
+            "targets": {name: values[index] for name, values in self.targets.items()}
+            | {name: targets[0] for name, targets in self._mask_targets(np.array([row])).items()},
             "present": {name: values[index] for name, values in self.present.items()},
             "source": self.source,
             "row": row,
@@ -113,7 +131,7 @@ class CachedImageDataset(Dataset):
         rows = self.rows[index.numpy()]
         batch = {
             "image": torch.from_numpy(np.asarray(self.cache.images[rows])).unsqueeze(1),
-            "targets": {name: values[index] for name, values in self.targets.items()},
+            "targets": {name: values[index] for name, values in self.targets.items()} | self._mask_targets(rows),
             "present": {name: values[index] for name, values in self.present.items()},
             "source": torch.full((len(rows),), self.source, dtype=torch.int64),
             "row": torch.from_numpy(rows),
@@ -121,6 +139,12 @@ class CachedImageDataset(Dataset):
         if self.clinical is not None:
             batch["clinical"] = self.clinical[index]
         return batch
+
+
+    def _mask_targets(self, rows: np.ndarray) -> dict[str, torch.Tensor]:
+        """Each segmentation task's targets for cache ``rows``."""
+        return {name: mask_targets(getattr(self.cache, "masks", None), rows, size)
+                for name, size in self.mask_sizes.items()}
 
 
 class MultiSourceDataset(Dataset):
@@ -144,8 +168,10 @@ class MultiSourceDataset(Dataset):
         # whole batches are gathered from these: per item its source, its cache row, every task's target and flag
         self.sources = np.repeat(np.arange(len(self.datasets), dtype=np.int64), [len(d) for d in self.datasets])
         self.rows = np.concatenate([d.rows for d in self.datasets])
+        self.mask_sizes = {name: size for d in self.datasets for name, size in d.mask_sizes.items()}
         self.targets = {name: torch.cat([d.targets.get(name, torch.zeros(len(d), dim, dtype=torch.float32))
-                                         for d in self.datasets]) for name, dim in self.target_dims.items()}
+                                         for d in self.datasets]) for name, dim in self.target_dims.items()
+                        if name not in self.mask_sizes}
         self.present = {name: torch.cat([d.present.get(name, torch.zeros(len(d), dtype=torch.bool))
                                          for d in self.datasets]) for name in self.target_dims}
         with_clinical = [d.clinical is not None for d in self.datasets]
@@ -187,9 +213,14 @@ class MultiSourceDataset(Dataset):
             where = sources == source
             images[where] = self.datasets[source].cache.images[rows[where]]
         at = torch.from_numpy(index)
+        masks = {name: torch.zeros(len(index), size * size) for name, size in self.mask_sizes.items()}
+        for source in np.unique(sources):
+            where = sources == source
+            for name, targets in self.datasets[source]._mask_targets(rows[where]).items():
+                masks[name][torch.from_numpy(where)] = targets
         batch = {
             "image": torch.from_numpy(images).unsqueeze(1),
-            "targets": {name: values[at] for name, values in self.targets.items()},
+            "targets": {name: values[at] for name, values in self.targets.items()} | masks,
             "present": {name: values[at] for name, values in self.present.items()},
             "source": torch.from_numpy(sources),
             "row": torch.from_numpy(rows),

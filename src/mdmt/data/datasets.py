@@ -38,7 +38,8 @@ from mdmt.sources import (
     read_scored_films,
 )
 from mdmt.sources.manifest import ROW_COLUMN
-from mdmt.tasks import REGION_COLUMNS, get_task, global4_targets
+from mdmt.sources.tables import MASK_PATH
+from mdmt.tasks import MASK_PRESENT, REGION_COLUMNS, get_task, global4_targets
 
 
 @dataclass(frozen=True)
@@ -71,7 +72,7 @@ class Dataset:
         limit = config.data.max_drop_fraction
         check_losses(self.id, seen, len(source.records), source.dropped, limit)
         cache = build_cache(source, config.data, config.data.cache_dir, progress=progress,
-                            workers=config.runtime.workers)
+                            workers=config.runtime.workers, masks=MASK_PATH in source.records)
         check_losses(self.id, seen, len(cache), pd.concat([cache.dropped, cache.failed]), limit)
         return cache
 
@@ -129,7 +130,13 @@ def brixia(params: RootParams, dataset_id: str) -> Dataset:
 def scored_films(params: RootParams, dataset_id: str) -> Dataset:
     """Films of one folder labelled by a radiologist's Brixia scores (``mdmt.sources.scored_films``)."""
     return Dataset(dataset_id, lambda: read_scored_films(_root(params, dataset_id), dataset_id),
-                   (*REGION_COLUMNS, "brixia_global"), global4_targets, supports_loco=False)
+                   (*REGION_COLUMNS, "brixia_global", MASK_PRESENT), _scored_or_not, supports_loco=False)
+
+
+def _scored_or_not(records: pd.DataFrame) -> np.ndarray:
+    """The global score's bin, and a stratum of its own (-1) for unscored films: they carry only a lung mask, which
+    a segmentation task learns from, so the folds split them too."""
+    return np.nan_to_num(global4_targets(records), nan=-1.0)
 
 
 @dataclass

@@ -6,14 +6,21 @@ Brixia head, the expected class index for a multi-class one).
 
 The target layer is the backbone's last child module that is or holds an ``nn.Conv2d`` before its global
 pooling (ResNet ``layer4``, DenseNet and MobileNet ``features``, ShuffleNet ``conv5``, GoogLeNet
-``inception5b``, ``tiny_cnn`` ``features``), except where ``TARGET_LAYERS`` names a later one (timm's
-EfficientNet: ``bn2``, the normalisation and activation after ``conv_head``).
+``inception5b``), except where ``TARGET_LAYERS`` names a later one (timm's EfficientNet: ``bn2``, the
+normalisation and activation after ``conv_head``). A stage that ends in a max or average pooling (``tiny_cnn``'s
+and VGG's ``features``) is read before that pooling, at twice the grid (as the Grad-CAM paper reads VGG): the
+pooling only subsamples the same evidence, and ``tiny_cnn``'s last grid is 3 × 3 at the demo's 48 px.
+
+Each map is the positive part of the weighted activations, upsampled to the input and divided by its maximum. It
+is not shifted by its minimum as ``pytorch_grad_cam`` does for display: a map whose evidence has a floor over the
+whole film keeps it, so its mass in a region is that region's share of the evidence.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from mdmt.errors import ConfigError
@@ -24,6 +31,9 @@ from mdmt.tasks import Task
 TARGET_LAYERS: dict[str, str] = {"EfficientNet": "bn2"}
 """Backbone class name → the target layer where the generic rule stops short of the last activation."""
 GLOBAL_POOLS = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
+SUBSAMPLING_POOLS = (nn.MaxPool2d, nn.AvgPool2d)
+EVIDENCE_FLOOR = 1e-7
+"""A map's peak (activation × gradient, in the head scalar's units) below which it is float noise, not evidence."""
 
 
 class HeadScalar(nn.Module):
@@ -52,7 +62,8 @@ def _is_global_pool(module: nn.Module) -> bool:
 
 def target_layer(backbone: nn.Module) -> nn.Module:
     """The module whose output Grad-CAM weighs: ``TARGET_LAYERS`` for the backbone's class, else its last child
-    that is or holds a ``Conv2d`` before the global pooling."""
+    that is or holds a ``Conv2d`` before the global pooling (a ``Sequential`` ending in a subsampling pooling: the
+    module before that pooling)."""
     named = TARGET_LAYERS.get(type(backbone).__name__)
     if named is not None:
         return backbone.get_submodule(named)
@@ -64,23 +75,38 @@ def target_layer(backbone: nn.Module) -> nn.Module:
             chosen = child
     if chosen is None:
         raise ConfigError(f"backbone {type(backbone).__name__}: no convolutional stage to explain with Grad-CAM")
+    while isinstance(chosen, nn.Sequential) and len(chosen) > 1 and isinstance(chosen[-1], SUBSAMPLING_POOLS):
+        chosen = chosen[-2]
     return chosen
+
+
+def evidence_maps(cams: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Raw maps ``(B, h, w)`` → ``(B, *size)`` float32: the positive part, bilinear to ``size``, divided by each
+    map's maximum; a map whose peak is below ``EVIDENCE_FLOOR`` is all zero."""
+    maps = F.interpolate(torch.from_numpy(np.maximum(cams, 0)).float()[:, None], size=size, mode="bilinear",
+                         align_corners=False)[:, 0]
+    peaks = maps.flatten(1).amax(dim=1)[:, None, None]
+    return torch.where(peaks > EVIDENCE_FLOOR, maps / peaks.clamp_min(EVIDENCE_FLOOR), 0.0).numpy()
 
 
 def grad_cams(model: MultiTaskModel, task: Task, x: torch.Tensor, clinical: torch.Tensor | None = None) -> np.ndarray:
     """Grad-CAM of ``task``'s head for the network input ``x`` (and the clinical features ``clinical`` of a model
-    that fuses them): ``(B, H, W)`` float32, each map scaled to [0, 1] (all zeros where no region raises the
-    head's scalar). A clinical term adds to the logits without touching the image features, so the map shows
-    the image branch's evidence."""
+    that fuses them): ``(B, H, W)`` float32 (``evidence_maps``: each map in [0, 1], all zeros where no region
+    raises the head's scalar). A clinical term adds to the logits without touching the image features, so the map
+    shows the image branch's evidence."""
     gradcam = require("pytorch_grad_cam", "Grad-CAM")
-    targets = require("pytorch_grad_cam.utils.model_targets", "Grad-CAM")
-    explainer = gradcam.GradCAM(model=HeadScalar(model, task, clinical),
-                                target_layers=[target_layer(model.backbone)])
+    layer = target_layer(model.backbone)
     training = model.training
+    explainer = gradcam.GradCAM(model=HeadScalar(model, task, clinical), target_layers=[layer])
+    recorded = explainer.activations_and_grads
     try:
         with torch.enable_grad():
-            maps = explainer(input_tensor=x, targets=[targets.ClassifierOutputTarget(0)] * x.shape[0])
+            model.zero_grad()
+            recorded(x).sum().backward()
+        cams = explainer.get_cam_image(x, layer, None, recorded.activations[0].numpy(),
+                                       recorded.gradients[0].numpy())
     finally:
-        explainer.activations_and_grads.release()
+        recorded.release()
+        model.zero_grad()
         model.train(training)
-    return np.asarray(maps, dtype=np.float32)
+    return evidence_maps(cams, tuple(x.shape[-2:]))

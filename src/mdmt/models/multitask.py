@@ -1,7 +1,9 @@
 """One shared backbone feeding named task heads, and the backbone-state helpers of the strategies.
 
 The backbone runs once per forward pass and every head reads the same features (the official code ran it
-once per head). State-dict keys are ``backbone.<...>`` and ``heads.<task>.<...>``.
+once per head). State-dict keys are ``backbone.<...>`` and ``heads.<task>.<...>``. A spatial head (the mask decoder
+of a segmentation task) reads the backbone's last feature map, the input of its global pooling, caught by a hook
+that exists only in models with such a head.
 """
 
 from __future__ import annotations
@@ -71,6 +73,13 @@ class MultiTaskModel(nn.Module):
         self.clinical_dim = next(iter(terms.values())).weight.shape[1] if terms else 0
         if terms:
             self.clinical = nn.ModuleDict(terms)
+        self.spatial = tuple(name for name, head in heads.items() if getattr(head, "spatial", False))
+        self._feature_map: torch.Tensor | None = None
+        if self.spatial:
+            global_pool(self.backbone, backbone.name).register_forward_pre_hook(self._keep_feature_map)
+
+    def _keep_feature_map(self, module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+        self._feature_map = inputs[0]
 
     @property
     def normalization(self) -> tuple[Stats, Stats]:
@@ -78,7 +87,7 @@ class MultiTaskModel(nn.Module):
         return self._normalization
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        """Pooled backbone features ``(B, feature_dim)``."""
+        """Pooled backbone features ``(B, feature_dim)`` (a model with a spatial head also keeps the feature map)."""
         return self.backbone(x)
 
     def set_clinical_term(self, task: str, weight: torch.Tensor, bias: torch.Tensor) -> None:
@@ -94,8 +103,9 @@ class MultiTaskModel(nn.Module):
 
     def head_outputs(self, features: torch.Tensor, clinical: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Every head's outputs from pooled backbone features ``(B, feature_dim)`` (fused heads add their clinical
-        term)."""
-        outputs = {name: head(features) for name, head in self.heads.items()}
+        term; spatial heads read the feature map of the same pass)."""
+        outputs = {name: head(self._feature_map if name in self.spatial else features)
+                   for name, head in self.heads.items()}
         if not self.fused:
             return outputs
         if clinical is None or clinical.shape[-1] != self.clinical_dim:
@@ -105,6 +115,17 @@ class MultiTaskModel(nn.Module):
         for name in self.fused:
             outputs[name] = outputs[name] + self.clinical[name](clinical).to(outputs[name].dtype)
         return outputs
+
+
+def global_pool(backbone: nn.Module, name: str) -> nn.Module:
+    """The backbone's last global pooling module (``nn.AdaptiveAvgPool2d`` or timm's ``SelectAdaptivePool2d``);
+    ConfigError naming the backbone when it pools in its ``forward`` code (torchvision's DenseNet) instead."""
+    pools = [m for m in backbone.modules()
+             if isinstance(m, nn.AdaptiveAvgPool2d) or type(m).__name__ == "SelectAdaptivePool2d"]
+    if not pools:
+        raise ConfigError(f"backbone {name!r} has no global pooling module to take the feature map from, which a "
+                          f"mask decoder head needs")
+    return pools[-1]
 
 
 def head_refs(model_cfg: ModelConfig) -> dict[str, PluginRef]:
@@ -123,10 +144,10 @@ def build_model(
     clinical_trainable: bool = False,
 ) -> MultiTaskModel:
     """The backbone ``model.backbone`` with ``model.weights`` and one head per task: ``model.heads[task]``, else
-    ``model.head``; the heads of ``fused`` add a clinical term of ``clinical_dim`` features (zero until set)."""
+    the head the task's kind needs (the mask decoder), else ``model.head``; the heads of ``fused`` add a clinical term of ``clinical_dim`` features (zero until set)."""
     backbone = build_backbone(model_cfg.backbone, model_cfg.weights)
     refs = head_refs(model_cfg)
-    heads = {t.name: build_head(refs.get(t.name, model_cfg.head), t, backbone.feature_dim) for t in tasks}
+    heads = {t.name: build_head(refs.get(t.name, t.head or model_cfg.head), t, backbone.feature_dim) for t in tasks}
     terms = {t.name: ClinicalTerm(clinical_dim, t.n_outputs, clinical_trainable) for t in tasks if t.name in fused}
     missing = [name for name in fused if name not in terms]
     if missing:

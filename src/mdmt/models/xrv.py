@@ -27,7 +27,13 @@ import torch
 from torch import nn
 
 from mdmt.errors import ConfigError
-from mdmt.models.backbones import BACKBONES, WEIGHT_SET_PREFIXES, Backbone, Stats, load_weights_file
+from mdmt.models.backbones import (
+    BACKBONES,
+    WEIGHT_SET_PREFIXES,
+    Backbone,
+    Stats,
+    load_weights_file,
+)
 from mdmt.registry import NoParams
 
 XRV_MEAN: Stats = (0.5, 0.5, 0.5)

@@ -19,6 +19,7 @@ import pandas as pd
 
 from mdmt.errors import DataError
 from mdmt.sources.tables import (
+    MASK_PATH,
     RECORD_COLUMNS,
     SourceTable,
     existing_dir,
@@ -37,8 +38,6 @@ SCORE_NAMES: tuple[str, ...] = (*REGIONS, "Global")
 LABEL_TARGETS: tuple[str, ...] = (*REGION_COLUMNS, "brixia_global")
 JUNIOR_COLUMNS: tuple[str, ...] = (*(f"junior_{r}" for r in REGIONS), "junior_global")
 """Extra record columns: the second rater's scores (NaN where blank or not a number)."""
-MASK_COLUMN = "mask_path"
-"""Extra record column: the film's lung mask (absolute path) when the manifest has a ``mask`` column."""
 
 
 def _rater_columns(scores: pd.DataFrame, prefix: str, source: Path, required: bool) -> list[str] | None:
@@ -119,9 +118,9 @@ def read_scored_films(root: str | Path, name: str = "scored_films") -> SourceTab
         "path": [str(folder / p) if pd.notna(p) else "" for p in manifest[image_col]],
     })
     if mask_col is not None:
-        films[MASK_COLUMN] = [str(folder / p) if pd.notna(p) else np.nan for p in manifest[mask_col]]
+        films[MASK_PATH] = [str(folder / p) if pd.notna(p) else np.nan for p in manifest[mask_col]]
     extras = [c for c in manifest.columns if c not in (id_col, image_col, patient_col, mask_col)]
-    clashes = sorted(set(extras) & {*RECORD_COLUMNS, *JUNIOR_COLUMNS, MASK_COLUMN})
+    clashes = sorted(set(extras) & {*RECORD_COLUMNS, *JUNIOR_COLUMNS, MASK_PATH})
     if clashes:
         raise DataError(f"{manifest_path}: column(s) {clashes} clash with record columns; rename them")
     films[extras] = manifest[extras]

@@ -23,6 +23,10 @@ _BARE_ID_SUFFIXES = IMAGE_SUFFIXES[:4]
 _EXAMPLES = 5  # ids quoted in an error message
 _LABEL_GROUPS = {"prognosis": ("prognosis",), "brixia regions": REGION_COLUMNS, "brixia_global": ("brixia_global",)}
 
+MASK_PATH = "mask_path"
+"""Optional records column: the film's lung mask file (absolute path), NaN where it has none (``scored_films``);
+an image cache built with masks reads it, and ``mdmt.data.datasets`` builds masks when a dataset's records have it."""
+
 SYNTHETIC_MARKER = Path("_synthetic_truth") / "params.json"
 """The file a generated (synthetic) dataset holds at its root: the twin writes it last, the model card and
 ``predict``'s warning look for it, so no production module needs the twin itself."""

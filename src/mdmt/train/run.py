@@ -27,6 +27,7 @@ from rich.console import Console
 
 from mdmt.cache.image_cache import ImageCache, open_cache, verify_images
 from mdmt.config import Config, PluginRef, save_config, to_dict
+from mdmt.data.batches import mask_targets
 from mdmt.data.datasets import Dataset, prepare, select
 from mdmt.data.splits import Split
 from mdmt.errors import ConfigError, DataError
@@ -110,6 +111,8 @@ def write_predictions(estimator: Estimator, run: RunContext, part: str = "test")
         records = run.caches[source].records.iloc[rows].reset_index(drop=True)
         for task in run.tasks:
             targets, present = task.encode(records)
+            if task.pixel_targets:  # the truth is the cached mask, as the batches gather it
+                targets = mask_targets(run.caches[source].masks, rows, task.size).numpy()
             if present.any() and task.name in outputs:
                 decoded = task.decode(outputs[task.name][torch.from_numpy(present)])
                 tables[task.name].append(prediction_table(task, records[present], targets[present], decoded,
