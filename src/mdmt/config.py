@@ -512,10 +512,15 @@ def _yaml_problem(exc: yaml.YAMLError) -> str:
     return (str(getattr(exc, "problem", None) or exc) or type(exc).__name__).splitlines()[0]
 
 
+SAFE_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+"""libyaml's safe loader where PyYAML was built with it: the same documents, parsed about 10× faster (a run reads
+its config.yaml three times)."""
+
+
 def read_yaml(path: Path) -> Any:
     """Parse a YAML file; a syntax error is a ConfigError ``<file>:<line>:<col>: YAML syntax error: <problem>``."""
     try:
-        return yaml.safe_load(path.read_text(encoding="utf-8"))
+        return yaml.load(path.read_text(encoding="utf-8"), Loader=SAFE_LOADER)
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{path}: not a UTF-8 text file (byte {exc.start})") from exc
     except yaml.YAMLError as exc:

@@ -176,9 +176,9 @@ def dataset_split(dataset: Dataset, records: pd.DataFrame, protocol: str, fold: 
 
     A k-fold or LOCO split depends on ``records`` alone, so it is kept for the next run of this process that asks
     with the same records object, dataset, protocol section and seed (the key holds the frame, so its ``id`` is not
-    reused meanwhile); official splits are read from their files every time. Kept because it pays: a rerun of the
-    finished 98-run demo grid took 0.93× the wall time with it (median of 10 alternating pairs, 0.85–1.14), a fresh
-    20-run grid 0.84× (0.63–1.34), both measured on a loaded 2-core machine.
+    reused meanwhile); official splits are read from their files every time. Kept because it pays: rerunning the
+    finished 98-run demo grid (every run found done) took 0.60× the wall time with it (6.6 s against 11.1 s, median
+    of 7 alternating pairs, 0.55–0.63, 2 idle cores, at 3befcea).
     """
     protocol, fold = run_fold(protocol, fold, [dataset.id], config)
     key = (id(records), dataset.id, repr(config.data.datasets.get(dataset.id)), repr(config.protocol), protocol,
