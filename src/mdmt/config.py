@@ -520,9 +520,15 @@ its config.yaml three times)."""
 def read_yaml(path: Path) -> Any:
     """Parse a YAML file; a syntax error is a ConfigError ``<file>:<line>:<col>: YAML syntax error: <problem>``."""
     try:
-        return yaml.load(path.read_text(encoding="utf-8"), Loader=SAFE_LOADER)
+        text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{path}: not a UTF-8 text file (byte {exc.start})") from exc
+    try:
+        return yaml.load(text, Loader=SAFE_LOADER)
+    except yaml.YAMLError:
+        pass  # parsed again below by the pure-Python loader, whose messages are the ones users and tests know
+    try:
+        return yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
