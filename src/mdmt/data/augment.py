@@ -83,7 +83,7 @@ class BatchAugmenter:
             raise ConfigError(f"augment.elastic_sigma must be > 0, got {cfg.elastic_sigma}")
         self.cfg = cfg
         self.flip_perms = {t.name: list(t.flip_perm) for t in tasks if t.flip_perm is not None}
-        self.mask_sizes = {t.name: math.isqrt(t.target_dim) for t in tasks if t.pixel_targets}
+        self.mask_sizes = {t.name: t.size for t in tasks if t.pixel_targets}
 
     def __call__(
         self, images: torch.Tensor, targets: Mapping[str, torch.Tensor], generator: torch.Generator | None = None

@@ -76,7 +76,7 @@ class CachedImageDataset(Dataset):
         self.cache = cache
         self.source = int(source)
         self.target_dims = {task.name: task.target_dim for task in tasks}
-        self.mask_sizes = {task.name: int(np.sqrt(task.target_dim)) for task in tasks if task.pixel_targets}
+        self.mask_sizes = {task.name: task.size for task in tasks if task.pixel_targets}
         subset = records.iloc[self.rows].reset_index(drop=True)
         self.targets: dict[str, torch.Tensor] = {}
         self.present: dict[str, torch.Tensor] = {}
@@ -139,7 +139,6 @@ class CachedImageDataset(Dataset):
         if self.clinical is not None:
             batch["clinical"] = self.clinical[index]
         return batch
-
 
     def _mask_targets(self, rows: np.ndarray) -> dict[str, torch.Tensor]:
         """Each segmentation task's targets for cache ``rows``."""

@@ -16,7 +16,6 @@ A new head is one ``@HEADS.register(name, Params)`` factory ``(params, task=...,
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
@@ -116,7 +115,7 @@ class MaskDecoder(nn.Module):
 def mask_decoder_head(params: DecoderParams, task: Task, in_features: int) -> MaskDecoder:
     """The light decoder of a segmentation task (``in_features``: the channels of the last feature map)."""
     params.check(task)
-    return MaskDecoder(in_features, math.isqrt(task.n_outputs), params.width)
+    return MaskDecoder(in_features, task.size, params.width)
 
 
 def build_head(ref: PluginRef | str, task: Task, in_features: int) -> nn.Module:
