@@ -1,20 +1,22 @@
 """Calibration, thresholds and conformal prediction on the demo's test folds, against the targets of the issue.
 
 Reads a results folder (``mdmt demo --out D`` writes ``D/results``) through the report's own tables
-(``mdmt.evaluate.report_calibration``: each run's ``calibration.json``, fitted on its validation fold, applied to its
-own test rows, pooled per strategy and protocol); trains and writes nothing. Prints per strategy and protocol the ECE
-(15 bins) before and after calibration, the balanced accuracy at 0.5 and at the runs' thresholds, the coverage and
-mean size of the prognosis sets and the coverage and mean width of the global Brixia interval; the size of the
-validation folds the maps were fitted on; on CV, both calibration methods fitted again from the prediction files (in
-memory) with the ECE a perfectly calibrated model would show on the same rows (labels drawn from the calibrated
-probability, 200 draws: the estimator's noise floor); and whether each target holds on the pooled CV test
-predictions:
+(``mdmt.evaluate.report_calibration``: each run's ``calibration.json``, fitted on its calib part when the runs have
+one (``protocol.calibration_fraction``), else on its validation part, applied to its own test rows, pooled per
+strategy and protocol); trains and writes nothing. Prints per strategy and protocol the ECE (15 bins) before and
+after calibration, the balanced accuracy at 0.5 and at the runs' thresholds, the coverage and mean size of the
+prognosis sets and the coverage and mean width of the global Brixia interval; how many rows the maps were fitted
+on; on CV, both calibration methods fitted again from the prediction files (in memory) with the ECE a perfectly
+calibrated model would show on the same rows (labels drawn from the calibrated probability, 200 draws: the
+estimator's noise floor); the spread of the pooled CV coverage of prognosis sets that are exchangeable by
+construction, with these runs' calibration and test sizes (the coverage target's noise floor); and whether each
+target holds on the pooled CV test predictions:
 
 - MDMT's ECE after calibration <= 0.05, and >= 30 % below the raw ECE when that is above 0.05;
 - balanced accuracy at the chosen threshold >= at 0.5, for every strategy;
 - at alpha = 0.1, coverage in [0.88, 0.95] for the prognosis sets and the global Brixia interval.
 
-    mdmt demo --out demo-output
+    mdmt demo --out demo-output [--set protocol.calibration_fraction=0.5]
     python benchmarks/calibration_demo.py demo-output/results
 """
 
@@ -31,7 +33,7 @@ from mdmt.config import CalibrationConfig
 from mdmt.evaluate import calibration as calib
 from mdmt.evaluate.report import collect
 from mdmt.evaluate.report_calibration import binary_columns, calibration_table, conformal_table
-from mdmt.evaluate.scoring import fit_calibration, read_predictions
+from mdmt.evaluate.scoring import calibration_rows, fit_calibration, read_predictions
 from mdmt.runs import CALIBRATION_FILE, DONE_FILE, RUNS_DIR
 
 ALPHA = 0.1
@@ -41,6 +43,8 @@ SEVERITY = "severity_regions"
 STRATEGIES = {"stl_prognosis": "STL", "stl_severity": "STL severity", "ft": "FT",
               "mdmt_permuted": "MDMT, BrixIA labels permuted", "mdmt": "MDMT"}
 PROTOCOLS = {"cv5": "CV", "loco": "LOCO"}
+HOME = "aiforcovid"
+"""The prognosis task's home dataset."""
 
 
 def _cell(value: float, spec: str = ".3f") -> str:
@@ -64,7 +68,7 @@ def tables(results: Path) -> pd.DataFrame:
 
 
 def validation_sizes(results: Path) -> dict[tuple[str, str], list[int]]:
-    """Per task and protocol, the number of validation rows each run's conformal map was calibrated on."""
+    """Per task and protocol, the number of rows each run's conformal map was calibrated on."""
     sizes: dict[tuple[str, str], list[int]] = {}
     for path in sorted((results / RUNS_DIR).glob(f"*/*/*/fold*/seed*/{CALIBRATION_FILE}")):
         fitted, protocol = json.loads(path.read_text()), path.parents[2].name
@@ -81,9 +85,37 @@ def ece_floor(truth: np.ndarray, probability: np.ndarray, draws: int = 200) -> t
     return float(np.median(values)), float(np.quantile(values, 0.9))
 
 
+def coverage_spread(sizes: list[tuple[int, int]], draws: int = 20000) -> tuple[float, float, float]:
+    """5th and 95th percentile of the pooled coverage of split-conformal sets over runs of (calibration rows, test
+    rows) ``sizes`` when calibration and test films are exchangeable, and the chance it falls outside COVERAGE.
+
+    Given its calibration rows, a run's coverage is Beta(n + 1 - l, l) with l = floor((n + 1) alpha) (Vovk 2012);
+    its test hits are binomial from it (seeded). Runs are drawn independently: runs sharing a validation fold (two
+    training seeds) spread wider, so the chance is a lower bound."""
+    rng = np.random.default_rng(0)
+    hits = np.zeros(draws)
+    for n_cal, n_test in sizes:
+        low = int(np.floor(round((n_cal + 1) * ALPHA, 9)))  # the rank mdmt's conformal quantile takes
+        hits += rng.binomial(n_test, rng.beta(n_cal + 1 - low, low, size=draws))
+    pooled = hits / sum(n for _, n in sizes)
+    outside = float(np.mean((pooled < COVERAGE[0]) | (pooled > COVERAGE[1])))
+    return float(np.quantile(pooled, 0.05)), float(np.quantile(pooled, 0.95)), outside
+
+
+def run_sizes(results: Path, strategy: str) -> list[tuple[int, int]]:
+    """(prognosis calibration rows, prognosis test rows) of each finished CV run of ``strategy``."""
+    sizes = []
+    for done in sorted((results / RUNS_DIR).glob(f"{strategy}/*/cv5/fold*/seed*/{DONE_FILE}")):
+        fitted = json.loads((done.parent / CALIBRATION_FILE).read_text()).get("prognosis", {})
+        if "sets" in fitted:
+            sizes.append((int(fitted["sets"]["n_calibration"]),
+                          len(_home_rows(done.parent / "predictions_prognosis.csv"))))
+    return sizes
+
+
 def _home_rows(path: Path) -> pd.DataFrame:
     rows = read_predictions(path)
-    return rows[rows["dataset"] == "aiforcovid"]
+    return rows[rows["dataset"] == HOME]
 
 
 def _nonconformity(rows: pd.DataFrame) -> float:
@@ -94,7 +126,7 @@ def _nonconformity(rows: pd.DataFrame) -> float:
 def methods_on_cv(results: Path) -> pd.DataFrame:
     """Per strategy, on the pooled CV test rows: ECE raw, and per method (fitted again on each run's validation
     rows, in memory) the ECE, its noise floor, the coverage of the prognosis sets and the mean nonconformity score
-    on the validation rows against the test rows."""
+    on the rows calibration is fitted on (the calib part when the runs have one, else val) against the test rows."""
     runs = sorted(p.parent for p in (results / RUNS_DIR).glob(f"*/*/cv5/fold*/seed*/{DONE_FILE}")
                   if (p.parent / "val_predictions_prognosis.csv").is_file())
     records = {}
@@ -104,8 +136,8 @@ def methods_on_cv(results: Path) -> pd.DataFrame:
             fitted = fit_calibration(run_dir, CalibrationConfig(method=method, alpha=ALPHA)).get("prognosis", {})
             if "binary" not in fitted:
                 continue
-            for part, name in (("test", "predictions_prognosis.csv"), ("val", "val_predictions_prognosis.csv")):
-                rows = _home_rows(run_dir / name)
+            fitted_on = calibration_rows(run_dir, "prognosis", HOME)
+            for part, rows in (("test", _home_rows(run_dir / "predictions_prognosis.csv")), ("val", fitted_on[2])):
                 parts.append(rows.assign(strategy=run_dir.parents[3].name, protocol="cv5", key=str(run_dir),
                                          part=part, **binary_columns(fitted, rows)))
         both = pd.concat(parts, ignore_index=True)
@@ -167,19 +199,25 @@ def main() -> None:
         print(f"\n{results}: pooled test predictions per strategy and protocol, alpha = {ALPHA}")
         print_table(table)
         for (task, protocol), sizes in sorted(validation_sizes(results).items()):
-            print(f"{task}, {PROTOCOLS.get(protocol, protocol)}: validation rows per run median "
+            print(f"{task}, {PROTOCOLS.get(protocol, protocol)}: calibration rows per run median "
                   f"{np.median(sizes):.0f} ({min(sizes)} to {max(sizes)}), {len(sizes)} runs")
         methods = methods_on_cv(results)
-        print("\nCV, both methods fitted again on each run's validation rows; ECE floor: median / 90th percentile "
+        print("\nCV, both methods fitted again on each run's calibration rows; ECE floor: median / 90th percentile "
               "for labels drawn from the calibrated probability")
         print("| strategy | ECE raw | ECE temperature | floor | ECE Platt | floor | set coverage temperature "
-              "| set coverage Platt | 1 − P(true) val / test (temperature) |")
+              "| set coverage Platt | 1 − P(true) calibration rows / test (temperature) |")
         print("|---" * 9 + "|")
         for strategy, row in methods.iterrows():
             cells = [_cell(row["ece_raw"]), _cell(row["ece_temperature"]), row["floor_temperature"],
                      _cell(row["ece_platt"]), row["floor_platt"], _cell(row["coverage_temperature"]),
                      _cell(row["coverage_platt"]), row["score_temperature"]]
             print(f"| {STRATEGIES[strategy]} | " + " | ".join(cells) + " |")
+        spreads = {s: coverage_spread(run_sizes(results, s)) for s in STRATEGIES if run_sizes(results, s)}
+        inside_all = float(np.prod([1 - outside for _, _, outside in spreads.values()]))
+        print(f"\nCV prognosis sets exchangeable by construction (alpha = {ALPHA}), pooled coverage 5th-95th "
+              "percentile and chance outside the target: "
+              + "; ".join(f"{STRATEGIES[s]} {lo:.3f}-{hi:.3f}, {out:.0%}" for s, (lo, hi, out) in spreads.items())
+              + f"; every strategy inside: {inside_all:.0%} (runs independent: an upper bound)")
         for text, holds in targets(table):
             print(f"target {'HOLDS' if holds else 'FAILS'}: {text}")
 

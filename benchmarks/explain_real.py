@@ -18,11 +18,20 @@ measured against the same film:
   writes the true lung zones (``_synthetic_truth/masks``: 40·k in zone k) and per-zone true scores, not
   pixel masks of the opacities, so the opacified zones stand for the opacity masks.
 
-    python benchmarks/explain_real.py [--data TWIN_DIR] [--preset small] [--epochs 30] [--work DIR]
+``--models real`` measures models trained on the real films themselves, out of sample: the scored films of
+``../shared/data/real-cxr-lungs`` in patient-grouped 5-fold CV (mdmt's ``cv5`` protocol, ``--seeds``), lung crop
+at ``--real-size`` px, the schedule of ``benchmarks/severity_real.py`` (batch 16, early stopping after 40 epochs
+on the validation loss). Two arms: severity alone (``stl``), and severity with the human lung masks as a second
+task (``mdmt``: the ``lung_mask`` segmentation task, whose unscored films join the folds). Each fold's model is
+explained on its own test fold's scored films only, so every map is of a film the model never trained on.
 
-CPU only, about twenty minutes on two cores (a finished run in ``--work`` is reused). Prints one table with the
-runs' regional MAE (and that of predicting the test films' mean), the Pearson r of the global score, and the
-commit (``benchmarks/RESULTS.md``).
+    python benchmarks/explain_real.py [--models twin real] [--data TWIN_DIR] [--preset small] [--twin-seed 0]
+                                      [--crops none lungs] [--epochs 30]
+                                      [--real-size 128] [--seeds 0] [--workers 2] [--work DIR]
+
+CPU only: the twin models about twenty minutes on two cores, the real CV about as long per seed (a finished run in
+``--work`` is reused). Prints one table with the runs' regional MAE (and that of predicting the test films'
+mean), the Pearson r of the global score, and the commit (``benchmarks/RESULTS.md``).
 """
 
 from __future__ import annotations
@@ -31,11 +40,13 @@ import argparse
 import json
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
+import yaml
 from PIL import Image
 from rich.console import Console
 from rich.table import Table
@@ -48,6 +59,7 @@ from mdmt.infer.model_io import TrainedModel, load_trained
 from mdmt.lungs.locate import read_mask
 from mdmt.lungs.training import read_film_folder
 from mdmt.model_card import source_commit
+from mdmt.parallel import ordered_map
 from mdmt.runs import RunSpec
 from mdmt.synth import generate
 from mdmt.train.run import train_run
@@ -75,6 +87,44 @@ def train(twin: Path, work: Path, crop: str, epochs: int) -> Path:
     ]
     config = load_config(DEMO_CONFIG, [parse_override(o) for o in overrides])
     return train_run(config, RunSpec("stl_severity", "tiny_cnn", "cv5", 0, 0))
+
+
+REAL_ARMS = {"stl": ["severity"], "mdmt": ["severity", "lung_mask"]}
+"""The real-film models: severity alone, and severity with the lung masks as the second task."""
+
+
+def real_config(work: Path, size: int) -> Path:
+    """The config of the real-film CV runs (severity_real.py's schedule), written into ``work``."""
+    config = {
+        "data": {"datasets": {"real": {"name": "scored_films", "params": {"root": str(REAL_FILMS)}}},
+                 "image_size": size, "crop": "lungs", "cache_dir": str(work / "cache")},
+        "model": {"backbone": "tiny_cnn", "weights": "none", "input_size": size, "severity_task": "severity_regions"},
+        "train": {"batch_size": 16, "max_epochs": 1000, "warmup_epochs": 20, "early_stopping": 40,
+                  "scheduler_patience": 10, "checkpoint_every_s": 3600},
+        "protocol": {"dataset": "real", "cv_folds": 5},
+        "strategies": {arm: {"params": {"datasets": ["real"], "tasks": tasks}} for arm, tasks in REAL_ARMS.items()},
+        "results_dir": str(work / f"results-real-{size}"),
+        "runtime": {"device": "cpu", "threads": 1},
+    }
+    path = work / f"real-{size}.yaml"
+    work.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def train_real(config_path: Path, spec: RunSpec) -> Path:
+    """One real-film CV run (one process; ``ordered_map`` runs folds side by side)."""
+    return train_run(load_config(config_path), spec, progress=False)
+
+
+def pooled_metrics(runs: list[Path]) -> tuple[float, float, float]:
+    """(regional MAE, MAE of predicting the pooled test films' mean, Pearson r of the global score) of the runs'
+    test predictions pooled, the predictions clipped to 0–3 as the metrics clip them."""
+    table = pd.concat([pd.read_csv(r / "predictions_severity_regions.csv") for r in runs])
+    truth = table.filter(like="y_true_").to_numpy()
+    predicted = table.filter(like="y_pred_").to_numpy().clip(0, 3)
+    r = float(np.corrcoef(truth.sum(axis=1), predicted.sum(axis=1))[0, 1])
+    return float(np.abs(predicted - truth).mean()), float(np.abs(truth - truth.mean(axis=0)).mean()), r
 
 
 def film_cam(film: Film, cam: np.ndarray, margin: float) -> np.ndarray:
@@ -144,49 +194,96 @@ def twin_rows(trained: TrainedModel, twin: Path) -> tuple[list[tuple[float, ...]
     return rows, zero
 
 
+def table_row(model: str, name: str, rows: list[tuple[float, ...]], zero: int, metrics: tuple[float, float, float]
+              ) -> list[str]:
+    """One table row: the mean shares of ``rows`` (``real_rows`` or ``twin_rows``) and the model's metrics."""
+    values = np.asarray(rows, dtype=np.float64).mean(axis=0)
+    zones = [f"{values[2]:.3f}", f"{values[3]:.3f}", f"{values[2] / values[3]:.2f}"] if values.size == 5 else ["–"] * 3
+    mae, constant, r = metrics
+    return [model, name, str(len(rows)), str(zero), f"{values[0]:.3f}", f"{values[1]:.3f}",
+            f"{values[0] / values[1]:.2f}", f"{values[-1] / values[1]:.2f}", *zones, f"{mae:.3f}", f"{constant:.3f}",
+            f"{r:.2f}"]
+
+
+def twin_models(args: argparse.Namespace, work: Path, films: pd.DataFrame | None) -> list[list[str]]:
+    """The rows of the two twin-trained models (whole film, lung crop) on the real films and the twin's test films."""
+    twin = args.data or work / "twin"
+    if args.data is None and not (twin / "BRIXIA").is_dir():
+        generate(twin, preset=args.preset, seed=args.twin_seed, progress=False)
+    out = []
+    for crop in args.crops:
+        started = time.perf_counter()
+        trained = load_trained(train(twin, work, crop, args.epochs))
+        metrics = json.loads((trained.run_dir / "metrics.json").read_text())["severity_regions"]
+        tested = pd.read_csv(trained.run_dir / "predictions_severity_regions.csv").filter(like="y_true_")
+        constant = float((tested - tested.mean()).abs().to_numpy().mean())
+        console.print(f"crop {crop}: trained in {time.perf_counter() - started:.0f} s, "
+                      f"regional MAE {metrics['mae']:.3f}")
+        parts = [("twin test", twin_rows(trained, twin))]
+        if films is not None:
+            parts.insert(0, ("real", real_rows(trained, films)))
+        model = f"twin seed {args.twin_seed}, crop: {crop}" if args.data is None else f"twin, crop: {crop}"
+        out += [table_row(model, name, rows, zero, (metrics["mae"], constant, metrics["global_pearson_r"]))
+                for name, (rows, zero) in parts]
+    return out
+
+
+def real_models(args: argparse.Namespace, work: Path, films: pd.DataFrame) -> list[list[str]]:
+    """The rows of the real-film CV models, each fold's model explained on its own test fold's scored films."""
+    config = real_config(work, args.real_size)
+    specs = [RunSpec(arm, "tiny_cnn", "cv5", fold, seed) for arm in REAL_ARMS for seed in args.seeds
+             for fold in range(5)]
+    started = time.perf_counter()
+    runs = dict(zip(specs, ordered_map(partial(train_real, config), specs, args.workers), strict=True))
+    console.print(f"real-film CV: {len(specs)} runs trained in {time.perf_counter() - started:.0f} s")
+    by_id = films.set_index("image_id")
+    out = []
+    for arm, tasks in REAL_ARMS.items():
+        arm_runs = [run for spec, run in runs.items() if spec.strategy == arm]
+        rows, zero = [], 0
+        for run in arm_runs:
+            trained = load_trained(run)
+            tested = pd.read_csv(run / "predictions_severity_regions.csv", dtype={"image_id": str})["image_id"]
+            fold_rows, fold_zero = real_rows(trained, by_id.loc[tested].reset_index())
+            rows, zero = rows + fold_rows, zero + fold_zero
+        name = f"real CV, {' + '.join(tasks)}, crop: lungs, {args.real_size} px"
+        out.append(table_row(name, "real test folds", rows, zero, pooled_metrics(arm_runs)))
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="+", choices=["twin", "real"], default=["twin", "real"])
     parser.add_argument("--data", type=Path, default=None, help="an existing twin (default: write one)")
     parser.add_argument("--preset", default="small")
-    parser.add_argument("--epochs", type=int, default=30)
-    parser.add_argument("--work", type=Path, default=None, help="caches and runs (default: a temporary folder)")
+    parser.add_argument("--twin-seed", type=int, default=0, help="the generator seed of the twin written here")
+    parser.add_argument("--crops", nargs="+", choices=CROPS, default=list(CROPS), help="the twin models' crops")
+    parser.add_argument("--epochs", type=int, default=30, help="the twin models' epochs")
+    parser.add_argument("--real-size", type=int, default=128, help="the real-film models' input side in px")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="the real-film CV's seeds")
+    parser.add_argument("--workers", type=int, default=2, help="real-film runs trained at once (processes)")
+    parser.add_argument("--work", type=Path, default=None, help="caches and runs (default: a temporary folder; one "
+                        "folder per twin: its finished runs are reused)")
     args = parser.parse_args()
     torch.set_num_threads(2)
+    films = read_film_folder(REAL_FILMS) if REAL_FILMS.is_dir() else None
+    if "real" in args.models and films is None:
+        parser.error(f"--models real needs the real films at {REAL_FILMS}")
     with tempfile.TemporaryDirectory() as tmp:
         work = args.work or Path(tmp)
-        twin = args.data or work / "twin"
-        if args.data is None:
-            generate(twin, preset=args.preset, seed=0, progress=False)
-        films = read_film_folder(REAL_FILMS) if REAL_FILMS.is_dir() else None
-        table = Table(title="Grad-CAM of the severity head: share of CAM mass in the lungs")
-        for column in ("model", "films", "n", "all-zero maps", "CAM in lungs", "lung share", "ratio", "even in crop",
-                       "CAM in opacified zones", "their share", "ratio ", "regional MAE", "MAE of the mean",
-                       "global r"):
-            table.add_column(column, justify="left" if column in ("model", "films") else "right")
-        for crop in CROPS:
-            started = time.perf_counter()
-            trained = load_trained(train(twin, work, crop, args.epochs))
-            metrics = json.loads((trained.run_dir / "metrics.json").read_text())["severity_regions"]
-            mae, r = metrics["mae"], metrics["global_pearson_r"]
-            tested = pd.read_csv(trained.run_dir / "predictions_severity_regions.csv").filter(like="y_true_")
-            constant = float((tested - tested.mean()).abs().to_numpy().mean())
-            console.print(f"crop {crop}: trained in {time.perf_counter() - started:.0f} s, regional MAE {mae:.3f}")
-            parts = [("twin test", twin_rows(trained, twin))]
-            if films is not None:
-                parts.insert(0, ("real", real_rows(trained, films)))
-            for name, (rows, zero) in parts:
-                values = np.asarray(rows, dtype=np.float64).mean(axis=0)
-                zones = ([f"{values[2]:.3f}", f"{values[3]:.3f}", f"{values[2] / values[3]:.2f}"] if values.size == 5
-                         else ["–"] * 3)
-                table.add_row(f"crop: {crop}", name, str(len(rows)), str(zero), f"{values[0]:.3f}", f"{values[1]:.3f}",
-                              f"{values[0] / values[1]:.2f}", f"{values[-1] / values[1]:.2f}", *zones, f"{mae:.3f}",
-                              f"{constant:.3f}", f"{r:.2f}")
-        console.print(table)
-        commit, dirty = source_commit()
-        console.print(f"mdmt at {commit[:7]}{' + uncommitted changes in src/' if dirty else ''}")
-        if films is None:
-            console.print(f"[yellow]real films not found at {REAL_FILMS}: twin rows only")
-
+        rows = twin_models(args, work, films) if "twin" in args.models else []
+        rows += real_models(args, work, films) if "real" in args.models else []
+    table = Table(title="Grad-CAM of the severity head: share of CAM mass in the lungs")
+    for column in ("model", "films", "n", "all-zero maps", "CAM in lungs", "lung share", "ratio", "even in crop",
+                   "CAM in opacified zones", "their share", "ratio ", "regional MAE", "MAE of the mean", "global r"):
+        table.add_column(column, justify="left" if column in ("model", "films") else "right")
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)
+    commit, dirty = source_commit()
+    console.print(f"mdmt at {commit[:7]}{' + uncommitted changes in src/' if dirty else ''}")
+    if films is None:
+        console.print(f"[yellow]real films not found at {REAL_FILMS}: twin rows only")
 
 if __name__ == "__main__":
     main()

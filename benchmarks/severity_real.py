@@ -34,8 +34,14 @@ file has it. The last line is machine-readable: ``mae=<global MAE, mean over see
                                        [--crop lungs|none] [--set KEY=VALUE ...] [--workers 2] [--json OUT]
     python benchmarks/severity_real.py --train DIR --test DIR [same options]
     python benchmarks/severity_real.py [...] [--pretrain twin|none] [--pretrain-epochs 60] [--twin-preset small]
-                                       [--finetune-lr LR]
+                                       [--finetune-lr LR] [--tasks severity[+masks][+junior]] [--permute-masks]
+                                       [--members K]
     python benchmarks/severity_real.py --compare RUN.json BASELINE.json
+
+``--tasks`` adds second heads under the indicator-masked loss: ``+masks`` the human lung masks of every training
+film that has one (scored or not), ``+junior`` the junior radiologist's regional scores; the label, the selection
+and every figure stay the senior's. ``--members K`` trains K models per fold, each with its own seed and inner
+validation split, and averages their regional predictions.
 
 ``--set`` overrides any other config key (``--set train.lr=3e-4``, ``--set model.weights=imagenet``), so a later
 lever is measured on the same folds and seeds. The image caches go to ``--cache`` (default ``.mdmt-cache``).
@@ -83,8 +89,11 @@ from mdmt.synth.layout import BRIXIA_DIR
 from mdmt.tasks import (
     MASK_PRESENT,
     REGION_COLUMNS,
+    REGION_FLIP,
     REGION_SCORE_RANGE,
+    REGIONS,
     TASKS,
+    RegressionTask,
     get_task,
     global4_targets,
 )
@@ -96,6 +105,11 @@ REAL_FILMS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "r
 TASK = "severity_regions"
 MASK_TASK = "lung_mask"
 """``--tasks severity+masks``: the second task (the selection stays the severity task's validation loss)."""
+JUNIOR_TASK = RegressionTask("junior_regions", JUNIOR_COLUMNS[:6], 6, 0,
+                             lambda records: records[list(JUNIOR_COLUMNS[:6])].to_numpy(np.float64), REGION_FLIP,
+                             REGIONS, "regions")
+"""``--tasks severity+junior``: the junior radiologist's six regional scores as a second head (training films
+only; the label and every figure stay the senior's)."""
 VAL_PARTS = 5
 """The inner validation split: one of this many patient-grouped, stratified parts of the training films."""
 YARDSTICK = [
@@ -107,6 +121,8 @@ YARDSTICK = [
 ``--set`` come after them. Everything else is mdmt's default config. One torch thread per process (``--workers``
 processes train folds side by side): the same figures on any core count, and a 64 px epoch on 2 busy shared cores
 took 0.19 CPU-s on one thread against 2.2 on two."""
+MEMBER_SEED_STRIDE = 1000
+"""``--members K``: member k of seed s trains with seed s + 1000 k (no clash with the seeds of a run)."""
 TWIN_SEED = 0
 """The twin's generator seed: one twin serves every training seed."""
 console = Console(width=120)
@@ -123,6 +139,8 @@ class Films:
     """``--tasks severity+masks``: every film of the folder (scored or not) cached with its lung mask."""
     permute_masks: bool = False
     """``--permute-masks``: the control, masks shuffled among each fold's training films."""
+    junior: bool = False
+    """``--tasks severity+junior``: the junior's scores train a second head."""
 
 
 def mask_cache(root: Path, config: Config) -> ImageCache:
@@ -198,7 +216,7 @@ def train_model(config: Config, train: Films, rows: np.ndarray, seed: int, start
     # a handful of films (a smoke run) has fewer patients, or films in its largest bin, than VAL_PARTS
     parts = min(VAL_PARTS, records["patient_id"].nunique(), pd.Series(global4_targets(records)).value_counts().max())
     fit_part, val_part = grouped_parts(records, parts, seed)[0]
-    tasks = [get_task(TASK)]
+    tasks = [get_task(TASK), *([JUNIOR_TASK] if train.junior else [])]
     source, fit_rows, val_rows = train.cache, rows[fit_part], rows[val_part]
     if train.masks is not None:
         tasks.append(TASKS.build(MASK_TASK, name=MASK_TASK))
@@ -226,15 +244,22 @@ def train_model(config: Config, train: Films, rows: np.ndarray, seed: int, start
 
 
 def fit_and_predict(config: Config, train: Films, rows: np.ndarray, test: Films, test_rows: np.ndarray, seed: int,
-                    start: dict[str, torch.Tensor] | None = None) -> tuple[np.ndarray, dict[str, Any]]:
-    """Train on ``train``'s ``rows`` (``train_model``), predict ``test_rows``' regions."""
-    model, info = train_model(config, train, rows, seed, start)
+                    start: dict[str, torch.Tensor] | None = None, members: int = 1
+                    ) -> tuple[np.ndarray, dict[str, Any]]:
+    """Train ``members`` models on ``train``'s ``rows`` (``train_model``) and predict ``test_rows``' regions, each
+    clipped to 0–3, averaged over the members. Member k > 0 trains with seed ``seed + MEMBER_SEED_STRIDE * k``: its
+    own inner validation split, initialisation and batches; member 0 is the single model of ``seed``."""
     tasks = [get_task(TASK)]
     loader = make_loader(CachedImageDataset(test.cache, test_rows, tasks), config.train, runtime=config.runtime)
-    outputs, predicted_rows = predict(model, loader, resolve_device(config.runtime.device), config.model.input_size)
-    assert np.array_equal(predicted_rows, test_rows), "the test loader must keep the rows' order"
-    regions = np.clip(outputs[TASK].numpy().astype(np.float64), *REGION_SCORE_RANGE)
-    return regions, info
+    regions, infos = [], []
+    for k in range(members):
+        model, info = train_model(config, train, rows, seed + MEMBER_SEED_STRIDE * k, start)
+        outputs, predicted_rows = predict(model, loader, resolve_device(config.runtime.device), config.model.input_size)
+        assert np.array_equal(predicted_rows, test_rows), "the test loader must keep the rows' order"
+        regions.append(np.clip(outputs[TASK].numpy().astype(np.float64), *REGION_SCORE_RANGE))
+        infos.append(info)
+    info = {**infos[0], "best_epochs": [i["best_epoch"] for i in infos]}
+    return np.mean(regions, axis=0), info
 
 
 def twin_films(config: Config, preset: str) -> Films:
@@ -330,21 +355,24 @@ def folds_of(train: Films, test: Films | None, k: int, seeds: list[int]) -> list
     return folds
 
 
-def run_fold(config: Config, train: Films, starts: dict[int, dict[str, torch.Tensor]], fold: Fold
+def run_fold(config: Config, train: Films, starts: dict[int, dict[str, torch.Tensor]], members: int, fold: Fold
              ) -> tuple[pd.DataFrame, str]:
-    """Train and score one fold (from its seed's pretrained weights in ``starts``, if any): a row per scored film,
-    and the progress line."""
+    """Train and score one fold (``members`` models, from its seed's pretrained weights in ``starts``, if any): a row
+    per scored film, and the progress line."""
     started, cpu = time.perf_counter(), time.process_time()
     regions, info = fit_and_predict(config, train, fold.rows, fold.scored, fold.test_rows, fold.seed,
-                                    starts.get(fold.seed))
+                                    starts.get(fold.seed), members)
     const = float(train.cache.records["brixia_global"].iloc[fold.rows].mean())
     table = film_table(fold.scored, fold.test_rows, regions, const, fold.seed, fold.index)
     figures = summary(table)
     cpu = time.process_time() - cpu
+    member_epochs = (f" (members' best epochs {', '.join(str(e + 1) for e in info['best_epochs'])})"
+                     if members > 1 else "")
     line = (f"seed {fold.seed} fold {fold.index + 1}/{fold.count}: {info['fit']} train, {info['val']} val, "
             f"{len(fold.test_rows)} test; best epoch {info['best_epoch'] + 1} of {info['epochs']}"
-            f"{' (stopped early)' if info['stopped_early'] else ''}; global MAE {figures['global_mae']:.2f} "
-            f"(constant {figures['const_mae']:.2f}); {time.perf_counter() - started:.1f} s ({cpu:.1f} CPU-s)")
+            f"{' (stopped early)' if info['stopped_early'] else ''}{member_epochs}; "
+            f"global MAE {figures['global_mae']:.2f} (constant {figures['const_mae']:.2f}); "
+            f"{time.perf_counter() - started:.1f} s ({cpu:.1f} CPU-s)")
     return table, line
 
 
@@ -419,10 +447,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--twin-preset", default="small", help="the twin's preset (mdmt.synth.PRESETS)")
     parser.add_argument("--finetune-lr", type=float, help="train.lr of the real-film stage after pretraining "
                         "(default: train.lr, as the twin stage)")
-    parser.add_argument("--tasks", choices=["severity", "severity+masks"], default="severity",
-                        help="severity+masks: also train the lung-mask task on every training-fold film with a mask")
+    parser.add_argument("--tasks", choices=["severity", "severity+masks", "severity+junior", "severity+masks+junior"],
+                        default="severity", help="+masks: also train the lung-mask task on every training-fold film "
+                        "with a mask; +junior: the junior radiologist's regional scores as a second head")
     parser.add_argument("--permute-masks", action="store_true", help="the control: masks shuffled among the "
                         "training films (with --tasks severity+masks)")
+    parser.add_argument("--members", type=int, default=1, help="models trained per fold (each with its own seed and "
+                        "inner validation split), their regional predictions averaged")
     parser.add_argument("--json", type=Path, help="write the figures and every film's prediction here")
     parser.add_argument("--compare", type=Path, nargs=2, metavar=("RUN", "BASELINE"), help="train nothing: the "
                         "paired one-tailed Wilcoxon test of two --json files' (seed, fold) MAEs, RUN below BASELINE")
@@ -432,20 +463,24 @@ def main(argv: list[str] | None = None) -> None:
         return
     if (args.train is None) != (args.test is None):
         parser.error("--train and --test go together")
+    if args.members < 1:
+        parser.error("--members must be at least 1")
     if args.folds < 2:
         parser.error("--folds must be at least 2")
     if args.finetune_lr is not None and args.pretrain == "none":
         parser.error("--finetune-lr goes with --pretrain twin")
-    if args.permute_masks and args.tasks != "severity+masks":
+    if args.permute_masks and "masks" not in args.tasks:
         parser.error("--permute-masks goes with --tasks severity+masks")
     config = make_config(args)
     started = time.perf_counter()
     train = read_films(args.train or args.data, config)
     test = read_films(args.test, config) if args.test is not None else None
-    if args.tasks == "severity+masks":
+    if "masks" in args.tasks:
         train = replace(train, masks=mask_cache(args.train or args.data, config), permute_masks=args.permute_masks)
+    train = replace(train, junior="junior" in args.tasks)
     mode = f"trained on {train.name}, scored on {test.name}" if test else f"{args.folds}-fold CV on {train.name}"
     mode += f", tasks {args.tasks}{' (permuted masks)' if args.permute_masks else ''}"
+    mode += f", {args.members} models per fold (mean)" if args.members > 1 else ""
     starts = {}
     if args.pretrain == "twin":
         twin_config = replace(config, train=replace(config.train, max_epochs=args.pretrain_epochs))
@@ -457,7 +492,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.finetune_lr is not None:
             config = replace(config, train=replace(config.train, lr=args.finetune_lr))
     tables = []
-    for table, line in ordered_map(partial(run_fold, config, train, starts),
+    for table, line in ordered_map(partial(run_fold, config, train, starts, args.members),
                                    folds_of(train, test, args.folds, args.seeds), args.workers):
         console.print(line, markup=False, highlight=False, soft_wrap=True)
         tables.append(table)

@@ -274,3 +274,33 @@ def test_bad_input_raises_a_clear_error(call, message: str):
 def test_nine_samples_are_enough_at_alpha_one_tenth():
     model = fit_interval_conformal(np.arange(9.0), np.zeros(9), 0.1)  # the largest residual, not an infinite one
     assert model.half_width == (8.0,)
+
+
+def test_the_coverage_floor_of_the_calibration_benchmark_matches_split_conformal_sets(monkeypatch):
+    """benchmarks/calibration_demo.py's ``coverage_spread`` (Beta-distributed coverage per run) against mdmt's own
+    binary conformal sets simulated on exchangeable films: the same pooled percentiles and chance of missing."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "calibration_demo.py"
+    spec = importlib.util.spec_from_file_location("calibration_demo", script)
+    benchmark = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "calibration_demo", benchmark)
+    spec.loader.exec_module(benchmark)
+    sizes = [(60, 60)] * 5
+    low, high, outside = benchmark.coverage_spread(sizes)
+    rng = np.random.default_rng(1)
+    pooled = []
+    for _ in range(3000):
+        hits = 0
+        for n_cal, n_test in sizes:
+            prob = rng.uniform(size=n_cal + n_test)
+            truth = rng.binomial(1, prob)
+            sets = fit_binary_conformal(truth[:n_cal], prob[:n_cal], alpha=0.1).predict_set(prob[n_cal:])
+            hits += int(sets[np.arange(n_test), truth[n_cal:]].sum())
+        pooled.append(hits / sum(n for _, n in sizes))
+    assert np.quantile(pooled, 0.05) == pytest.approx(low, abs=0.006)
+    assert np.quantile(pooled, 0.95) == pytest.approx(high, abs=0.006)
+    simulated = np.mean((np.array(pooled) < 0.88) | (np.array(pooled) > 0.95))
+    assert simulated == pytest.approx(outside, abs=0.03) and 0.05 < outside < 0.5

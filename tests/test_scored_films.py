@@ -195,3 +195,29 @@ def test_benchmark_smoke_on_ten_real_films(real_films: Path, tmp_path: Path, cap
                                  monkeypatch)
     assert figures["n"] == "4" and math.isfinite(float(figures["mae"]))
     assert "trained on train, scored on test" in out and "seed 0 fold 1/1" in out
+
+
+def test_benchmark_members_average_the_models_of_their_own_seeds(real_films: Path, tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch):
+    """``--members 2``: each film's regions are the mean of the single model of the seed and the single model of
+    seed + MEMBER_SEED_STRIDE, and the two differ (so the mean is not one of them)."""
+    spec = importlib.util.spec_from_file_location("severity_real", SCRIPT)
+    benchmark = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "severity_real", benchmark)
+    spec.loader.exec_module(benchmark)
+    ids = pd.read_csv(real_films / "brixia-scores.csv", dtype=str)["id"].head(10)
+    args = benchmark.argparse.Namespace(backbone="tiny_cnn", size=32, crop="none", epochs=2,
+                                        cache=str(tmp_path / "cache"), set=[])
+    config = benchmark.make_config(args)
+    films = benchmark.read_films(real_subset(real_films, tmp_path / "ten", ids), config)
+    rows, test_rows = np.arange(6), np.arange(6, 10)
+    threads = torch.get_num_threads()
+    try:
+        one, _ = benchmark.fit_and_predict(config, films, rows, films, test_rows, seed=0)
+        other, _ = benchmark.fit_and_predict(config, films, rows, films, test_rows, seed=benchmark.MEMBER_SEED_STRIDE)
+        both, info = benchmark.fit_and_predict(config, films, rows, films, test_rows, seed=0, members=2)
+    finally:
+        torch.set_num_threads(threads)
+    assert np.abs(one - other).max() > 1e-3
+    np.testing.assert_allclose(both, (one + other) / 2, atol=1e-6)
+    assert len(info["best_epochs"]) == 2

@@ -192,6 +192,11 @@ class ProtocolConfig:
     paired_cv_fold: int = setting(0, check=Check(lambda fold, config: 0 <= fold < config.protocol.cv_folds,
                                                  "a fold index >= 0 and < protocol.cv_folds"))
     official_splits_dir: str | None = None
+    calibration_fraction: float = setting(0.0, check=within(Interval(0, 1, high_open=True)))
+    """Share of each fold's validation patients (seeded, stratified as the split, duplicates kept together) moved
+    into a ``calib`` part that never trains or selects the epoch: calibration, the decision threshold and the
+    conformal sets are fitted on it. 0: no such part, and they are fitted on the validation part that chose the
+    epoch (whose scores are optimistically low, so the sets under-cover a little)."""
 
 
 @dataclass

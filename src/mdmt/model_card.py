@@ -324,7 +324,7 @@ def _home_test_rows(run_dir: Path, task: str, entry: Mapping[str, Any]) -> pd.Da
 
 
 def _on_test_fold(fitted: Mapping[str, Any], entry: Mapping[str, Any], rows: pd.DataFrame) -> dict[str, float]:
-    """What the maps fitted on the validation fold give on the test rows: ECE before and after calibration and
+    """What the maps fitted on the calib or validation part give on the test rows: ECE before and after calibration and
     the conformal sets' coverage and size (binary head), or the conformal intervals' coverage and width of the
     global and regional Brixia scores."""
     truth = rows[[prediction_column("y_true", g) for g in entry["groups"]]].to_numpy(np.float64)
@@ -344,10 +344,14 @@ def _on_test_fold(fitted: Mapping[str, Any], entry: Mapping[str, Any], rows: pd.
     return out
 
 
+FITTED_ON = {"val": "validation fold", "calib": "calibration part (held out of model selection)"}
+"""How the card names the part ``calibration.json`` was fitted on."""
+
+
 def calibration(run_dir: Path) -> dict[str, Any]:
-    """Per task of the run's ``calibration.json`` (fitted on the validation fold by ``mdmt.evaluate.scoring``): the
-    fitted maps and what they give on the test fold (``_on_test_fold``), or why it was not fitted; ``status`` is
-    ``fitted`` when any task was."""
+    """Per task of the run's ``calibration.json`` (fitted on the calib or validation part by
+    ``mdmt.evaluate.scoring``): the fitted maps and what they give on the test fold (``_on_test_fold``), or why it
+    was not fitted; ``status`` is ``fitted`` when any task was."""
     path = run_dir / CALIBRATION_FILE
     stored = _read_json(path) if path.is_file() else {}
     entries = run_entries(run_dir)
@@ -491,9 +495,11 @@ def render_markdown(card: Mapping[str, Any]) -> str:
         if result["status"] == NOT_FITTED:
             lines.append(f"- {task}: not fitted ({result['reason']})")
             continue
-        fitted = ", ".join(f"{key} {_cell(value)}" for key, value in _flat(result["fitted"]))
+        maps = {key: value for key, value in result["fitted"].items() if key != "part"}
+        fitted = ", ".join(f"{key} {_cell(value)}" for key, value in _flat(maps))
         test = ", ".join(f"{key} {_cell(value)}" for key, value in result["test"].items())
-        lines.append(f"- {task}: fitted on the validation fold ({fitted}); on the test fold: {test}")
+        part = FITTED_ON.get(result["fitted"].get("part", "val"), "validation fold")
+        lines.append(f"- {task}: fitted on the {part} ({fitted}); on the test fold: {test}")
     lines += ["", "## Known limits", "", *[f"- {limit}" for limit in card["known_limits"]], ""]
     return "\n".join(lines)
 

@@ -9,6 +9,9 @@ run *follows* (``follow``): under a CV protocol it uses the same fold of its own
 k-fold, or its official 5-fold files), under LOCO fold ``protocol.paired_cv_fold`` of that CV protocol.
 ``run_fold`` applies that rule once for a whole run: a run whose datasets do not include ``protocol.dataset``
 (STL severity) is a run of the follower's (protocol, fold), which the grid settles when it expands.
+
+Whatever the protocol, ``dataset_split`` then moves ``protocol.calibration_fraction`` of the fold's validation
+patients into the ``calib`` part (``splits.carve_calibration``, stratified by the dataset's label as the split is).
 """
 
 from __future__ import annotations
@@ -171,8 +174,9 @@ _split_memo: dict[tuple[object, ...], tuple[pd.DataFrame, Split]] = {}
 
 def dataset_split(dataset: Dataset, records: pd.DataFrame, protocol: str, fold: int, config: Config, seed: int
                   ) -> Split:
-    """The split of ``dataset`` in run (protocol, fold) (``run_fold`` for that dataset), checked at patient level
-    (duplicate images merged).
+    """The split of ``dataset`` in run (protocol, fold) (``run_fold`` for that dataset) with its ``calib`` part
+    carved out of val (``protocol.calibration_fraction``, ``seed``), checked at patient level (duplicate images
+    merged).
 
     A k-fold or LOCO split depends on ``records`` alone, so it is kept for the next run of this process that asks
     with the same records object, dataset, protocol section and seed (the key holds the frame, so its ``id`` is not
@@ -187,7 +191,11 @@ def dataset_split(dataset: Dataset, records: pd.DataFrame, protocol: str, fold: 
     if kept is not None and kept[0] is records:
         return kept[1]
     split = _pick(get_protocol(protocol).splits(dataset, records, config, seed), fold, f"{dataset.id} {protocol}")
-    split.check(split_groups(records))
+    grouped = split_groups(records)
+    if config.protocol.calibration_fraction > 0:  # at 0 the dataset's labels are not even read: today's splits
+        split = split_lib.carve_calibration(split, _stratified(dataset, grouped),
+                                            config.protocol.calibration_fraction, seed, label=STRATUM)
+    split.check(grouped)
     if not protocol.startswith("official-"):
         if len(_split_memo) >= SPLIT_MEMO_SIZE:
             _split_memo.pop(next(iter(_split_memo)))

@@ -17,9 +17,10 @@ A run folder ``<results>/runs/<strategy>/<backbone>/<protocol>/fold<k>/seed<s>/`
 | ``history.csv`` | train | one row per epoch |
 | ``last.pt`` / ``best.pt`` | train | checkpoints (tensors only) |
 | ``predictions_<task>.csv`` | train | one row per test image of every dataset labelling the task |
-| ``val_predictions_<task>.csv`` | train | the same for the validation images (what calibration is fitted on) |
+| ``val_predictions_<task>.csv`` | train | the same for the validation images (which chose the epoch) |
+| ``calib_predictions_<task>.csv`` | train | the same for the calibration part (``protocol.calibration_fraction``) |
 | ``ood_features.npz`` | train | statistics of the training films' features: ``mdmt predict`` flags films far from them |
-| ``calibration.json`` | evaluate | per task, the calibration, decision threshold and conformal sets fitted on the validation rows |
+| ``calibration.json`` | evaluate | per task, calibration, threshold and conformal sets fitted on calib or val rows |
 | ``metrics.json`` | evaluate | metrics computed from the prediction files (strict JSON) |
 | ``DONE`` | train | written last |
 | ``FAILED`` | train / grid | the error of a run that failed |
@@ -101,7 +102,8 @@ def spec_from_dir(run_dir: Path, runs_root: Path) -> RunSpec | None:
 
 
 def predictions_file(task: str, part: str = "test") -> str:
-    """``predictions_<task>.csv`` (the test fold), ``val_predictions_<task>.csv`` (the validation fold)."""
+    """``predictions_<task>.csv`` (the test fold), ``<part>_predictions_<task>.csv`` for another part (``val``,
+    ``calib``)."""
     return f"{'' if part == 'test' else part + '_'}{PREDICTIONS_PREFIX}{task}.csv"
 
 
@@ -175,6 +177,9 @@ RUNTIME_KEYS = {
 }
 """Keys that may change between a run and its resumption (where things are, machine settings); the whole
 ``runtime`` section (device, workers, threads) is left out too."""
+ADDED_KEYS: dict[tuple[str, str], Any] = {("protocol", "calibration_fraction"): 0.0}
+"""Result-shaping keys added after runs were recorded, with the value that gives those runs' results: left out of
+the fingerprint at that value (a finished older run stays reusable), part of it at any other."""
 
 
 def fingerprint(config_values: dict[str, Any]) -> dict[str, Any]:
@@ -188,6 +193,9 @@ def fingerprint(config_values: dict[str, Any]) -> dict[str, Any]:
     for section, keys in RUNTIME_KEYS.items():
         for key in keys:
             values[section].pop(key, None)
+    for (section, key), unchanged in ADDED_KEYS.items():
+        if values.get(section, {}).get(key) == unchanged:
+            del values[section][key]
     return values
 
 

@@ -1,8 +1,10 @@
-"""The loaders of one run: its split's rows in each cache, the mixed training loader, validation and test loaders.
+"""The loaders of one run: its split's rows in each cache, the mixed training loader, validation, calibration and
+test loaders.
 
 Training mixes the run's datasets per ``train.mix``; a dataset the strategy permutes has its label columns
-permuted among its training images (the control), while validation and test keep the true labels. Split ids the
-cache does not hold (unreadable or dropped images) are left out and named.
+permuted among its training images (the control), while validation, calibration and test keep the true labels.
+Model selection sees the validation part only; the ``calib`` part (when a split has one) is only predicted. Split
+ids the cache does not hold (unreadable or dropped images) are left out and named.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from mdmt.data.batches import (
     MultiSourceDataset,
     make_loader,
 )
-from mdmt.data.splits import Split
+from mdmt.data.splits import CALIB, Split
 from mdmt.errors import DataError
 from mdmt.tasks import Task
 
@@ -72,7 +74,8 @@ def permute_labels(records: pd.DataFrame, rows: np.ndarray, columns: tuple[str, 
 class RunData:
     """The loaders of one run: training (mixed), validation (all datasets, for model selection), and per dataset its
     training, validation and test images in cache-row order, true labels (``parts['train']``, ``parts['val']``,
-    ``parts['test']``)."""
+    ``parts['test']``), and its calibration images for the datasets whose split has them (``parts['calib']``, only
+    when one has)."""
 
     train: DataLoader
     val: DataLoader
@@ -84,8 +87,8 @@ def build_data(
     permute: Mapping[str, Iterable[str]] | None = None, clinical: Mapping[str, np.ndarray] | None = None,
     shard: Callable[[Any], Any] | None = None,
 ) -> RunData:
-    """Training loader (the datasets of ``caches`` mixed in their order per ``train.mix``), validation and test
-    loaders.
+    """Training loader (the datasets of ``caches`` mixed in their order per ``train.mix``), validation, calibration
+    (where carved) and test loaders.
 
     ``permute`` (dataset → its label columns) permutes those labels among that dataset's training images;
     ``clinical`` (dataset → encoded features of every cache row) adds ``clinical`` to the items; ``shard`` wraps the
@@ -109,8 +112,11 @@ def build_data(
     val = make_loader(MultiSourceDataset([CachedImageDataset(caches[n], val_rows[n], tasks, clinical=features.get(n))
                                           for n in caches]), config.train, runtime=config.runtime)
     rows_of_part = {"train": train_rows, "val": val_rows, "test": split_rows(caches, splits, "test")}
+    carved = {name: cache for name, cache in caches.items() if CALIB in splits[name].parts()}
+    if carved:
+        rows_of_part[CALIB] = split_rows(carved, splits, CALIB)
     parts = {part: {name: make_loader(CachedImageDataset(caches[name], rows, tasks, clinical=features.get(name)),
                                       config.train, runtime=config.runtime)
-                    for name, rows in rows_of_part[part].items()}
-             for part in ("train", "val", "test")}
+                    for name, rows in part_rows.items()}
+             for part, part_rows in rows_of_part.items()}
     return RunData(train, val, parts)

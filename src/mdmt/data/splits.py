@@ -6,12 +6,14 @@ the image; BrixIA: the ``Subject``) falls in two parts of a fold, and reports by
 (``Split.dropped`` and a logged warning) instead of losing them silently. Ids an official split file lists
 but the records lack are kept by part in ``Split.missing``. Byte-identical images under two ids are kept on
 one side: ``merge_duplicate_patients`` groups their patients before k-fold or LOCO, ``keep_groups_apart``
-drops the copies an official split puts on another side.
+drops the copies an official split puts on another side. ``carve_calibration`` moves a share of a fold's
+validation patients into the optional ``calib`` part.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -25,6 +27,9 @@ from mdmt.errors import ConfigError, DataError
 log = logging.getLogger(__name__)
 
 PARTS: tuple[str, ...] = ("train", "val", "test")
+"""The parts every split has (an official split file each)."""
+CALIB = "calib"
+"""The optional part carved out of val (``carve_calibration``): it fits calibration, never trains nor selects."""
 DROPPED_COLUMNS = ["image_id", "reason"]
 OFFICIAL_KINDS: dict[str, str] = {"AFC": "AFC", "BX": "BX", "aiforcovid": "AFC", "brixia": "BX"}
 """Folder of the official split files for each dataset name."""
@@ -49,9 +54,14 @@ def _ids(values: Sequence[str] | np.ndarray | pd.Series) -> np.ndarray:
     return np.asarray(list(map(str, values)), dtype=str)
 
 
+def _no_ids() -> np.ndarray:
+    return _ids([])
+
+
 @dataclass
 class Split:
-    """One fold: ``image_id`` arrays of the three parts, plus the ids left out of all three (and why)."""
+    """One fold: ``image_id`` arrays of the three parts (and of ``calib`` when carved), plus the ids left out of all
+    of them (and why)."""
 
     protocol: str
     fold: int
@@ -61,10 +71,14 @@ class Split:
     dropped: pd.DataFrame = field(default_factory=_empty_dropped)
     missing: dict[str, list[str]] = field(default_factory=dict)
     """Part → ids the split file lists that are not in the records (set by ``restrict``)."""
+    calib: np.ndarray = field(default_factory=_no_ids)
+    """Former val ids that fit calibration (``carve_calibration``); empty when none were carved."""
 
     def parts(self) -> dict[str, np.ndarray]:
-        """``{"train": ids, "val": ids, "test": ids}``."""
-        return {part: getattr(self, part) for part in PARTS}
+        """``{"train": ids, "val": ids, "test": ids}``, with ``"calib": ids`` after val when that part is not empty
+        (most held-out last)."""
+        calib = {CALIB: self.calib} if len(self.calib) else {}
+        return {"train": self.train, "val": self.val, **calib, "test": self.test}
 
     def check(self, records: pd.DataFrame | None = None, group: str = "patient_id") -> None:
         """DataError when an id repeats or a patient falls in two parts.
@@ -167,18 +181,19 @@ def kfold_splits(
     return folds
 
 
-def _train_val(
-    patients: pd.DataFrame, group: str, label: str, val_fraction: float, seed: int
+def _two_ways(
+    patients: pd.DataFrame, group: str, label: str, size: float, seed: int, what: str
 ) -> tuple[set[str], set[str]]:
-    """Patients split into (train, val), stratified by label when every class has at least two patients."""
+    """Patients split into (kept, moved), ``size`` of them moved (a fraction, or a count), stratified by label when
+    every class has at least two patients (``what`` names the split in the log)."""
     ids = patients[group].to_numpy()
     labels = patients[label].to_numpy()
     try:
-        train, val = train_test_split(ids, test_size=val_fraction, random_state=seed, shuffle=True, stratify=labels)
+        kept, moved = train_test_split(ids, test_size=size, random_state=seed, shuffle=True, stratify=labels)
     except ValueError:
-        log.info("loco: a class has too few patients to stratify the validation split; splitting unstratified")
-        train, val = train_test_split(ids, test_size=val_fraction, random_state=seed, shuffle=True)
-    return set(train), set(val)
+        log.info("%s: a class has too few patients to stratify; splitting unstratified", what)
+        kept, moved = train_test_split(ids, test_size=size, random_state=seed, shuffle=True)
+    return set(kept), set(moved)
 
 
 def loco_splits(
@@ -212,7 +227,7 @@ def loco_splits(
         test_patients = set(patient[center == held_out])
         elsewhere = patient.isin(test_patients) & (center != held_out)
         pool = labelled[~patient.isin(test_patients)]
-        train, val = _train_val(_patients(pool, group, [label]), group, label, val_fraction, seed)
+        train, val = _two_ways(_patients(pool, group, [label]), group, label, val_fraction, seed, "loco validation")
         part = pd.Series(np.nan, index=labelled.index, dtype=object)
         part[center == held_out] = "test"
         part[patient.isin(train)] = "train"
@@ -382,8 +397,8 @@ def keep_groups_apart(split: Split, records: pd.DataFrame, group: str = "patient
     _require(records, ["image_id", group])
     group_of = dict(zip(records["image_id"].astype(str), records[group].astype(str), strict=True))
     home: dict[str, str] = {}
-    for part in reversed(PARTS):
-        for image_id in split.parts()[part]:
+    for part, ids in reversed(split.parts().items()):
+        for image_id in ids:
             home.setdefault(group_of.get(image_id, image_id), part)
     kept, moved = {}, []
     for part, ids in split.parts().items():
@@ -398,8 +413,36 @@ def keep_groups_apart(split: Split, records: pd.DataFrame, group: str = "patient
     return replace(split, **kept, dropped=dropped.reset_index(drop=True))
 
 
+def carve_calibration(split: Split, records: pd.DataFrame, fraction: float, seed: int = 0, label: str = "prognosis",
+                      group: str = "patient_id") -> Split:
+    """``split`` with ``fraction`` of its val patients moved to ``calib`` (``split`` itself for 0).
+
+    ``ceil(fraction × n)`` of the n val patients move, at least one and never all (a val part with fewer than two
+    patients is left whole, logged); they are drawn with ``seed``, stratified by ``label`` of each patient's first
+    image when every class has two patients, and every image of a ``group`` moves with it (so ``records`` with
+    merged duplicates keep byte-identical images together). Val ids absent from ``records`` stay in val.
+    """
+    if not 0.0 <= fraction < 1.0:
+        raise ConfigError(f"carve_calibration: fraction must be >= 0 and < 1, got {fraction}")
+    if fraction == 0.0:
+        return split
+    _require(records, ["image_id", group, label])
+    ids = records["image_id"].astype(str)
+    patients = _patients(records[ids.isin(split.val)], group, [label])
+    if len(patients) < 2:
+        log.warning("%s fold %d: %d validation patient(s), too few to carve a calibration part out of; none carved",
+                    split.protocol, split.fold, len(patients))
+        return split
+    size = min(max(math.ceil(fraction * len(patients)), 1), len(patients) - 1)
+    patients = patients.assign(**{label: patients[label].astype(str)})  # unlabelled patients are a class of their own
+    _, moved = _two_ways(patients, group, label, size, seed, "calibration part")
+    patient_of = dict(zip(ids, records[group].astype(str)))
+    to_calib = np.array([patient_of.get(i, i) in moved for i in split.val], dtype=bool)
+    return replace(split, val=split.val[~to_calib], calib=split.val[to_calib])
+
+
 def split_sizes(splits: Sequence[Split]) -> pd.DataFrame:
-    """Table of part sizes per fold (``fold``, ``train``, ``val``, ``test``, ``dropped``)."""
+    """Table of part sizes per fold (``fold``, ``train``, ``val``, ``test``, ``dropped``; ``calib`` when carved)."""
     return pd.DataFrame([{"fold": s.fold, **{p: len(ids) for p, ids in s.parts().items()}, "dropped": len(s.dropped)}
                          for s in splits])
 

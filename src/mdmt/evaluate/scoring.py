@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from mdmt.config import CalibrationConfig, load_run_config
+from mdmt.data.splits import CALIB
 from mdmt.errors import ConfigError, DataError
 from mdmt.evaluate import calibration
 from mdmt.evaluate import metrics as metrics_lib
@@ -129,20 +130,34 @@ def score_run(run_dir: str | Path) -> dict[str, dict[str, float]]:
     return out
 
 
+def calibration_rows(run_dir: Path, task: str, home: str) -> tuple[str, Path, pd.DataFrame] | None:
+    """(part, file, the home dataset's rows) calibration is fitted on: the ``calib`` part, which chose nothing, when
+    its file holds rows of ``home``, else the ``val`` part that chose the epoch; None without either file."""
+    for part in (CALIB, "val"):
+        path = run_dir / predictions_file(task, part)
+        if path.is_file():
+            table = read_predictions(path)
+            rows = table[table["dataset"] == home]
+            if len(rows) or part == "val":
+                return part, path, rows
+    return None
+
+
 def fit_calibration(run_dir: str | Path, settings: CalibrationConfig) -> dict[str, dict[str, Any]]:
-    """Per task, what its home dataset's validation rows (``val_predictions_<task>.csv``) calibrate: for a binary
-    head the calibration map with its decision threshold (``binary``) and conformal prediction sets on the calibrated
+    """Per task, what its home dataset's calibration rows (``calibration_rows``: ``calib_predictions_<task>.csv``
+    when the run has a calibration part, else ``val_predictions_<task>.csv``) calibrate: for a binary head the
+    calibration map with its decision threshold (``binary``) and conformal prediction sets on the calibrated
     probability (``sets``); for a regional Brixia head conformal intervals of the global score (``global``, 0–18)
-    and of each region (``regions``, 0–3). A task that cannot be calibrated (a validation fold with one class, too
-    few rows for ``alpha``) records why under ``error``; a run without validation predictions gives ``{}``."""
+    and of each region (``regions``, 0–3). Each entry names the ``part`` it was fitted on; a task that cannot be
+    calibrated (a part with one class, too few rows for ``alpha``) records why under ``error``; a run without
+    validation predictions gives ``{}``."""
     run_dir = Path(run_dir)
     out: dict[str, dict[str, Any]] = {}
     for name, entry in run_entries(run_dir).items():
-        path = run_dir / predictions_file(name, "val")
-        if not path.is_file() or entry["scorer"] not in ("binary", "regions"):
+        found = calibration_rows(run_dir, name, entry["home"]) if entry["scorer"] in ("binary", "regions") else None
+        if found is None:
             continue
-        table = read_predictions(path)
-        rows = table[table["dataset"] == entry["home"]]
+        part, path, rows = found
         truth = _columns(rows, "y_true", entry)
         try:
             if entry["scorer"] == "binary":
@@ -151,22 +166,22 @@ def fit_calibration(run_dir: str | Path, settings: CalibrationConfig) -> dict[st
                     target_sensitivity=settings.target_sensitivity)
                 probability = binary.apply(rows["score"].to_numpy(np.float64))
                 sets = calibration.fit_binary_conformal(truth[:, 0], probability, settings.alpha)
-                out[name] = {"binary": binary.to_dict(), "sets": sets.to_dict()}
+                out[name] = {"part": part, "binary": binary.to_dict(), "sets": sets.to_dict()}
             else:
                 predicted = np.clip(_columns(rows, "y_pred", entry), *REGION_SCORE_RANGE)
                 total = calibration.fit_interval_conformal(truth.sum(1), predicted.sum(1), settings.alpha,
                                                            (0.0, REGION_SCORE_RANGE[1] * truth.shape[1]))
                 regions = calibration.fit_interval_conformal(truth, predicted, settings.alpha, REGION_SCORE_RANGE)
-                out[name] = {"global": total.to_dict(), "regions": regions.to_dict()}
+                out[name] = {"part": part, "global": total.to_dict(), "regions": regions.to_dict()}
         except ValueError as error:
-            out[name] = {"error": f"{path} ({entry['home']} rows): {error}"}
+            out[name] = {"part": part, "error": f"{path} ({entry['home']} rows): {error}"}
     return out
 
 
 def write_metrics(run_dir: str | Path) -> dict[str, dict[str, float]]:
     """Score a run (``score_run``) and write ``metrics.json`` (strict JSON: NaN as null), and ``calibration.json``
-    (``fit_calibration`` with the run's ``calibration`` settings) when it has validation predictions; returns the
-    metrics."""
+    (``fit_calibration`` with the run's ``calibration`` settings) when it has validation predictions (a run with a
+    calibration part has them too); returns the metrics."""
     run_dir = Path(run_dir)
     metrics = score_run(run_dir)
     write_json(metrics, run_dir / METRICS_FILE)

@@ -6,12 +6,12 @@ Columns of ``predictions.csv`` (and the records of ``predictions.json``), per re
 ``brixia_bin`` (0–3), ``brixia_bin_range`` (``0-4`` … ``15-18``) and ``p_bin_0`` … ``p_bin_3``; for a regional head
 (``severity_regions`` or ``severity_ordinal``) ``brixia_A`` … ``brixia_F`` clipped to 0–3, ``brixia_global`` (their
 sum) and its bin (``mdmt.tasks.global_bins``, as in training and evaluation); any other head as
-``<task>_<column>`` of ``Task.decode``; for a run with ``calibration.json`` (fitted on its validation fold,
+``<task>_<column>`` of ``Task.decode``; for a run with ``calibration.json`` (fitted on its calib or validation part,
 ``mdmt.evaluate.calibration``), ``p_severe_calibrated`` (the calibrated P(SEVERE)), ``prognosis_at_threshold`` (MILD
 or SEVERE at the run's decision threshold on it) and ``prognosis_set`` (the conformal prediction set: ``MILD``,
 ``SEVERE``, ``MILD|SEVERE`` or empty), and for a regional head the conformal intervals ``brixia_global_low``,
 ``brixia_global_high`` and ``brixia_A_low``, ``brixia_A_high`` … ``brixia_F_high`` (sets and intervals hold the truth
-with probability >= 1 - ``calibration.alpha`` over films like the validation fold's); a run without it gets none of
+with probability >= 1 - ``calibration.alpha`` over films like those it was fitted on); a run without it gets none of
 these and one note; for a run with
 ``ood_features.npz``, ``ood_distance`` and ``ood_flag`` (``mdmt.infer.guard``); then ``crop_method``, ``crop_ok``,
 ``crop_note`` and the crop box ``crop_x0`` … ``crop_y1`` in the film's pixels; for a run whose model reads

@@ -114,8 +114,8 @@ class Estimator:
 
     def predict(self, run: RunContext, dataset: str, part: str = "test"
                 ) -> tuple[dict[str, torch.Tensor], np.ndarray] | None:
-        """Raw outputs ``{task: (N, n_outputs)}`` for the rows of ``dataset`` in split ``part`` (``val`` or
-        ``test``) and those cache rows (sorted); None where the estimator predicts nothing."""
+        """Raw outputs ``{task: (N, n_outputs)}`` for the rows of ``dataset`` in split ``part`` (``val``,
+        ``calib`` or ``test``) and those cache rows (sorted); None where the estimator predicts nothing."""
         raise NotImplementedError
 
 

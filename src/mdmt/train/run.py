@@ -29,7 +29,7 @@ from mdmt.cache.image_cache import ImageCache, open_cache, verify_images
 from mdmt.config import Config, PluginRef, save_config, to_dict
 from mdmt.data.batches import mask_targets
 from mdmt.data.datasets import Dataset, prepare, select
-from mdmt.data.splits import Split
+from mdmt.data.splits import CALIB, Split
 from mdmt.errors import ConfigError, DataError
 from mdmt.evaluate.scoring import write_metrics
 from mdmt.model_card import split_parts, write_model_card
@@ -100,10 +100,12 @@ def prediction_table(
 
 
 def write_predictions(estimator: Estimator, run: RunContext, part: str = "test") -> None:
-    """``predictions_<task>.csv`` (``val_predictions_<task>.csv``): every test (validation) image the estimator
-    predicts, of every dataset that labels the task."""
+    """``predictions_<task>.csv`` (``val_``/``calib_predictions_<task>.csv``): every test (validation, calibration)
+    image the estimator predicts, of every dataset that labels the task and has that part (no file when none has)."""
     tables: dict[str, list[pd.DataFrame]] = {task.name: [] for task in run.tasks}
     for source in run.caches:
+        if part not in run.splits[source].parts():
+            continue
         predicted = estimator.predict(run, source, part)
         if predicted is None:
             continue
@@ -237,7 +239,7 @@ def _train(
                 clinical.encoder.save(run_dir)
         estimator.fit(run)
         if ctx.is_main:
-            for part in ("val", "test"):
+            for part in ("val", CALIB, "test"):
                 write_predictions(estimator, run, part)
             write_metrics(run_dir)
             write_model_card(run_dir, parts=split_parts(splits, {n: c.records for n, c in caches.items()}))
