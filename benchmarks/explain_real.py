@@ -25,8 +25,12 @@ on the validation loss). Two arms: severity alone (``stl``), and severity with t
 task (``mdmt``: the ``lung_mask`` segmentation task, whose unscored films join the folds). Each fold's model is
 explained on its own test fold's scored films only, so every map is of a film the model never trained on.
 
-    python benchmarks/explain_real.py [--models twin real] [--data TWIN_DIR] [--preset small] [--twin-seed 0]
-                                      [--crops none lungs] [--epochs 30]
+``--maps`` chooses the explanations measured: ``gradcam`` (what the columns call CAM), and ``occlusion`` /
+``occlusion-fine`` (``mdmt.infer.cam.occlusion_maps``: how far the predicted global score falls when a patch of a
+quarter / an eighth of the input's side is blurred), which read the same model with no gradient and no layer.
+
+    python benchmarks/explain_real.py [--models twin real] [--maps gradcam ...] [--data TWIN_DIR] [--preset small]
+                                      [--twin-seed 0] [--crops none lungs] [--epochs 30]
                                       [--real-size 128] [--seeds 0] [--workers 2] [--work DIR]
 
 CPU only: the twin models about twenty minutes on two cores, the real CV about as long per seed (a finished run in
@@ -41,6 +45,7 @@ import json
 import tempfile
 import time
 from functools import partial
+from itertools import product
 from pathlib import Path
 
 import numpy as np
@@ -53,7 +58,7 @@ from rich.table import Table
 
 import mdmt
 from mdmt.config import load_config, parse_override
-from mdmt.infer.cam import grad_cams
+from mdmt.infer.cam import grad_cams, occlusion_maps
 from mdmt.infer.films import Film, load_film, network_input
 from mdmt.infer.model_io import TrainedModel, load_trained
 from mdmt.lungs.locate import read_mask
@@ -142,12 +147,17 @@ def fitted(mask: np.ndarray, film: Film) -> np.ndarray:
     return np.asarray(Image.fromarray(mask.astype(np.uint8)).resize((film.width, film.height), Image.NEAREST))
 
 
-def film_maps(trained: TrainedModel, paths: list[Path]) -> list[tuple[Film, np.ndarray]]:
-    """Each film with the severity head's Grad-CAM in the film's pixels."""
+MAPS = {"gradcam": grad_cams, "occlusion": partial(occlusion_maps, share=0.25), "occlusion-fine": occlusion_maps}
+"""The explanations measured (``--maps``): Grad-CAM, and occlusion with patches of a quarter and (``mdmt explain
+--map occlusion``) an eighth of the input's side."""
+
+
+def film_maps(trained: TrainedModel, paths: list[Path], method: str = "gradcam") -> list[tuple[Film, np.ndarray]]:
+    """Each film with the severity head's map (``MAPS[method]``) in the film's pixels."""
     out = []
     for start in range(0, len(paths), BATCH):
         films = [load_film(p, trained.config.data) for p in paths[start : start + BATCH]]
-        cams = grad_cams(trained.model, trained.severity, network_input([f.image for f in films], trained))
+        cams = MAPS[method](trained.model, trained.severity, network_input([f.image for f in films], trained))
         out += [(f, film_cam(f, c, trained.config.data.crop_margin)) for f, c in zip(films, cams, strict=True)]
     return out
 
@@ -162,11 +172,12 @@ def shares(cam: np.ndarray, region: np.ndarray) -> tuple[float, float]:
     return float(cam[region].sum() / cam.sum()), float(region.mean())
 
 
-def real_rows(trained: TrainedModel, films: pd.DataFrame) -> tuple[list[tuple[float, ...]], int]:
+def real_rows(trained: TrainedModel, films: pd.DataFrame, method: str = "gradcam"
+              ) -> tuple[list[tuple[float, ...]], int]:
     """(CAM in lungs, lung share, an even map's share in the lungs) of every real film with lungs in its mask and
     a non-zero map, and the number of films with lungs whose map is all zero."""
     rows, zero = [], 0
-    for (film, cam), mask_path in zip(film_maps(trained, [Path(p) for p in films["path"]]), films["mask_path"],
+    for (film, cam), mask_path in zip(film_maps(trained, [Path(p) for p in films["path"]], method), films["mask_path"],
                                       strict=True):
         lungs = fitted(read_mask(mask_path), film) > 0
         if lungs.any() and cam.sum() > 0:
@@ -175,7 +186,7 @@ def real_rows(trained: TrainedModel, films: pd.DataFrame) -> tuple[list[tuple[fl
     return rows, zero
 
 
-def twin_rows(trained: TrainedModel, twin: Path) -> tuple[list[tuple[float, ...]], int]:
+def twin_rows(trained: TrainedModel, twin: Path, method: str = "gradcam") -> tuple[list[tuple[float, ...]], int]:
     """(CAM in lungs, lung share, CAM in opacified zones, their share, an even map's share in the lungs) of the
     run's BrixIA test films with an opacified zone and a non-zero map, and the number of those films whose map is
     all zero."""
@@ -183,7 +194,7 @@ def twin_rows(trained: TrainedModel, twin: Path) -> tuple[list[tuple[float, ...]
     truth = pd.read_csv(twin / "_synthetic_truth" / "brixia.csv", dtype={"image_id": str}).set_index("image_id")
     truth = truth.loc[tested["image_id"]]
     rows, zero = [], 0
-    maps = film_maps(trained, [twin / p for p in truth["path"]])
+    maps = film_maps(trained, [twin / p for p in truth["path"]], method)
     for image_id, (film, cam) in zip(truth.index, maps, strict=True):
         zones = fitted(read_mask(twin / "_synthetic_truth" / "masks" / "brixia" / f"{image_id}.png"), film) // 40
         opacified = [k + 1 for k, r in enumerate("ABCDEF") if truth.loc[image_id, f"true_{r}"] >= 1]
@@ -194,13 +205,13 @@ def twin_rows(trained: TrainedModel, twin: Path) -> tuple[list[tuple[float, ...]
     return rows, zero
 
 
-def table_row(model: str, name: str, rows: list[tuple[float, ...]], zero: int, metrics: tuple[float, float, float]
-              ) -> list[str]:
+def table_row(model: str, method: str, name: str, rows: list[tuple[float, ...]], zero: int,
+              metrics: tuple[float, float, float]) -> list[str]:
     """One table row: the mean shares of ``rows`` (``real_rows`` or ``twin_rows``) and the model's metrics."""
     values = np.asarray(rows, dtype=np.float64).mean(axis=0)
     zones = [f"{values[2]:.3f}", f"{values[3]:.3f}", f"{values[2] / values[3]:.2f}"] if values.size == 5 else ["–"] * 3
     mae, constant, r = metrics
-    return [model, name, str(len(rows)), str(zero), f"{values[0]:.3f}", f"{values[1]:.3f}",
+    return [model, method, name, str(len(rows)), str(zero), f"{values[0]:.3f}", f"{values[1]:.3f}",
             f"{values[0] / values[1]:.2f}", f"{values[-1] / values[1]:.2f}", *zones, f"{mae:.3f}", f"{constant:.3f}",
             f"{r:.2f}"]
 
@@ -219,12 +230,13 @@ def twin_models(args: argparse.Namespace, work: Path, films: pd.DataFrame | None
         constant = float((tested - tested.mean()).abs().to_numpy().mean())
         console.print(f"crop {crop}: trained in {time.perf_counter() - started:.0f} s, "
                       f"regional MAE {metrics['mae']:.3f}")
-        parts = [("twin test", twin_rows(trained, twin))]
-        if films is not None:
-            parts.insert(0, ("real", real_rows(trained, films)))
         model = f"twin seed {args.twin_seed}, crop: {crop}" if args.data is None else f"twin, crop: {crop}"
-        out += [table_row(model, name, rows, zero, (metrics["mae"], constant, metrics["global_pearson_r"]))
-                for name, (rows, zero) in parts]
+        for method in args.maps:
+            parts = [("twin test", twin_rows(trained, twin, method))]
+            if films is not None:
+                parts.insert(0, ("real", real_rows(trained, films, method)))
+            scores = (metrics["mae"], constant, metrics["global_pearson_r"])
+            out += [table_row(model, method, name, rows, zero, scores) for name, (rows, zero) in parts]
     return out
 
 
@@ -238,16 +250,16 @@ def real_models(args: argparse.Namespace, work: Path, films: pd.DataFrame) -> li
     console.print(f"real-film CV: {len(specs)} runs trained in {time.perf_counter() - started:.0f} s")
     by_id = films.set_index("image_id")
     out = []
-    for arm, tasks in REAL_ARMS.items():
+    for (arm, tasks), method in product(REAL_ARMS.items(), args.maps):
         arm_runs = [run for spec, run in runs.items() if spec.strategy == arm]
         rows, zero = [], 0
         for run in arm_runs:
             trained = load_trained(run)
             tested = pd.read_csv(run / "predictions_severity_regions.csv", dtype={"image_id": str})["image_id"]
-            fold_rows, fold_zero = real_rows(trained, by_id.loc[tested].reset_index())
+            fold_rows, fold_zero = real_rows(trained, by_id.loc[tested].reset_index(), method)
             rows, zero = rows + fold_rows, zero + fold_zero
         name = f"real CV, {' + '.join(tasks)}, crop: lungs, {args.real_size} px"
-        out.append(table_row(name, "real test folds", rows, zero, pooled_metrics(arm_runs)))
+        out.append(table_row(name, method, "real test folds", rows, zero, pooled_metrics(arm_runs)))
     return out
 
 
@@ -262,6 +274,7 @@ def main() -> None:
     parser.add_argument("--real-size", type=int, default=128, help="the real-film models' input side in px")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="the real-film CV's seeds")
     parser.add_argument("--workers", type=int, default=2, help="real-film runs trained at once (processes)")
+    parser.add_argument("--maps", nargs="+", choices=list(MAPS), default=["gradcam"], help="the explanations measured")
     parser.add_argument("--work", type=Path, default=None, help="caches and runs (default: a temporary folder; one "
                         "folder per twin: its finished runs are reused)")
     args = parser.parse_args()
@@ -274,9 +287,9 @@ def main() -> None:
         rows = twin_models(args, work, films) if "twin" in args.models else []
         rows += real_models(args, work, films) if "real" in args.models else []
     table = Table(title="Grad-CAM of the severity head: share of CAM mass in the lungs")
-    for column in ("model", "films", "n", "all-zero maps", "CAM in lungs", "lung share", "ratio", "even in crop",
+    for column in ("model", "map", "films", "n", "all-zero maps", "CAM in lungs", "lung share", "ratio", "even in crop",
                    "CAM in opacified zones", "their share", "ratio ", "regional MAE", "MAE of the mean", "global r"):
-        table.add_column(column, justify="left" if column in ("model", "films") else "right")
+        table.add_column(column, justify="left" if column in ("model", "map", "films") else "right")
     for row in rows:
         table.add_row(*row)
     console.print(table)

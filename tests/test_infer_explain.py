@@ -16,7 +16,7 @@ from PIL import Image
 from mdmt.cli import main
 from mdmt.config import ModelConfig, PluginRef
 from mdmt.errors import ConfigError
-from mdmt.infer.cam import grad_cams, target_layer
+from mdmt.infer.cam import grad_cams, occlusion_maps, target_layer
 from mdmt.infer.explain import explain_files
 from mdmt.infer.overlays import DISPLAY, cam_overlay, zone_boxes
 from mdmt.models.multitask import build_model
@@ -143,3 +143,26 @@ def test_cli_explain_and_the_missing_extra(run_dir, tiny_data, tmp_path, monkeyp
     capsys.readouterr()
     assert main(["explain", "--run", str(run_dir), str(dicom), "--out", str(tmp_path / "c")]) == 2
     assert "mdmt[infer]" in capsys.readouterr().err
+
+
+def test_occlusion_finds_the_evidence_and_nothing_on_a_featureless_film(one_torch_thread):
+    """The occlusion map of the averaging model: its mass where the bright square is (blurring it lowers the global
+    score), and all zero on a flat film (blurring changes nothing, so nothing falls)."""
+    model = _averaging_tiny_cnn()
+    x = -torch.ones(1, 3, 48, 48)
+    x[..., 30:38, 6:14] = 1.0
+    occlusion = occlusion_maps(model, TASKS[1], x)[0]
+    assert occlusion.max() == pytest.approx(1.0) and occlusion[24:, :24].sum() / occlusion.sum() > 0.75
+    assert not occlusion_maps(model, TASKS[1], torch.full((1, 3, 48, 48), 0.5))[0].any()
+    row, column = np.unravel_index(occlusion.argmax(), occlusion.shape)
+    assert 30 - 6 <= row < 38 + 6 and 6 - 6 <= column < 14 + 6  # the peak within a patch of the square
+
+
+def test_cli_explain_draws_occlusion_maps_and_predict_has_no_map_option(run_dir, tiny_data, tmp_path, capsys):
+    dicom = sorted((tiny_data / "BRIXIA" / "dicom_clean").glob("*.dcm"))[0]
+    assert main(["explain", "--run", str(run_dir), str(dicom), "--out", str(tmp_path / "a"), "--map", "occlusion"]) == 0
+    overlays = sorted((tmp_path / "a").glob("0000-*_severity_regions.png"))
+    assert len(overlays) == 1 and overlays[0].stat().st_size > 0
+    with pytest.raises(SystemExit):
+        main(["predict", "--run", str(run_dir), str(dicom), "--out", str(tmp_path / "b"), "--map", "occlusion"])
+    assert "unrecognized arguments: --map" in capsys.readouterr().err

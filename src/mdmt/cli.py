@@ -65,7 +65,7 @@ COMMAND_KEYS: dict[str, tuple[str, ...]] = {
     "report": ("report",),
     "info": (),
     "config": (),
-    "predict": ("infer", "runtime.device", "runtime.threads"),
+    "predict": ("infer.batch_size", "infer.clinical", "infer.clinical_id", "runtime.device", "runtime.threads"),
     "explain": ("infer", "runtime.device", "runtime.threads"),
     "export": ("runtime.device", "runtime.threads"),
 }
@@ -325,8 +325,9 @@ def _films(args: argparse.Namespace, module: str, function: str, verb: str, writ
     from mdmt.model_card import synthetic_warning
 
     apply = getattr(importlib.import_module(f"mdmt.infer.{module}"), function)
+    maps = {"explain_map": infer.explain_map} if module == "explain" else {}
     result = apply(args.run, args.paths, args.out, batch_size=infer.batch_size, device=config.runtime.device,
-                   clinical=infer.clinical, clinical_id=infer.clinical_id)
+                   clinical=infer.clinical, clinical_id=infer.clinical_id, **maps)
     for row in result.skipped.itertuples(index=False):
         _say(f"skipped {row.path}: {row.reason}", err=True)
     if result.table.empty:

@@ -278,6 +278,10 @@ class InferConfig:
                                    "clinical values a run whose model reads clinical columns needs")
     clinical_id: str = setting("ImageFile", flag="--clinical-id", help="the sheet's column naming each row's film "
                                "by file name or stem (AIforCOVID's sheets: ImageFile)")
+    explain_map: Literal["gradcam", "occlusion"] = setting(
+        "gradcam", flag="--map", help="explain's evidence map: gradcam (Grad-CAM of the last convolutional stage) or "
+        "occlusion (how far the head falls when a patch is blurred; 225 forward passes per batch, and on real-film "
+        "models it found the lungs where Grad-CAM of tiny_cnn did not: benchmarks/RESULTS.md)")
 
 
 @dataclass

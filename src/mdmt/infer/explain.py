@@ -16,7 +16,7 @@ import pandas as pd
 from PIL import Image
 
 from mdmt.errors import ConfigError
-from mdmt.infer.cam import grad_cams
+from mdmt.infer.cam import EXPLAIN_MAPS
 from mdmt.infer.clinical_sheet import open_clinical_sheet
 from mdmt.infer.films import Film, expand_inputs
 from mdmt.infer.guard import guard_notes
@@ -72,8 +72,8 @@ def zones_picture(film: Film, row: pd.Series, trained: TrainedModel) -> Image.Im
 
 
 def _explain_batch(trained: TrainedModel, batch: Batch, tasks: list[Task], out: Path, start: int,
-                   sheets: ContactSheets) -> pd.DataFrame:
-    cams = {t.name: grad_cams(trained.model, t, batch.x, batch.clinical) for t in tasks}
+                   sheets: ContactSheets, explain_map: str) -> pd.DataFrame:
+    cams = {t.name: EXPLAIN_MAPS[explain_map](trained.model, t, batch.x, batch.clinical) for t in tasks}
     table = batch.table.copy()
     names: dict[str, list[str]] = {name: [] for name in [*cams, ZONES]}
     for i, film in enumerate(batch.films):
@@ -93,11 +93,13 @@ def _explain_batch(trained: TrainedModel, batch: Batch, tasks: list[Task], out: 
 
 def explain_files(run_dir: str | Path, paths: Iterable[str | Path], out: str | Path, batch_size: int = 16,
                   device: str = "cpu", progress: bool = True, clinical: str | Path | None = None,
-                  clinical_id: str = "ImageFile") -> PredictionResult:
-    """Grad-CAM and zone overlays of every file (folders expanded) with the finished run in ``run_dir``, written
-    to ``out`` with contact sheets and the predictions; a clinical run reads each film's row of the sheet
-    ``clinical`` (matched by ``clinical_id``). Unreadable files and films without a usable row are skipped and
-    listed."""
+                  clinical_id: str = "ImageFile", explain_map: str = "gradcam") -> PredictionResult:
+    """Evidence maps (``explain_map``: Grad-CAM or occlusion, ``mdmt.infer.cam.EXPLAIN_MAPS``) and zone overlays of
+    every file (folders expanded) with the finished run in ``run_dir``, written to ``out`` with contact sheets and
+    the predictions; a clinical run reads each film's row of the sheet ``clinical`` (matched by ``clinical_id``).
+    Unreadable files and films without a usable row are skipped and listed."""
+    if explain_map not in EXPLAIN_MAPS:
+        raise ConfigError(f"explain_map must be one of {', '.join(EXPLAIN_MAPS)}, got {explain_map!r}")
     trained = load_trained(run_dir, device)
     sheet = open_clinical_sheet(trained, clinical, clinical_id)
     tasks = explained_tasks(trained)
@@ -108,7 +110,7 @@ def explain_files(run_dir: str | Path, paths: Iterable[str | Path], out: str | P
     skipped = list(inputs.skipped)
     tables: list[pd.DataFrame] = []
     for batch in iter_batches(trained, inputs.files, batch_size, skipped, progress, sheet):
-        tables.append(_explain_batch(trained, batch, tasks, out, sum(len(t) for t in tables), sheets))
+        tables.append(_explain_batch(trained, batch, tasks, out, sum(len(t) for t in tables), sheets, explain_map))
     sheets.flush()
     table = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=["path", "image_id"])
     skipped_table = pd.DataFrame(skipped, columns=SKIPPED_COLUMNS)
