@@ -17,11 +17,13 @@ twin validates, same selection and early stopping); every real-film model of tha
 backbone with a fresh head, as a strategy's ``start_from`` does (the shipped config ``real_severity`` chains the
 same two stages in the grid). The twin shares no film with the real folds, so one twin stage serves every fold.
 
-The defaults are the best configuration measured that needs no internet (benchmarks/RESULTS.md, "Severity on real
-films"): twin pretraining for 60 epochs lowered the CV global MAE from 3.228 to 2.979 (p = 0.004 over the 15
-seed-fold models), more than 30 epochs or a lower fine-tuning rate did, and ``--epochs 1000`` is a cap that early
-stopping on the validation curve always reached first (the old cap of 200 ended one run of 15, with the same
-result). ``--pretrain none --epochs 200`` is the from-scratch baseline. With ``--train DIR --test DIR`` three
+The defaults are the configuration measured best with the fewest conditions (benchmarks/RESULTS.md, "Severity on
+real films"): twin pretraining for 60 epochs lowered the CV global MAE from 3.228 to 2.979 (p = 0.004 over the 15
+seed-fold models), more than 30 epochs or a lower fine-tuning rate did; ``--tasks severity+masks`` reached 2.928,
+which does not differ from it (two-sided p = 0.89), needs a lung mask per film and spreads more over seeds (0.156
+against 0.016); 96 px, ``--members 3`` and the junior's scores as a head did not go lower. ``--epochs 1000`` is a cap
+that early stopping on the validation curve always reached first (the old cap of 200 ended one run of 15, with the
+same result). ``--pretrain none --epochs 200`` is the from-scratch baseline. With ``--train DIR --test DIR`` three
 seeds cost three twin stages and three models, less than the CV's three twin stages and fifteen models.
 
 Per seed, pooled over its folds, and averaged over seeds it prints: the global MAE (sum of the six regional
