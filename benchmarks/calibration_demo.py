@@ -212,7 +212,8 @@ def main() -> None:
                      _cell(row["ece_platt"]), row["floor_platt"], _cell(row["coverage_temperature"]),
                      _cell(row["coverage_platt"]), row["score_temperature"]]
             print(f"| {STRATEGIES[strategy]} | " + " | ".join(cells) + " |")
-        spreads = {s: coverage_spread(run_sizes(results, s)) for s in STRATEGIES if run_sizes(results, s)}
+        sizes = {s: run_sizes(results, s) for s in STRATEGIES}
+        spreads = {s: coverage_spread(sizes[s]) for s in STRATEGIES if sizes[s]}
         inside_all = float(np.prod([1 - outside for _, _, outside in spreads.values()]))
         print(f"\nCV prognosis sets exchangeable by construction (alpha = {ALPHA}), pooled coverage 5th-95th "
               "percentile and chance outside the target: "

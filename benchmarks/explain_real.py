@@ -45,7 +45,6 @@ import json
 import tempfile
 import time
 from functools import partial
-from itertools import product
 from pathlib import Path
 
 import numpy as np
@@ -250,16 +249,20 @@ def real_models(args: argparse.Namespace, work: Path, films: pd.DataFrame) -> li
     console.print(f"real-film CV: {len(specs)} runs trained in {time.perf_counter() - started:.0f} s")
     by_id = films.set_index("image_id")
     out = []
-    for (arm, tasks), method in product(REAL_ARMS.items(), args.maps):
+    for arm, tasks in REAL_ARMS.items():
         arm_runs = [run for spec, run in runs.items() if spec.strategy == arm]
-        rows, zero = [], 0
+        rows: dict[str, list[tuple[float, ...]]] = {method: [] for method in args.maps}
+        zero = dict.fromkeys(args.maps, 0)
         for run in arm_runs:
             trained = load_trained(run)
             tested = pd.read_csv(run / "predictions_severity_regions.csv", dtype={"image_id": str})["image_id"]
-            fold_rows, fold_zero = real_rows(trained, by_id.loc[tested].reset_index(), method)
-            rows, zero = rows + fold_rows, zero + fold_zero
+            for method in args.maps:
+                fold_rows, fold_zero = real_rows(trained, by_id.loc[tested].reset_index(), method)
+                rows[method] += fold_rows
+                zero[method] += fold_zero
         name = f"real CV, {' + '.join(tasks)}, crop: lungs, {args.real_size} px"
-        out.append(table_row(name, method, "real test folds", rows, zero, pooled_metrics(arm_runs)))
+        metrics = pooled_metrics(arm_runs)
+        out += [table_row(name, method, "real test folds", rows[method], zero[method], metrics) for method in args.maps]
     return out
 
 

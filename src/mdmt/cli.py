@@ -315,19 +315,21 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
-def _films(args: argparse.Namespace, module: str, function: str, verb: str, written: Callable[[Any], str]) -> int:
-    """Apply ``mdmt.infer.<module>.<function>`` of the run to the films (the config is checked before the heavy
-    import); print each skipped film with its reason (standard error: unreadable, or refused by the guard as not a
-    frontal chest film), one warning line when the run was trained on synthetic data, the guard's notes
-    (out-of-distribution films), then ``written(result)``: what was written. Exit code 1 when no film was scored."""
+def _films(args: argparse.Namespace, module: str, function: str, verb: str, written: Callable[[Any], str],
+           infer_keys: tuple[str, ...] = ()) -> int:
+    """Apply ``mdmt.infer.<module>.<function>`` of the run to the films, with the ``infer`` section's batch size,
+    clinical sheet and the fields ``infer_keys`` as keywords (the config is checked before the heavy import); print
+    each skipped film with its reason (standard error: unreadable, or refused by the guard as not a frontal chest
+    film), one warning line when the run was trained on synthetic data, the guard's notes (out-of-distribution
+    films), then ``written(result)``: what was written. Exit code 1 when no film was scored."""
     config = device_config(args)
     infer = config.infer
     from mdmt.model_card import synthetic_warning
 
     apply = getattr(importlib.import_module(f"mdmt.infer.{module}"), function)
-    maps = {"explain_map": infer.explain_map} if module == "explain" else {}
     result = apply(args.run, args.paths, args.out, batch_size=infer.batch_size, device=config.runtime.device,
-                   clinical=infer.clinical, clinical_id=infer.clinical_id, **maps)
+                   clinical=infer.clinical, clinical_id=infer.clinical_id,
+                   **{key: getattr(infer, key) for key in infer_keys})
     for row in result.skipped.itertuples(index=False):
         _say(f"skipped {row.path}: {row.reason}", err=True)
     if result.table.empty:
@@ -350,7 +352,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 def cmd_explain(args: argparse.Namespace) -> int:
     return _films(args, "explain", "explain_files", "explained",
-                  lambda result: f"{args.out} (overlays, contact sheets, predictions.csv)")
+                  lambda result: f"{args.out} (overlays, contact sheets, predictions.csv)", infer_keys=("explain_map",))
 
 
 def cmd_export(args: argparse.Namespace) -> int:

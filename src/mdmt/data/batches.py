@@ -208,15 +208,13 @@ class MultiSourceDataset(Dataset):
         sources, rows = self.sources[index], self.rows[index]
         first = self.datasets[0].cache.images
         images = np.empty((len(index), *first.shape[1:]), dtype=first.dtype)
-        for source in np.unique(sources):
-            where = sources == source
-            images[where] = self.datasets[source].cache.images[rows[where]]
-        at = torch.from_numpy(index)
         masks = {name: torch.zeros(len(index), size * size) for name, size in self.mask_sizes.items()}
         for source in np.unique(sources):
             where = sources == source
+            images[where] = self.datasets[source].cache.images[rows[where]]
             for name, targets in self.datasets[source]._mask_targets(rows[where]).items():
                 masks[name][torch.from_numpy(where)] = targets
+        at = torch.from_numpy(index)
         batch = {
             "image": torch.from_numpy(images).unsqueeze(1),
             "targets": {name: values[at] for name, values in self.targets.items()} | masks,

@@ -144,7 +144,8 @@ def build_model(
     clinical_trainable: bool = False,
 ) -> MultiTaskModel:
     """The backbone ``model.backbone`` with ``model.weights`` and one head per task: ``model.heads[task]``, else
-    the head the task's kind needs (the mask decoder), else ``model.head``; the heads of ``fused`` add a clinical term of ``clinical_dim`` features (zero until set)."""
+    the head the task's kind needs (the mask decoder), else ``model.head``; the heads of ``fused`` add a clinical
+    term of ``clinical_dim`` features (zero until set)."""
     backbone = build_backbone(model_cfg.backbone, model_cfg.weights)
     refs = head_refs(model_cfg)
     heads = {t.name: build_head(refs.get(t.name, t.head or model_cfg.head), t, backbone.feature_dim) for t in tasks}
