@@ -25,13 +25,16 @@ on the validation loss). Two arms: severity alone (``stl``), and severity with t
 task (``mdmt``: the ``lung_mask`` segmentation task, whose unscored films join the folds). Each fold's model is
 explained on its own test fold's scored films only, so every map is of a film the model never trained on.
 
-``--maps`` chooses the explanations measured: ``gradcam`` (what the columns call CAM), and ``occlusion`` /
-``occlusion-fine`` (``mdmt.infer.cam.occlusion_maps``: how far the predicted global score falls when a patch of a
-quarter / an eighth of the input's side is blurred), which read the same model with no gradient and no layer.
+``--maps`` chooses the explanations measured: ``gradcam`` (what the columns call CAM) and the grad-cam package's
+variants ``gradcam++``, ``hirescam``, ``layercam``, ``xgradcam`` (``NAME@LAYER`` weighs the backbone module
+``LAYER`` instead of the last convolutional stage, e.g. ``layercam@features.2``, ``tiny_cnn``'s first block), and
+``occlusion`` / ``occlusion-fine`` (``mdmt.infer.cam.occlusion_maps``: how far the predicted global score falls when
+a patch of a quarter / an eighth of the input's side is blurred), which read the same model with no gradient and no
+layer.
 
     python benchmarks/explain_real.py [--models twin real] [--maps gradcam ...] [--data TWIN_DIR] [--preset small]
                                       [--twin-seed 0] [--crops none lungs] [--epochs 30]
-                                      [--real-size 128] [--seeds 0] [--workers 2] [--work DIR]
+                                      [--real-size 128] [--seeds 0] [--untrained] [--workers 2] [--work DIR]
 
 CPU only: the twin models about twenty minutes on two cores, the real CV about as long per seed (a finished run in
 ``--work`` is reused). Prints one table with the runs' regional MAE (and that of predicting the test films'
@@ -41,9 +44,11 @@ mean), the Pearson r of the global score, and the commit (``benchmarks/RESULTS.m
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import tempfile
 import time
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
@@ -57,7 +62,7 @@ from rich.table import Table
 
 import mdmt
 from mdmt.config import load_config, parse_override
-from mdmt.infer.cam import grad_cams, occlusion_maps
+from mdmt.infer.cam import GRAD_CAM_METHODS, grad_cams, occlusion_maps
 from mdmt.infer.films import Film, load_film, network_input
 from mdmt.infer.model_io import TrainedModel, load_trained
 from mdmt.lungs.locate import read_mask
@@ -146,17 +151,30 @@ def fitted(mask: np.ndarray, film: Film) -> np.ndarray:
     return np.asarray(Image.fromarray(mask.astype(np.uint8)).resize((film.width, film.height), Image.NEAREST))
 
 
-MAPS = {"gradcam": grad_cams, "occlusion": partial(occlusion_maps, share=0.25), "occlusion-fine": occlusion_maps}
-"""The explanations measured (``--maps``): Grad-CAM, and occlusion with patches of a quarter and (``mdmt explain
+MAPS = {**{name: partial(grad_cams, method=name) for name in GRAD_CAM_METHODS},
+        "occlusion": partial(occlusion_maps, share=0.25), "occlusion-fine": occlusion_maps}
+"""The explanations measured (``--maps``): Grad-CAM and its variants (``mdmt explain --map``; ``NAME@LAYER`` weighs
+the backbone module ``LAYER``, as ``--cam-layer`` does), and occlusion with patches of a quarter and (``mdmt explain
 --map occlusion``) an eighth of the input's side."""
 
 
+def map_name(text: str) -> str:
+    """A ``--maps`` entry: a name of ``MAPS``, a Grad-CAM one optionally with ``@LAYER``."""
+    method, at, layer = text.partition("@")
+    if method not in MAPS or (at and (method not in GRAD_CAM_METHODS or not layer)):
+        raise argparse.ArgumentTypeError(f"{text!r}: one of {', '.join(MAPS)}; a Grad-CAM one may add @LAYER")
+    return text
+
+
 def film_maps(trained: TrainedModel, paths: list[Path], method: str = "gradcam") -> list[tuple[Film, np.ndarray]]:
-    """Each film with the severity head's map (``MAPS[method]``) in the film's pixels."""
+    """Each film with the severity head's map (``MAPS[method]``, ``method@layer`` at that layer) in the film's
+    pixels."""
+    method, _, layer = method.partition("@")
+    explain = partial(MAPS[method], layer=layer) if layer else MAPS[method]
     out = []
     for start in range(0, len(paths), BATCH):
         films = [load_film(p, trained.config.data) for p in paths[start : start + BATCH]]
-        cams = MAPS[method](trained.model, trained.severity, network_input([f.image for f in films], trained))
+        cams = explain(trained.model, trained.severity, network_input([f.image for f in films], trained))
         out += [(f, film_cam(f, c, trained.config.data.crop_margin)) for f, c in zip(films, cams, strict=True)]
     return out
 
@@ -239,8 +257,20 @@ def twin_models(args: argparse.Namespace, work: Path, films: pd.DataFrame | None
     return out
 
 
+def untrained(trained: TrainedModel, seed: int) -> TrainedModel:
+    """The same network with fresh random weights (seeded): the ``--untrained`` control, what a map finds in a
+    network that learned nothing (its BatchNorm statistics reset too)."""
+    torch.manual_seed(seed)
+    model = copy.deepcopy(trained.model)
+    for module in model.modules():
+        if module is not model and hasattr(module, "reset_parameters"):
+            module.reset_parameters()
+    return replace(trained, model=model.eval())
+
+
 def real_models(args: argparse.Namespace, work: Path, films: pd.DataFrame) -> list[list[str]]:
-    """The rows of the real-film CV models, each fold's model explained on its own test fold's scored films."""
+    """The rows of the real-film CV models, each fold's model explained on its own test fold's scored films (and,
+    with ``--untrained``, the same networks with fresh random weights)."""
     config = real_config(work, args.real_size)
     specs = [RunSpec(arm, "tiny_cnn", "cv5", fold, seed) for arm in REAL_ARMS for seed in args.seeds
              for fold in range(5)]
@@ -248,21 +278,25 @@ def real_models(args: argparse.Namespace, work: Path, films: pd.DataFrame) -> li
     runs = dict(zip(specs, ordered_map(partial(train_real, config), specs, args.workers), strict=True))
     console.print(f"real-film CV: {len(specs)} runs trained in {time.perf_counter() - started:.0f} s")
     by_id = films.set_index("image_id")
+    variants = ["", ", untrained"] if args.untrained else [""]
     out = []
     for arm, tasks in REAL_ARMS.items():
-        arm_runs = [run for spec, run in runs.items() if spec.strategy == arm]
-        rows: dict[str, list[tuple[float, ...]]] = {method: [] for method in args.maps}
-        zero = dict.fromkeys(args.maps, 0)
-        for run in arm_runs:
+        arm_runs = [(spec, run) for spec, run in runs.items() if spec.strategy == arm]
+        rows = {(v, m): [] for v in variants for m in args.maps}
+        zero = dict.fromkeys(rows, 0)
+        for spec, run in arm_runs:
             trained = load_trained(run)
             tested = pd.read_csv(run / "predictions_severity_regions.csv", dtype={"image_id": str})["image_id"]
-            for method in args.maps:
-                fold_rows, fold_zero = real_rows(trained, by_id.loc[tested].reset_index(), method)
-                rows[method] += fold_rows
-                zero[method] += fold_zero
-        name = f"real CV, {' + '.join(tasks)}, crop: lungs, {args.real_size} px"
-        metrics = pooled_metrics(arm_runs)
-        out += [table_row(name, method, "real test folds", rows[method], zero[method], metrics) for method in args.maps]
+            models = {"": trained, ", untrained": untrained(trained, spec.seed * 10 + spec.fold) if args.untrained
+                      else None}
+            for variant, method in rows:
+                fold_rows, fold_zero = real_rows(models[variant], by_id.loc[tested].reset_index(), method)
+                rows[variant, method] += fold_rows
+                zero[variant, method] += fold_zero
+        metrics = pooled_metrics([run for _, run in arm_runs])
+        for (variant, method), found in rows.items():
+            name = f"real CV, {' + '.join(tasks)}{variant}, crop: lungs, {args.real_size} px"
+            out.append(table_row(name, method, "real test folds", found, zero[variant, method], metrics))
     return out
 
 
@@ -277,7 +311,10 @@ def main() -> None:
     parser.add_argument("--real-size", type=int, default=128, help="the real-film models' input side in px")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="the real-film CV's seeds")
     parser.add_argument("--workers", type=int, default=2, help="real-film runs trained at once (processes)")
-    parser.add_argument("--maps", nargs="+", choices=list(MAPS), default=["gradcam"], help="the explanations measured")
+    parser.add_argument("--maps", nargs="+", type=map_name, default=["gradcam"], help="the explanations measured: "
+                        f"{', '.join(MAPS)}; a Grad-CAM one may add @LAYER (layercam@features.2)")
+    parser.add_argument("--untrained", action="store_true", help="also read every real-film fold's network with fresh "
+                        "random weights (a control: what each map finds with nothing learned)")
     parser.add_argument("--work", type=Path, default=None, help="caches and runs (default: a temporary folder; one "
                         "folder per twin: its finished runs are reused)")
     args = parser.parse_args()

@@ -17,14 +17,16 @@ twin validates, same selection and early stopping); every real-film model of tha
 backbone with a fresh head, as a strategy's ``start_from`` does (the shipped config ``real_severity`` chains the
 same two stages in the grid). The twin shares no film with the real folds, so one twin stage serves every fold.
 
-The defaults are the configuration measured best with the fewest conditions (benchmarks/RESULTS.md, "Severity on
-real films"): twin pretraining for 60 epochs lowered the CV global MAE from 3.228 to 2.979 (p = 0.004 over the 15
-seed-fold models), more than 30 epochs or a lower fine-tuning rate did; ``--tasks severity+masks`` reached 2.928,
-which does not differ from it (two-sided p = 0.89), needs a lung mask per film and spreads more over seeds (0.156
-against 0.016); 96 px, ``--members 3`` and the junior's scores as a head did not go lower. ``--epochs 1000`` is a cap
-that early stopping on the validation curve always reached first (the old cap of 200 ended one run of 15, with the
-same result). ``--pretrain none --epochs 200`` is the from-scratch baseline. With ``--train DIR --test DIR`` three
-seeds cost three twin stages and three models, less than the CV's three twin stages and fifteen models.
+The defaults are the configuration measured best (benchmarks/RESULTS.md, "Severity on real films"): ``--pretrain
+blend --tasks severity+masks`` averages, per fold, the MDMT model (severity with the lung masks as a second task,
+from scratch; 2.928 alone) and a severity model started from the twin trained for 60 epochs (2.979 alone): CV global
+MAE 2.873 ± 0.063 over seeds against 3.228 for the from-scratch baseline (lower in 14 of 15 folds, p = 0.0001), not
+significantly below either arm alone (p = 0.17 and 0.076). A folder without lung masks still runs (the mask task
+then has no films). 96 px, ``--members 3``, the junior's scores as a head and ``--tta`` did not go lower than the
+arm they were added to. ``--epochs 1000`` is a cap that early stopping on the validation curve always reached first
+(the old cap of 200 ended one run of 15, with the same result). ``--pretrain none --tasks severity --epochs 200``
+is the from-scratch baseline. With ``--train DIR --test DIR`` three seeds cost three twin stages and six models,
+less than the CV's three twin stages and thirty models.
 
 Per seed, pooled over its folds, and averaged over seeds it prints: the global MAE (sum of the six regional
 predictions, each clipped to 0–3, against the senior's global score), the regional MAE, the constant baseline
@@ -35,15 +37,18 @@ file has it. The last line is machine-readable: ``mae=<global MAE, mean over see
     python benchmarks/severity_real.py [--seeds 0 1 2] [--folds 5] [--size 64] [--epochs 1000] [--backbone tiny_cnn]
                                        [--crop lungs|none] [--set KEY=VALUE ...] [--workers 2] [--json OUT]
     python benchmarks/severity_real.py --train DIR --test DIR [same options]
-    python benchmarks/severity_real.py [...] [--pretrain twin|none] [--pretrain-epochs 60] [--twin-preset small]
+    python benchmarks/severity_real.py [...] [--pretrain twin|none|blend] [--pretrain-epochs 60] [--twin-preset small]
                                        [--finetune-lr LR] [--tasks severity[+masks][+junior]] [--permute-masks]
-                                       [--members K]
+                                       [--members K] [--tta]
     python benchmarks/severity_real.py --compare RUN.json BASELINE.json
 
 ``--tasks`` adds second heads under the indicator-masked loss: ``+masks`` the human lung masks of every training
 film that has one (scored or not), ``+junior`` the junior radiologist's regional scores; the label, the selection
 and every figure stay the senior's. ``--members K`` trains K models per fold, each with its own seed and inner
-validation split, and averages their regional predictions.
+validation split, and averages their regional predictions. ``--pretrain blend`` trains two models per fold and
+averages their regional predictions: the ``--tasks`` model from scratch and a severity model started from the
+twin's backbone. ``--tta`` also scores every test film mirrored left/right, swaps its regions back (A–C with D–F)
+and averages the two.
 
 ``--set`` overrides any other config key (``--set train.lr=3e-4``, ``--set model.weights=imagenet``), so a later
 lever is measured on the same folds and seeds. The image caches go to ``--cache`` (default ``.mdmt-cache``).
@@ -60,7 +65,7 @@ import os
 import tempfile
 import time
 import warnings
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -76,7 +81,7 @@ from sklearn.model_selection import StratifiedGroupKFold
 from mdmt.cache.image_cache import ImageCache, build_cache
 from mdmt.config import Config, PluginRef, load_config, parse_override
 from mdmt.data.augment import BatchAugmenter
-from mdmt.data.batches import CachedImageDataset, make_loader
+from mdmt.data.batches import CachedImageDataset, ImageArrays, ImageSource, make_loader
 from mdmt.data.datasets import DATASETS
 from mdmt.evaluate.metrics import severity_metrics
 from mdmt.models.multitask import build_model, check_input_size, load_backbone_state
@@ -126,6 +131,8 @@ took 0.19 CPU-s on one thread against 2.2 on two."""
 MEMBER_SEED_STRIDE = 1000
 """``--members K``: member k of seed s trains with seed s + 1000 k (no clash with the seeds of a run)."""
 TWIN_SEED = 0
+PRETRAINED = {"twin": "twin-pretrained", "blend": "averaged with a twin-pretrained severity model"}
+"""``--pretrain``'s words in the table's title."""
 """The twin's generator seed: one twin serves every training seed."""
 console = Console(width=120)
 
@@ -245,22 +252,49 @@ def train_model(config: Config, train: Films, rows: np.ndarray, seed: int, start
     return model, info
 
 
+def mirrored(films: Films) -> ImageArrays:
+    """``films``' image cache mirrored left/right (``--tta``)."""
+    return ImageArrays(np.ascontiguousarray(np.asarray(films.cache.images)[..., ::-1]), films.cache.records)
+
+
+def predict_regions(model: torch.nn.Module, config: Config, source: ImageSource, rows: np.ndarray) -> np.ndarray:
+    """The model's raw regional scores of ``source``'s ``rows``, in order."""
+    loader = make_loader(CachedImageDataset(source, rows, [get_task(TASK)]), config.train, runtime=config.runtime)
+    outputs, predicted_rows = predict(model, loader, resolve_device(config.runtime.device), config.model.input_size)
+    assert np.array_equal(predicted_rows, rows), "the test loader must keep the rows' order"
+    return outputs[TASK].numpy().astype(np.float64)
+
+
+def regions_with_mirror(model: torch.nn.Module, config: Config, films: Films, rows: np.ndarray,
+                      mirror: ImageSource | None) -> tuple[np.ndarray, np.ndarray]:
+    """(regions, plain regions) of ``films``' ``rows``, each clipped to 0–3: with ``mirror`` (``films`` mirrored) the
+    mean of the model's raw scores of each film and of its mirror image with the regions swapped back
+    (``REGION_FLIP``), else the plain scores themselves."""
+    raw = predict_regions(model, config, films.cache, rows)
+    plain = np.clip(raw, *REGION_SCORE_RANGE)
+    if mirror is None:
+        return plain, plain
+    both = (raw + predict_regions(model, config, mirror, rows)[:, list(REGION_FLIP)]) / 2
+    return np.clip(both, *REGION_SCORE_RANGE), plain
+
+
 def fit_and_predict(config: Config, train: Films, rows: np.ndarray, test: Films, test_rows: np.ndarray, seed: int,
-                    start: dict[str, torch.Tensor] | None = None, members: int = 1
+                    start: dict[str, torch.Tensor] | None = None, members: int = 1, tta: bool = False
                     ) -> tuple[np.ndarray, dict[str, Any]]:
     """Train ``members`` models on ``train``'s ``rows`` (``train_model``) and predict ``test_rows``' regions, each
     clipped to 0–3, averaged over the members. Member k > 0 trains with seed ``seed + MEMBER_SEED_STRIDE * k``: its
-    own inner validation split, initialisation and batches; member 0 is the single model of ``seed``."""
-    tasks = [get_task(TASK)]
-    loader = make_loader(CachedImageDataset(test.cache, test_rows, tasks), config.train, runtime=config.runtime)
-    regions, infos = [], []
+    own inner validation split, initialisation and batches; member 0 is the single model of ``seed``. With ``tta``
+    each model's regions are ``regions_with_mirror`` of the films and their mirror images; ``info["plain"]`` keeps
+    the members' mean without them."""
+    mirror = mirrored(test) if tta else None
+    regions, plain, infos = [], [], []
     for k in range(members):
         model, info = train_model(config, train, rows, seed + MEMBER_SEED_STRIDE * k, start)
-        outputs, predicted_rows = predict(model, loader, resolve_device(config.runtime.device), config.model.input_size)
-        assert np.array_equal(predicted_rows, test_rows), "the test loader must keep the rows' order"
-        regions.append(np.clip(outputs[TASK].numpy().astype(np.float64), *REGION_SCORE_RANGE))
+        both, alone = regions_with_mirror(model, config, test, test_rows, mirror)
+        regions.append(both)
+        plain.append(alone)
         infos.append(info)
-    info = {**infos[0], "best_epochs": [i["best_epoch"] for i in infos]}
+    info = {**infos[0], "best_epochs": [i["best_epoch"] for i in infos], "plain": np.mean(plain, axis=0)}
     return np.mean(regions, axis=0), info
 
 
@@ -357,23 +391,36 @@ def folds_of(train: Films, test: Films | None, k: int, seeds: list[int]) -> list
     return folds
 
 
-def run_fold(config: Config, train: Films, starts: dict[int, dict[str, torch.Tensor]], members: int, fold: Fold
-             ) -> tuple[pd.DataFrame, str]:
-    """Train and score one fold (``members`` models, from its seed's pretrained weights in ``starts``, if any): a row
-    per scored film, and the progress line."""
+@dataclass(frozen=True)
+class Arm:
+    """One model of every fold: its training films (with their second tasks), its config, and per seed the backbone it
+    starts from (``starts``; a seed without one trains from scratch)."""
+
+    films: Films
+    config: Config
+    starts: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
+
+
+def run_fold(arms: list[Arm], members: int, tta: bool, fold: Fold) -> tuple[pd.DataFrame, str]:
+    """Train and score one fold: every arm (``members`` models each, mirrored films averaged in with ``tta``), their
+    regional predictions averaged; a row per scored film, and the progress line."""
     started, cpu = time.perf_counter(), time.process_time()
-    regions, info = fit_and_predict(config, train, fold.rows, fold.scored, fold.test_rows, fold.seed,
-                                    starts.get(fold.seed), members)
-    const = float(train.cache.records["brixia_global"].iloc[fold.rows].mean())
+    results = [fit_and_predict(arm.config, arm.films, fold.rows, fold.scored, fold.test_rows, fold.seed,
+                               arm.starts.get(fold.seed), members, tta) for arm in arms]
+    regions = np.mean([r for r, _ in results], axis=0)
+    info = results[0][1]
+    const = float(arms[0].films.cache.records["brixia_global"].iloc[fold.rows].mean())
     table = film_table(fold.scored, fold.test_rows, regions, const, fold.seed, fold.index)
     figures = summary(table)
     cpu = time.process_time() - cpu
-    member_epochs = (f" (members' best epochs {', '.join(str(e + 1) for e in info['best_epochs'])})"
-                     if members > 1 else "")
+    epochs = [e for _, i in results for e in i["best_epochs"]]
+    member_epochs = f" (models' best epochs {', '.join(str(e + 1) for e in epochs)})" if len(epochs) > 1 else ""
+    plain = np.mean([i["plain"] for _, i in results], axis=0).sum(axis=1)
+    plain = f", without the mirrored films {np.abs(plain - table['true_global']).mean():.2f}" if tta else ""
     line = (f"seed {fold.seed} fold {fold.index + 1}/{fold.count}: {info['fit']} train, {info['val']} val, "
             f"{len(fold.test_rows)} test; best epoch {info['best_epoch'] + 1} of {info['epochs']}"
             f"{' (stopped early)' if info['stopped_early'] else ''}{member_epochs}; "
-            f"global MAE {figures['global_mae']:.2f} (constant {figures['const_mae']:.2f}); "
+            f"global MAE {figures['global_mae']:.2f}{plain} (constant {figures['const_mae']:.2f}); "
             f"{time.perf_counter() - started:.1f} s ({cpu:.1f} CPU-s)")
     return table, line
 
@@ -443,19 +490,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any config override")
     parser.add_argument("--workers", type=int, default=2, help="folds trained at once, each in its own process "
                         "on one thread (0: one after the other in this process); the figures do not depend on it")
-    parser.add_argument("--pretrain", choices=["none", "twin"], default="twin",
-                        help="twin: start every fold from the network trained on the synthetic twin's films (per seed)")
+    parser.add_argument("--pretrain", choices=["none", "twin", "blend"], default="blend",
+                        help="twin: start every fold from the network trained on the synthetic twin's films (per seed); "
+                        "blend: average the --tasks model trained from scratch with a severity model started there")
     parser.add_argument("--pretrain-epochs", type=int, default=60, help="train.max_epochs of the twin stage")
     parser.add_argument("--twin-preset", default="small", help="the twin's preset (mdmt.synth.PRESETS)")
     parser.add_argument("--finetune-lr", type=float, help="train.lr of the real-film stage after pretraining "
                         "(default: train.lr, as the twin stage)")
     parser.add_argument("--tasks", choices=["severity", "severity+masks", "severity+junior", "severity+masks+junior"],
-                        default="severity", help="+masks: also train the lung-mask task on every training-fold film "
+                        default="severity+masks", help="+masks: also train the lung-mask task on every training-fold film "
                         "with a mask; +junior: the junior radiologist's regional scores as a second head")
     parser.add_argument("--permute-masks", action="store_true", help="the control: masks shuffled among the "
                         "training films (with --tasks severity+masks)")
     parser.add_argument("--members", type=int, default=1, help="models trained per fold (each with its own seed and "
                         "inner validation split), their regional predictions averaged")
+    parser.add_argument("--tta", action="store_true", help="also score every test film mirrored left/right (regions "
+                        "A-C and D-F swapped back) and average the two")
     parser.add_argument("--json", type=Path, help="write the figures and every film's prediction here")
     parser.add_argument("--compare", type=Path, nargs=2, metavar=("RUN", "BASELINE"), help="train nothing: the "
                         "paired one-tailed Wilcoxon test of two --json files' (seed, fold) MAEs, RUN below BASELINE")
@@ -483,18 +533,23 @@ def main(argv: list[str] | None = None) -> None:
     mode = f"trained on {train.name}, scored on {test.name}" if test else f"{args.folds}-fold CV on {train.name}"
     mode += f", tasks {args.tasks}{' (permuted masks)' if args.permute_masks else ''}"
     mode += f", {args.members} models per fold (mean)" if args.members > 1 else ""
-    starts = {}
-    if args.pretrain == "twin":
+    mode += ", mirrored films averaged in" if args.tta else ""
+    arms = [Arm(train, config)]
+    if args.pretrain != "none":
         twin_config = replace(config, train=replace(config.train, max_epochs=args.pretrain_epochs))
         twin = twin_films(config, args.twin_preset)
+        starts = {}
         for seed, (state, line) in zip(args.seeds, ordered_map(partial(pretrain, twin_config, twin), args.seeds,
                                                                args.workers)):
             console.print(line, markup=False, highlight=False, soft_wrap=True)
             starts[seed] = state
-        if args.finetune_lr is not None:
-            config = replace(config, train=replace(config.train, lr=args.finetune_lr))
+        finetune = config if args.finetune_lr is None else replace(config, train=replace(config.train,
+                                                                                           lr=args.finetune_lr))
+        pretrained = Arm(train if args.pretrain == "twin" else replace(train, masks=None, junior=False), finetune,
+                         starts)
+        arms = [pretrained] if args.pretrain == "twin" else [*arms, pretrained]
     tables = []
-    for table, line in ordered_map(partial(run_fold, config, train, starts, args.members),
+    for table, line in ordered_map(partial(run_fold, arms, args.members, args.tta),
                                    folds_of(train, test, args.folds, args.seeds), args.workers):
         console.print(line, markup=False, highlight=False, soft_wrap=True)
         tables.append(table)
@@ -505,7 +560,7 @@ def main(argv: list[str] | None = None) -> None:
     print_figures({**per_seed, "mean over seeds": mean},
                   f"Brixia score on real films, {mode}: {config.model.backbone.name} "
                   f"({'from scratch' if config.model.weights == 'none' else config.model.weights}"
-                  f"{f', twin-pretrained ({args.twin_preset}, {args.pretrain_epochs} epochs)' if starts else ''}"
+                  f"{f', {PRETRAINED[args.pretrain]} ({args.twin_preset}, {args.pretrain_epochs} epochs)' if args.pretrain != 'none' else ''}"
                   f"{f', fine-tuned at lr {args.finetune_lr:g}' if args.finetune_lr is not None else ''}), "
                   f"{args.size} px, "
                   f"crop {args.crop}")

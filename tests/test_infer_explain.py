@@ -4,6 +4,7 @@ zones and the contact sheet."""
 from __future__ import annotations
 
 import sys
+import typing
 from pathlib import Path
 
 import numpy as np
@@ -14,9 +15,15 @@ from helpers.infer_runs import train_tiny_run
 from PIL import Image
 
 from mdmt.cli import main
-from mdmt.config import ModelConfig, PluginRef
+from mdmt.config import InferConfig, ModelConfig, PluginRef
 from mdmt.errors import ConfigError
-from mdmt.infer.cam import grad_cams, occlusion_maps, target_layer
+from mdmt.infer.cam import (
+    EXPLAIN_MAPS,
+    GRAD_CAM_METHODS,
+    grad_cams,
+    occlusion_maps,
+    target_layer,
+)
 from mdmt.infer.explain import explain_files
 from mdmt.infer.overlays import DISPLAY, cam_overlay, zone_boxes
 from mdmt.models.multitask import build_model
@@ -82,6 +89,28 @@ def test_the_map_holds_the_evidence_where_it_is(one_torch_thread):
     assert cam[24:, :24].sum() / cam.sum() > 0.75  # 0.62 on the 3 x 3 grid after the last max pooling
     flat = grad_cams(model, TASKS[1], torch.full((1, 3, 48, 48), 0.5))[0]  # every pixel raises the score
     assert flat.max() == pytest.approx(1.0) and flat.min() > 0.3  # not shifted to zero by its own minimum
+
+
+@pytest.mark.parametrize("method", list(GRAD_CAM_METHODS))
+def test_every_grad_cam_method_finds_the_evidence_at_the_last_stage_and_at_the_first_block(method, one_torch_thread):
+    model = _averaging_tiny_cnn()
+    x = -torch.ones(1, 3, 48, 48)
+    x[..., 30:38, 6:14] = 1.0
+    last = grad_cams(model, TASKS[1], x, method=method)[0]
+    assert last[24:, :24].sum() / last.sum() > 0.75
+    first = grad_cams(model, TASKS[1], x, method=method, layer="features.2")[0]  # 48 x 48: the block before pooling
+    assert first.max() == pytest.approx(1.0) and first[26:42, 2:18].sum() / first.sum() > 0.99
+
+
+def test_a_named_target_layer_is_that_module_and_a_wrong_name_lists_the_right_ones():
+    model = build_model(ModelConfig(backbone=PluginRef("tiny_cnn"), weights="none"), TASKS)
+    assert target_layer(model.backbone, "features.2") is model.backbone.features[2]
+    with pytest.raises(ConfigError, match=r"no module 'features\.99'.*features\.0"):
+        target_layer(model.backbone, "features.99")
+
+
+def test_the_config_offers_exactly_the_maps_explain_draws():
+    assert set(typing.get_args(typing.get_type_hints(InferConfig)["explain_map"])) == set(EXPLAIN_MAPS)
 
 
 def test_head_scalars_are_the_log_odds_and_the_global_score():
@@ -166,3 +195,9 @@ def test_cli_explain_draws_occlusion_maps_and_predict_has_no_map_option(run_dir,
     with pytest.raises(SystemExit):
         main(["predict", "--run", str(run_dir), str(dicom), "--out", str(tmp_path / "b"), "--map", "occlusion"])
     assert "unrecognized arguments: --map" in capsys.readouterr().err
+    first_block = ["explain", "--run", str(run_dir), str(dicom), "--cam-layer", "features.2"]
+    assert main([*first_block, "--out", str(tmp_path / "c"), "--map", "layercam"]) == 0
+    assert len(sorted((tmp_path / "c").glob("0000-*_severity_regions.png"))) == 1
+    capsys.readouterr()
+    assert main([*first_block, "--out", str(tmp_path / "d"), "--map", "occlusion"]) == 2
+    assert "the occlusion map has none" in capsys.readouterr().err

@@ -8,6 +8,7 @@ import json
 import math
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -160,15 +161,16 @@ def real_subset(real_films: Path, folder: Path, ids: pd.Series) -> Path:
 
 def run_benchmark(args: list[str], cache: Path, capsys: pytest.CaptureFixture[str],
                   monkeypatch: pytest.MonkeyPatch) -> tuple[str, dict[str, str]]:
-    """``benchmarks/severity_real.py`` in this process (1 seed, 2 epochs, 32 px): its output and last line's fields."""
+    """``benchmarks/severity_real.py`` in this process (1 seed, 2 epochs, 32 px, no pretraining unless ``args`` say
+    otherwise): its output and last line's fields."""
     spec = importlib.util.spec_from_file_location("severity_real", SCRIPT)
     benchmark = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, "severity_real", benchmark)  # its dataclasses look their module up
     spec.loader.exec_module(benchmark)
     threads = torch.get_num_threads()
     try:
-        benchmark.main([*args, "--seeds", "0", "--epochs", "2", "--pretrain", "none", "--size", "32", "--crop", "none",
-                        "--workers", "0", "--cache", str(cache)])
+        benchmark.main(["--seeds", "0", "--epochs", "2", "--pretrain", "none", "--size", "32", "--crop", "none",
+                        "--workers", "0", "--cache", str(cache), *args])
     finally:
         torch.set_num_threads(threads)  # the yardstick trains on one thread
     out = capsys.readouterr().out
@@ -197,19 +199,25 @@ def test_benchmark_smoke_on_ten_real_films(real_films: Path, tmp_path: Path, cap
     assert "trained on train, scored on test" in out and "seed 0 fold 1/1" in out
 
 
-def test_benchmark_members_average_the_models_of_their_own_seeds(real_films: Path, tmp_path: Path,
-                                                                monkeypatch: pytest.MonkeyPatch):
-    """``--members 2``: each film's regions are the mean of the single model of the seed and the single model of
-    seed + MEMBER_SEED_STRIDE, and the two differ (so the mean is not one of them)."""
+def ten_films(real_films: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Any, Any, Any]:
+    """``benchmarks/severity_real.py`` loaded as a module, its config at 32 px and 2 epochs, and the first ten scored
+    films read through it."""
     spec = importlib.util.spec_from_file_location("severity_real", SCRIPT)
     benchmark = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "severity_real", benchmark)
+    monkeypatch.setitem(sys.modules, "severity_real", benchmark)  # its dataclasses look their module up
     spec.loader.exec_module(benchmark)
     ids = pd.read_csv(real_films / "brixia-scores.csv", dtype=str)["id"].head(10)
     args = benchmark.argparse.Namespace(backbone="tiny_cnn", size=32, crop="none", epochs=2,
                                         cache=str(tmp_path / "cache"), set=[])
     config = benchmark.make_config(args)
-    films = benchmark.read_films(real_subset(real_films, tmp_path / "ten", ids), config)
+    return benchmark, config, benchmark.read_films(real_subset(real_films, tmp_path / "ten", ids), config)
+
+
+def test_benchmark_members_average_the_models_of_their_own_seeds(real_films: Path, tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch):
+    """``--members 2``: each film's regions are the mean of the single model of the seed and the single model of
+    seed + MEMBER_SEED_STRIDE, and the two differ (so the mean is not one of them)."""
+    benchmark, config, films = ten_films(real_films, tmp_path, monkeypatch)
     rows, test_rows = np.arange(6), np.arange(6, 10)
     threads = torch.get_num_threads()
     try:
@@ -221,3 +229,60 @@ def test_benchmark_members_average_the_models_of_their_own_seeds(real_films: Pat
     assert np.abs(one - other).max() > 1e-3
     np.testing.assert_allclose(both, (one + other) / 2, atol=1e-6)
     assert len(info["best_epochs"]) == 2
+
+
+def test_tta_makes_the_regions_mirror_symmetric(real_films: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """``--tta``: a film's regions are the mean of the model's regions of the film and of its mirror image with the
+    lungs swapped back, so scoring the mirror images instead gives the same regions with the lungs swapped."""
+    benchmark, config, films = ten_films(real_films, tmp_path, monkeypatch)
+    rows, test_rows = np.arange(6), np.arange(6, 10)
+    threads = torch.get_num_threads()
+    try:
+        model, _ = benchmark.train_model(config, films, rows, seed=0)
+        mirror = benchmark.mirrored(films)
+        both, plain = benchmark.regions_with_mirror(model, config, films, test_rows, mirror)
+        swapped = benchmark.Films("mirror", mirror, 0)  # the mirror images as the films, the originals as their mirror
+        again, _ = benchmark.regions_with_mirror(model, config, swapped, test_rows, films.cache)
+        alone, same = benchmark.regions_with_mirror(model, config, films, test_rows, None)
+    finally:
+        torch.set_num_threads(threads)
+    np.testing.assert_allclose(again[:, list(benchmark.REGION_FLIP)], both, atol=1e-5)
+    assert np.abs(both - plain).max() > 1e-4  # the mirror image changes the prediction
+    np.testing.assert_array_equal(alone, plain)
+    np.testing.assert_array_equal(same, plain)
+
+
+def test_a_blend_averages_its_arms_regions(real_films: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """``--pretrain blend``: a fold's regions are the mean of its arms' (one from scratch, one from a given backbone),
+    each trained as it would be alone."""
+    benchmark, config, films = ten_films(real_films, tmp_path, monkeypatch)
+    fold = benchmark.Fold(0, 0, 1, np.arange(6), films, np.arange(6, 10))
+    threads = torch.get_num_threads()
+    try:
+        model, _ = benchmark.train_model(config, films, np.arange(4), seed=5)
+        start = {key: value.detach().clone() for key, value in model.state_dict().items()}
+        scratch, pretrained = benchmark.Arm(films, config), benchmark.Arm(films, config, {0: start})
+        tables = [benchmark.run_fold(arms, 1, False, fold)[0] for arms in ([scratch], [pretrained],
+                                                                            [scratch, pretrained])]
+    finally:
+        torch.set_num_threads(threads)
+    columns = [c for c in tables[0] if c.startswith("pred_")]
+    one, other, both = (t[columns].to_numpy() for t in tables)
+    assert np.abs(one - other).max() > 1e-3
+    np.testing.assert_allclose(both, (one + other) / 2, atol=1e-6)
+
+
+def test_the_default_blend_trains_on_a_folder_without_lung_masks(real_films: Path, tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture[str],
+                                                                  monkeypatch: pytest.MonkeyPatch):
+    """The defaults (the MDMT model averaged with a twin-pretrained one) need no masks: a training folder without
+    them trains severity alone in the MDMT arm."""
+    ids = pd.read_csv(real_films / "brixia-scores.csv", dtype=str)["id"].head(10)
+    folder = real_subset(real_films, tmp_path / "bare", ids)
+    manifest = pd.read_csv(folder / "manifest.csv", dtype=str)
+    manifest.assign(mask="").to_csv(folder / "manifest.csv", index=False)
+    out, figures = run_benchmark(["--data", str(folder), "--folds", "2", "--pretrain", "blend", "--twin-preset", "tiny",
+                                  "--pretrain-epochs", "1"], tmp_path / "cache", capsys, monkeypatch)
+    assert "bare: 10 films, 0 with a lung mask" in out and "seed 0 twin pretraining" in out
+    assert "models' best epochs" in out  # two models per fold
+    assert figures["n"] == "10" and math.isfinite(float(figures["mae"]))

@@ -278,10 +278,13 @@ class InferConfig:
                                    "clinical values a run whose model reads clinical columns needs")
     clinical_id: str = setting("ImageFile", flag="--clinical-id", help="the sheet's column naming each row's film "
                                "by file name or stem (AIforCOVID's sheets: ImageFile)")
-    explain_map: Literal["gradcam", "occlusion"] = setting(
-        "gradcam", flag="--map", help="explain's evidence map: gradcam (Grad-CAM of the last convolutional stage) or "
-        "occlusion (how far the head falls when a patch is blurred; 225 forward passes per batch, and on real-film "
-        "models it found the lungs where Grad-CAM of tiny_cnn did not: benchmarks/RESULTS.md)")
+    explain_map: Literal["gradcam", "gradcam++", "hirescam", "layercam", "xgradcam", "occlusion"] = setting(
+        "gradcam", flag="--map", help="explain's evidence map: gradcam (Grad-CAM), gradcam++, hirescam, layercam or "
+        "xgradcam (the grad-cam package's variants, of the layer --cam-layer names), or occlusion (how far the head "
+        "falls when a patch is blurred; 225 forward passes per batch; benchmarks/RESULTS.md compares them on real "
+        "films)")
+    cam_layer: str = setting("", flag="--cam-layer", help="the backbone module a Grad-CAM map weighs, as a dotted "
+                             "name (tiny_cnn's first block: features.2); empty: the last convolutional stage")
 
 
 @dataclass

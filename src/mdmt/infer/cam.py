@@ -1,5 +1,6 @@
-"""Evidence maps of one head: Grad-CAM (the ``grad-cam`` package) on the last convolutional stage of any backbone,
-or occlusion (``occlusion_maps``: blur a patch, see how far the head's scalar falls).
+"""Evidence maps of one head: Grad-CAM (the ``grad-cam`` package) and its variants on the last convolutional stage of
+any backbone or on a module named by the caller, or occlusion (``occlusion_maps``: blur a patch, see how far the
+head's scalar falls).
 
 Each head is reduced to one scalar per image, the quantity whose evidence the map shows: the task's
 ``cam_scalar`` (``mdmt.tasks``: the log-odds of SEVERE for prognosis, the predicted global score for a regional
@@ -10,22 +11,27 @@ pooling (ResNet ``layer4``, DenseNet and MobileNet ``features``, ShuffleNet ``co
 ``inception5b``), except where ``TARGET_LAYERS`` names a later one (timm's EfficientNet: ``bn2``, the
 normalisation and activation after ``conv_head``). A stage that ends in a max or average pooling (``tiny_cnn``'s
 and VGG's ``features``) is read before that pooling, at twice the grid (as the Grad-CAM paper reads VGG): the
-pooling only subsamples the same evidence, and ``tiny_cnn``'s last grid is 3 × 3 at the demo's 48 px.
+pooling only subsamples the same evidence, and ``tiny_cnn``'s last grid is 3 × 3 at the demo's 48 px. A caller may
+name another module instead (``infer.cam_layer``, a dotted path inside the backbone). ``GRAD_CAM_METHODS`` names
+the package's gradient-weighted variants that read the same activations and gradients.
 
 Each map is the positive part of the weighted activations, upsampled to the input and divided by its maximum. It
 is not shifted by its minimum as ``pytorch_grad_cam`` does for display: a map whose evidence has a floor over the
 whole film keeps it, so its mass in a region is that region's share of the evidence.
 
 Occlusion needs no gradient and no target layer. On lung-cropped 128 px ``tiny_cnn`` models trained on real scored
-films (``benchmarks/explain_real.py``, out of fold), Grad-CAM put 0.97–1.13× the lungs' share of the film in the
-lungs, below an even map over the crop (1.24×), while occlusion with patches of an eighth of the side put
-1.81–1.85× there: Grad-CAM's 16 × 16 grid of this small network misplaces evidence that the network does take from
-the lungs. ``EXPLAIN_MAPS`` names both for ``mdmt explain --map``.
+films (``benchmarks/explain_real.py``, out of fold, two training seeds), Grad-CAM of the last stage put 0.97–1.19×
+the lungs' share of the film in the lungs, below an even map over the crop (1.24×), and its variants there
+1.13–1.16× (seed 0); HiResCAM and LayerCAM of the first block (``features.2``, a 128 × 128 grid) put 1.41–1.58×
+there, and occlusion with patches of an eighth of the side 1.79–1.86×: the coarse last grid of this small network
+misplaces evidence that the network does take from the lungs. ``EXPLAIN_MAPS`` names them all for
+``mdmt explain --map``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 
 import numpy as np
 import torch
@@ -70,10 +76,19 @@ def _is_global_pool(module: nn.Module) -> bool:
     return isinstance(module, GLOBAL_POOLS) or "AdaptivePool" in type(module).__name__
 
 
-def target_layer(backbone: nn.Module) -> nn.Module:
-    """The module whose output Grad-CAM weighs: ``TARGET_LAYERS`` for the backbone's class, else its last child
-    that is or holds a ``Conv2d`` before the global pooling (a ``Sequential`` ending in a subsampling pooling: the
-    module before that pooling)."""
+def target_layer(backbone: nn.Module, name: str = "") -> nn.Module:
+    """The module whose output Grad-CAM weighs: the submodule ``name`` of the backbone (a dotted path such as
+    ``features.2``) when given, else ``TARGET_LAYERS`` for the backbone's class, else its last child that is or holds
+    a ``Conv2d`` before the global pooling (a ``Sequential`` ending in a subsampling pooling: the module before that
+    pooling)."""
+    if name:
+        try:
+            return backbone.get_submodule(name)
+        except AttributeError:
+            convolutional = [n for n, m in backbone.named_modules() if n and _has_conv(m)]
+            raise ConfigError(f"backbone {type(backbone).__name__} has no module {name!r}; modules holding a "
+                              f"convolution: {', '.join(convolutional[:12])}"
+                              f"{', …' if len(convolutional) > 12 else ''}") from None
     named = TARGET_LAYERS.get(type(backbone).__name__)
     if named is not None:
         return backbone.get_submodule(named)
@@ -99,22 +114,32 @@ def evidence_maps(cams: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return torch.where(peaks > EVIDENCE_FLOOR, maps / peaks.clamp_min(EVIDENCE_FLOOR), 0.0).numpy()
 
 
-def grad_cams(model: MultiTaskModel, task: Task, x: torch.Tensor, clinical: torch.Tensor | None = None) -> np.ndarray:
-    """Grad-CAM of ``task``'s head for the network input ``x`` (and the clinical features ``clinical`` of a model
-    that fuses them): ``(B, H, W)`` float32 (``evidence_maps``: each map in [0, 1], all zeros where no region
-    raises the head's scalar). A clinical term adds to the logits without touching the image features, so the map
-    shows the image branch's evidence."""
+GRAD_CAM_METHODS: dict[str, str] = {"gradcam": "GradCAM", "gradcam++": "GradCAMPlusPlus", "hirescam": "HiResCAM",
+                                    "layercam": "LayerCAM", "xgradcam": "XGradCAM"}
+"""The gradient-weighted maps of the ``grad-cam`` package, by the name ``mdmt explain --map`` takes."""
+
+
+def grad_cams(model: MultiTaskModel, task: Task, x: torch.Tensor, clinical: torch.Tensor | None = None,
+              method: str = "gradcam", layer: str = "") -> np.ndarray:
+    """Grad-CAM (or another of ``GRAD_CAM_METHODS``) of ``task``'s head for the network input ``x`` (and the
+    clinical features ``clinical`` of a model that fuses them), weighing ``target_layer(backbone, layer)``:
+    ``(B, H, W)`` float32 (``evidence_maps``: each map in [0, 1], all zeros where no region raises the head's
+    scalar). A clinical term adds to the logits without touching the image features, so the map shows the image
+    branch's evidence."""
     gradcam = require("pytorch_grad_cam", "Grad-CAM")
-    layer = target_layer(model.backbone)
+    if method not in GRAD_CAM_METHODS:
+        raise ConfigError(f"Grad-CAM method must be one of {', '.join(GRAD_CAM_METHODS)}, got {method!r}")
+    target = target_layer(model.backbone, layer)
     training = model.training
-    explainer = gradcam.GradCAM(model=HeadScalar(model, task, clinical), target_layers=[layer])
+    explainer = getattr(gradcam, GRAD_CAM_METHODS[method])(model=HeadScalar(model, task, clinical),
+                                                           target_layers=[target])
     recorded = explainer.activations_and_grads
     try:
         with torch.enable_grad():
             model.zero_grad()
             recorded(x).sum().backward()
-        cams = explainer.get_cam_image(x, layer, None, recorded.activations[0].numpy(),
-                                       recorded.gradients[0].numpy())
+        cams = explainer.get_cam_image(x, target, None, recorded.activations[0].numpy(),
+                                       recorded.gradients[0].numpy(), False)
     finally:
         recorded.release()
         model.zero_grad()
@@ -150,5 +175,7 @@ def occlusion_maps(model: MultiTaskModel, task: Task, x: torch.Tensor, clinical:
     return evidence_maps((total / count).numpy(), (height, width))
 
 
-EXPLAIN_MAPS: dict[str, Callable[..., np.ndarray]] = {"gradcam": grad_cams, "occlusion": occlusion_maps}
-"""``infer.explain_map``: the map ``mdmt explain`` draws, ``fn(model, task, x, clinical)``."""
+EXPLAIN_MAPS: dict[str, Callable[..., np.ndarray]] = {
+    **{name: partial(grad_cams, method=name) for name in GRAD_CAM_METHODS}, "occlusion": occlusion_maps}
+"""``infer.explain_map``: the map ``mdmt explain`` draws, ``fn(model, task, x, clinical)``; the Grad-CAM ones also
+take ``layer`` (``infer.cam_layer``)."""

@@ -16,7 +16,7 @@ import pandas as pd
 from PIL import Image
 
 from mdmt.errors import ConfigError
-from mdmt.infer.cam import EXPLAIN_MAPS
+from mdmt.infer.cam import EXPLAIN_MAPS, GRAD_CAM_METHODS
 from mdmt.infer.clinical_sheet import open_clinical_sheet
 from mdmt.infer.films import Film, expand_inputs
 from mdmt.infer.guard import guard_notes
@@ -72,8 +72,9 @@ def zones_picture(film: Film, row: pd.Series, trained: TrainedModel) -> Image.Im
 
 
 def _explain_batch(trained: TrainedModel, batch: Batch, tasks: list[Task], out: Path, start: int,
-                   sheets: ContactSheets, explain_map: str) -> pd.DataFrame:
-    cams = {t.name: EXPLAIN_MAPS[explain_map](trained.model, t, batch.x, batch.clinical) for t in tasks}
+                   sheets: ContactSheets, explain_map: str, cam_layer: str) -> pd.DataFrame:
+    layer = {"layer": cam_layer} if cam_layer else {}
+    cams = {t.name: EXPLAIN_MAPS[explain_map](trained.model, t, batch.x, batch.clinical, **layer) for t in tasks}
     table = batch.table.copy()
     names: dict[str, list[str]] = {name: [] for name in [*cams, ZONES]}
     for i, film in enumerate(batch.films):
@@ -93,13 +94,16 @@ def _explain_batch(trained: TrainedModel, batch: Batch, tasks: list[Task], out: 
 
 def explain_files(run_dir: str | Path, paths: Iterable[str | Path], out: str | Path, batch_size: int = 16,
                   device: str = "cpu", progress: bool = True, clinical: str | Path | None = None,
-                  clinical_id: str = "ImageFile", explain_map: str = "gradcam") -> PredictionResult:
-    """Evidence maps (``explain_map``: Grad-CAM or occlusion, ``mdmt.infer.cam.EXPLAIN_MAPS``) and zone overlays of
+                  clinical_id: str = "ImageFile", explain_map: str = "gradcam", cam_layer: str = "") -> PredictionResult:
+    """Evidence maps (``explain_map``: Grad-CAM, a variant of it weighing the backbone module ``cam_layer`` (empty:
+    the last convolutional stage), or occlusion; ``mdmt.infer.cam.EXPLAIN_MAPS``) and zone overlays of
     every file (folders expanded) with the finished run in ``run_dir``, written to ``out`` with contact sheets and
     the predictions; a clinical run reads each film's row of the sheet ``clinical`` (matched by ``clinical_id``).
     Unreadable files and films without a usable row are skipped and listed."""
     if explain_map not in EXPLAIN_MAPS:
         raise ConfigError(f"explain_map must be one of {', '.join(EXPLAIN_MAPS)}, got {explain_map!r}")
+    if cam_layer and explain_map not in GRAD_CAM_METHODS:
+        raise ConfigError(f"cam_layer names the layer of a Grad-CAM map; the {explain_map} map has none")
     trained = load_trained(run_dir, device)
     sheet = open_clinical_sheet(trained, clinical, clinical_id)
     tasks = explained_tasks(trained)
@@ -110,7 +114,8 @@ def explain_files(run_dir: str | Path, paths: Iterable[str | Path], out: str | P
     skipped = list(inputs.skipped)
     tables: list[pd.DataFrame] = []
     for batch in iter_batches(trained, inputs.files, batch_size, skipped, progress, sheet):
-        tables.append(_explain_batch(trained, batch, tasks, out, sum(len(t) for t in tables), sheets, explain_map))
+        tables.append(_explain_batch(trained, batch, tasks, out, sum(len(t) for t in tables), sheets, explain_map,
+                                     cam_layer))
     sheets.flush()
     table = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=["path", "image_id"])
     skipped_table = pd.DataFrame(skipped, columns=SKIPPED_COLUMNS)
