@@ -22,10 +22,10 @@ whole film keeps it, so its mass in a region is that region's share of the evide
 Occlusion needs no gradient and no target layer. On lung-cropped 128 px ``tiny_cnn`` models trained on real scored
 films (``benchmarks/explain_real.py``, out of fold, two training seeds), Grad-CAM of the last stage put 0.97–1.19×
 the lungs' share of the film in the lungs, below an even map over the crop (1.24×), and its variants there
-1.13–1.16× (seed 0); HiResCAM and LayerCAM of the first block (``features.2``, a 128 × 128 grid) put 1.41–1.58×
-there, and occlusion with patches of an eighth of the side 1.79–1.86×: the coarse last grid of this small network
-misplaces evidence that the network does take from the lungs. ``EXPLAIN_MAPS`` names them all for
-``mdmt explain --map``.
+1.02–1.19×; HiResCAM and LayerCAM of the first block (``features.2``, a 128 × 128 grid) put 1.50–1.54× there (the
+same networks untrained: 1.03–1.08×), and occlusion with patches of an eighth of the side 1.82–1.83×: the coarse
+last grid of this small network misplaces evidence that the network does take from the lungs. ``EXPLAIN_MAPS``
+names them all for ``mdmt explain --map``.
 """
 
 from __future__ import annotations
