@@ -329,7 +329,8 @@ def main() -> None:
     table = Table(title="Grad-CAM of the severity head: share of CAM mass in the lungs")
     for column in ("model", "map", "films", "n", "all-zero maps", "CAM in lungs", "lung share", "ratio", "even in crop",
                    "CAM in opacified zones", "their share", "ratio ", "regional MAE", "MAE of the mean", "global r"):
-        table.add_column(column, justify="left" if column in ("model", "map", "films") else "right")
+        table.add_column(column, justify="left" if column in ("model", "map", "films") else "right",
+                         no_wrap=column == "map", min_width=max(map(len, args.maps)) if column == "map" else None)
     for row in rows:
         table.add_row(*row)
     console.print(table)

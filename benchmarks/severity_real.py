@@ -266,7 +266,7 @@ def predict_regions(model: torch.nn.Module, config: Config, source: ImageSource,
 
 
 def regions_with_mirror(model: torch.nn.Module, config: Config, films: Films, rows: np.ndarray,
-                      mirror: ImageSource | None) -> tuple[np.ndarray, np.ndarray]:
+                        mirror: ImageSource | None) -> tuple[np.ndarray, np.ndarray]:
     """(regions, plain regions) of ``films``' ``rows``, each clipped to 0–3: with ``mirror`` (``films`` mirrored) the
     mean of the model's raw scores of each film and of its mirror image with the regions swapped back
     (``REGION_FLIP``), else the plain scores themselves."""
@@ -415,8 +415,8 @@ def run_fold(arms: list[Arm], members: int, tta: bool, fold: Fold) -> tuple[pd.D
     cpu = time.process_time() - cpu
     epochs = [e for _, i in results for e in i["best_epochs"]]
     member_epochs = f" (models' best epochs {', '.join(str(e + 1) for e in epochs)})" if len(epochs) > 1 else ""
-    plain = np.mean([i["plain"] for _, i in results], axis=0).sum(axis=1)
-    plain = f", without the mirrored films {np.abs(plain - table['true_global']).mean():.2f}" if tta else ""
+    unmirrored = np.mean([i["plain"] for _, i in results], axis=0).sum(axis=1)
+    plain = f", without the mirrored films {np.abs(unmirrored - table['true_global']).mean():.2f}" if tta else ""
     line = (f"seed {fold.seed} fold {fold.index + 1}/{fold.count}: {info['fit']} train, {info['val']} val, "
             f"{len(fold.test_rows)} test; best epoch {info['best_epoch'] + 1} of {info['epochs']}"
             f"{' (stopped early)' if info['stopped_early'] else ''}{member_epochs}; "
@@ -491,15 +491,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workers", type=int, default=2, help="folds trained at once, each in its own process "
                         "on one thread (0: one after the other in this process); the figures do not depend on it")
     parser.add_argument("--pretrain", choices=["none", "twin", "blend"], default="blend",
-                        help="twin: start every fold from the network trained on the synthetic twin's films (per seed); "
-                        "blend: average the --tasks model trained from scratch with a severity model started there")
+                        help="twin: start every fold from the network trained on the synthetic twin's films (per "
+                        "seed); blend: average the --tasks model trained from scratch with a severity model started "
+                        "there")
     parser.add_argument("--pretrain-epochs", type=int, default=60, help="train.max_epochs of the twin stage")
     parser.add_argument("--twin-preset", default="small", help="the twin's preset (mdmt.synth.PRESETS)")
     parser.add_argument("--finetune-lr", type=float, help="train.lr of the real-film stage after pretraining "
                         "(default: train.lr, as the twin stage)")
     parser.add_argument("--tasks", choices=["severity", "severity+masks", "severity+junior", "severity+masks+junior"],
-                        default="severity+masks", help="+masks: also train the lung-mask task on every training-fold film "
-                        "with a mask; +junior: the junior radiologist's regional scores as a second head")
+                        default="severity+masks", help="+masks: also train the lung-mask task on every training-fold "
+                        "film with a mask; +junior: the junior radiologist's regional scores as a second head")
     parser.add_argument("--permute-masks", action="store_true", help="the control: masks shuffled among the "
                         "training films (with --tasks severity+masks)")
     parser.add_argument("--members", type=int, default=1, help="models trained per fold (each with its own seed and "
@@ -520,7 +521,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.folds < 2:
         parser.error("--folds must be at least 2")
     if args.finetune_lr is not None and args.pretrain == "none":
-        parser.error("--finetune-lr goes with --pretrain twin")
+        parser.error("--finetune-lr goes with --pretrain twin or blend")
     if args.permute_masks and "masks" not in args.tasks:
         parser.error("--permute-masks goes with --tasks severity+masks")
     config = make_config(args)
@@ -548,6 +549,8 @@ def main(argv: list[str] | None = None) -> None:
         pretrained = Arm(train if args.pretrain == "twin" else replace(train, masks=None, junior=False), finetune,
                          starts)
         arms = [pretrained] if args.pretrain == "twin" else [*arms, pretrained]
+    pretrained_words = (f", {PRETRAINED[args.pretrain]} ({args.twin_preset}, {args.pretrain_epochs} epochs)"
+                        if args.pretrain != "none" else "")
     tables = []
     for table, line in ordered_map(partial(run_fold, arms, args.members, args.tta),
                                    folds_of(train, test, args.folds, args.seeds), args.workers):
@@ -560,7 +563,7 @@ def main(argv: list[str] | None = None) -> None:
     print_figures({**per_seed, "mean over seeds": mean},
                   f"Brixia score on real films, {mode}: {config.model.backbone.name} "
                   f"({'from scratch' if config.model.weights == 'none' else config.model.weights}"
-                  f"{f', {PRETRAINED[args.pretrain]} ({args.twin_preset}, {args.pretrain_epochs} epochs)' if args.pretrain != 'none' else ''}"
+                  f"{pretrained_words}"
                   f"{f', fine-tuned at lr {args.finetune_lr:g}' if args.finetune_lr is not None else ''}), "
                   f"{args.size} px, "
                   f"crop {args.crop}")

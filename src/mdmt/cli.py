@@ -352,7 +352,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 def cmd_explain(args: argparse.Namespace) -> int:
     return _films(args, "explain", "explain_files", "explained",
-                  lambda result: f"{args.out} (overlays, contact sheets, predictions.csv)", infer_keys=("explain_map", "cam_layer"))
+                  lambda result: f"{args.out} (overlays, contact sheets, predictions.csv)",
+                  infer_keys=("explain_map", "cam_layer"))
 
 
 def cmd_export(args: argparse.Namespace) -> int:

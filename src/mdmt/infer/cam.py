@@ -139,7 +139,7 @@ def grad_cams(model: MultiTaskModel, task: Task, x: torch.Tensor, clinical: torc
             model.zero_grad()
             recorded(x).sum().backward()
         cams = explainer.get_cam_image(x, target, None, recorded.activations[0].numpy(),
-                                       recorded.gradients[0].numpy(), False)
+                                       recorded.gradients[0].numpy(), eigen_smooth=False)
     finally:
         recorded.release()
         model.zero_grad()

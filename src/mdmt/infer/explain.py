@@ -94,7 +94,8 @@ def _explain_batch(trained: TrainedModel, batch: Batch, tasks: list[Task], out: 
 
 def explain_files(run_dir: str | Path, paths: Iterable[str | Path], out: str | Path, batch_size: int = 16,
                   device: str = "cpu", progress: bool = True, clinical: str | Path | None = None,
-                  clinical_id: str = "ImageFile", explain_map: str = "gradcam", cam_layer: str = "") -> PredictionResult:
+                  clinical_id: str = "ImageFile", explain_map: str = "gradcam", cam_layer: str = ""
+                  ) -> PredictionResult:
     """Evidence maps (``explain_map``: Grad-CAM, a variant of it weighing the backbone module ``cam_layer`` (empty:
     the last convolutional stage), or occlusion; ``mdmt.infer.cam.EXPLAIN_MAPS``) and zone overlays of
     every file (folders expanded) with the finished run in ``run_dir``, written to ``out`` with contact sheets and
