@@ -48,6 +48,7 @@ import copy
 import json
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
@@ -166,17 +167,22 @@ def map_name(text: str) -> str:
     return text
 
 
-def film_maps(trained: TrainedModel, paths: list[Path], method: str = "gradcam") -> list[tuple[Film, np.ndarray]]:
-    """Each film with the severity head's map (``MAPS[method]``, ``method@layer`` at that layer) in the film's
-    pixels."""
-    method, _, layer = method.partition("@")
-    explain = partial(MAPS[method], layer=layer) if layer else MAPS[method]
-    out = []
+def batch_maps(trained: TrainedModel, paths: list[Path], methods: list[str]
+               ) -> Iterator[tuple[list[Film], dict[str, list[np.ndarray]]]]:
+    """Per batch of ``paths``: its films (each read and cropped once for every method) and, per method of
+    ``methods`` (``MAPS[method]``, ``method@layer`` at that layer), the severity head's map of each film in the
+    film's pixels."""
+    explain = {}
+    for method in methods:
+        name, _, layer = method.partition("@")
+        explain[method] = partial(MAPS[name], layer=layer) if layer else MAPS[name]
+    margin = trained.config.data.crop_margin
     for start in range(0, len(paths), BATCH):
         films = [load_film(p, trained.config.data) for p in paths[start : start + BATCH]]
-        cams = explain(trained.model, trained.severity, network_input([f.image for f in films], trained))
-        out += [(f, film_cam(f, c, trained.config.data.crop_margin)) for f, c in zip(films, cams, strict=True)]
-    return out
+        x = network_input([f.image for f in films], trained)
+        yield films, {method: [film_cam(f, c, margin) for f, c in zip(films, fn(trained.model, trained.severity, x),
+                                                                       strict=True)]
+                      for method, fn in explain.items()}
 
 
 def even_map(film: Film, margin: float) -> np.ndarray:
@@ -189,37 +195,52 @@ def shares(cam: np.ndarray, region: np.ndarray) -> tuple[float, float]:
     return float(cam[region].sum() / cam.sum()), float(region.mean())
 
 
-def real_rows(trained: TrainedModel, films: pd.DataFrame, method: str = "gradcam"
-              ) -> tuple[list[tuple[float, ...]], int]:
-    """(CAM in lungs, lung share, an even map's share in the lungs) of every real film with lungs in its mask and
-    a non-zero map, and the number of films with lungs whose map is all zero."""
-    rows, zero = [], 0
-    for (film, cam), mask_path in zip(film_maps(trained, [Path(p) for p in films["path"]], method), films["mask_path"],
-                                      strict=True):
-        lungs = fitted(read_mask(mask_path), film) > 0
-        if lungs.any() and cam.sum() > 0:
-            rows.append((*shares(cam, lungs), shares(even_map(film, trained.config.data.crop_margin), lungs)[0]))
-        zero += int(lungs.any() and cam.sum() == 0)
-    return rows, zero
+Rows = dict[str, tuple[list[tuple[float, ...]], int]]
+"""Per map: the rows of its films and the number of its all-zero maps (``real_rows``, ``twin_rows``)."""
 
 
-def twin_rows(trained: TrainedModel, twin: Path, method: str = "gradcam") -> tuple[list[tuple[float, ...]], int]:
-    """(CAM in lungs, lung share, CAM in opacified zones, their share, an even map's share in the lungs) of the
-    run's BrixIA test films with an opacified zone and a non-zero map, and the number of those films whose map is
-    all zero."""
+def real_rows(trained: TrainedModel, films: pd.DataFrame, methods: list[str]) -> Rows:
+    """Per method: (CAM in lungs, lung share, an even map's share in the lungs) of every real film with lungs in its
+    mask and a non-zero map, and the number of films with lungs whose map is all zero."""
+    out: Rows = {method: ([], 0) for method in methods}
+    masks = iter(films["mask_path"])
+    for batch, maps in batch_maps(trained, [Path(p) for p in films["path"]], methods):
+        for i, film in enumerate(batch):
+            lungs = fitted(read_mask(next(masks)), film) > 0
+            if not lungs.any():
+                continue
+            even = shares(even_map(film, trained.config.data.crop_margin), lungs)[0]
+            for method, cams in maps.items():
+                rows, zero = out[method]
+                if cams[i].sum() > 0:
+                    rows.append((*shares(cams[i], lungs), even))
+                out[method] = rows, zero + int(cams[i].sum() == 0)
+    return out
+
+
+def twin_rows(trained: TrainedModel, twin: Path, methods: list[str]) -> Rows:
+    """Per method: (CAM in lungs, lung share, CAM in opacified zones, their share, an even map's share in the lungs)
+    of the run's BrixIA test films with an opacified zone and a non-zero map, and the number of those films whose
+    map is all zero."""
     tested = pd.read_csv(trained.run_dir / "predictions_severity_regions.csv", dtype={"image_id": str})
     truth = pd.read_csv(twin / "_synthetic_truth" / "brixia.csv", dtype={"image_id": str}).set_index("image_id")
     truth = truth.loc[tested["image_id"]]
-    rows, zero = [], 0
-    maps = film_maps(trained, [twin / p for p in truth["path"]], method)
-    for image_id, (film, cam) in zip(truth.index, maps, strict=True):
-        zones = fitted(read_mask(twin / "_synthetic_truth" / "masks" / "brixia" / f"{image_id}.png"), film) // 40
-        opacified = [k + 1 for k, r in enumerate("ABCDEF") if truth.loc[image_id, f"true_{r}"] >= 1]
-        if cam.sum() > 0 and opacified:
+    out: Rows = {method: ([], 0) for method in methods}
+    ids = iter(truth.index)
+    for batch, maps in batch_maps(trained, [twin / p for p in truth["path"]], methods):
+        for i, film in enumerate(batch):
+            image_id = next(ids)
+            opacified = [k + 1 for k, r in enumerate("ABCDEF") if truth.loc[image_id, f"true_{r}"] >= 1]
+            if not opacified:
+                continue
+            zones = fitted(read_mask(twin / "_synthetic_truth" / "masks" / "brixia" / f"{image_id}.png"), film) // 40
             even = shares(even_map(film, trained.config.data.crop_margin), zones > 0)[0]
-            rows.append((*shares(cam, zones > 0), *shares(cam, np.isin(zones, opacified)), even))
-        zero += int(cam.sum() == 0 and bool(opacified))
-    return rows, zero
+            for method, cams in maps.items():
+                rows, zero = out[method]
+                if cams[i].sum() > 0:
+                    rows.append((*shares(cams[i], zones > 0), *shares(cams[i], np.isin(zones, opacified)), even))
+                out[method] = rows, zero + int(cams[i].sum() == 0)
+    return out
 
 
 def table_row(model: str, method: str, name: str, rows: list[tuple[float, ...]], zero: int,
@@ -248,12 +269,12 @@ def twin_models(args: argparse.Namespace, work: Path, films: pd.DataFrame | None
         console.print(f"crop {crop}: trained in {time.perf_counter() - started:.0f} s, "
                       f"regional MAE {metrics['mae']:.3f}")
         model = f"twin seed {args.twin_seed}, crop: {crop}" if args.data is None else f"twin, crop: {crop}"
-        for method in args.maps:
-            parts = [("twin test", twin_rows(trained, twin, method))]
-            if films is not None:
-                parts.insert(0, ("real", real_rows(trained, films, method)))
-            scores = (metrics["mae"], constant, metrics["global_pearson_r"])
-            out += [table_row(model, method, name, rows, zero, scores) for name, (rows, zero) in parts]
+        parts = {"twin test": twin_rows(trained, twin, args.maps)}
+        if films is not None:
+            parts = {"real": real_rows(trained, films, args.maps), **parts}
+        scores = (metrics["mae"], constant, metrics["global_pearson_r"])
+        out += [table_row(model, method, name, *found[method], scores) for method in args.maps
+                for name, found in parts.items()]
     return out
 
 
@@ -287,12 +308,12 @@ def real_models(args: argparse.Namespace, work: Path, films: pd.DataFrame) -> li
         for spec, run in arm_runs:
             trained = load_trained(run)
             tested = pd.read_csv(run / "predictions_severity_regions.csv", dtype={"image_id": str})["image_id"]
-            models = {"": trained, ", untrained": untrained(trained, spec.seed * 10 + spec.fold) if args.untrained
-                      else None}
-            for variant, method in rows:
-                fold_rows, fold_zero = real_rows(models[variant], by_id.loc[tested].reset_index(), method)
-                rows[variant, method] += fold_rows
-                zero[variant, method] += fold_zero
+            for variant in variants:
+                model = untrained(trained, spec.seed * 10 + spec.fold) if variant else trained
+                for method, (fold_rows, fold_zero) in real_rows(model, by_id.loc[tested].reset_index(),
+                                                                args.maps).items():
+                    rows[variant, method] += fold_rows
+                    zero[variant, method] += fold_zero
         metrics = pooled_metrics([run for _, run in arm_runs])
         for (variant, method), found in rows.items():
             name = f"real CV, {' + '.join(tasks)}{variant}, crop: lungs, {args.real_size} px"
@@ -338,6 +359,7 @@ def main() -> None:
     console.print(f"mdmt at {commit[:7]}{' + uncommitted changes in src/' if dirty else ''}")
     if films is None:
         console.print(f"[yellow]real films not found at {REAL_FILMS}: twin rows only")
+
 
 if __name__ == "__main__":
     main()
