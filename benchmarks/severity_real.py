@@ -22,8 +22,9 @@ blend --tasks severity+masks`` averages, per fold, the MDMT model (severity with
 from scratch; 2.928 alone) and a severity model started from the twin trained for 60 epochs (2.979 alone): CV global
 MAE 2.873 ± 0.063 over seeds against 3.228 for the from-scratch baseline (lower in 14 of 15 folds, p = 0.0001), not
 significantly below either arm alone (p = 0.17 and 0.076). A folder without lung masks still runs (the mask task
-then has no films). 96 px, ``--members 3``, the junior's scores as a head and ``--tta`` did not go lower than the
-arm they were added to. ``--epochs 1000`` is a cap that early stopping on the validation curve always reached first
+then has no films). 96 px, ``--members 3``, the junior's scores as a head, ``--tta``, ``--refit``, ``--loss l1``,
+``--twin-preset medium`` and ``--set augment.gamma=0.4 --set augment.contrast=0.3`` did not go reliably lower than
+the arm they were added to. ``--epochs 1000`` is a cap that early stopping on the validation curve always reached first
 (the old cap of 200 ended one run of 15, with the same result). ``--pretrain none --tasks severity --epochs 200``
 is the from-scratch baseline. With ``--train DIR --test DIR`` three seeds cost three twin stages and six models,
 less than the CV's three twin stages and thirty models.
@@ -39,7 +40,7 @@ file has it. The last line is machine-readable: ``mae=<global MAE, mean over see
     python benchmarks/severity_real.py --train DIR --test DIR [same options]
     python benchmarks/severity_real.py [...] [--pretrain twin|none|blend] [--pretrain-epochs 60] [--twin-preset small]
                                        [--finetune-lr LR] [--tasks severity[+masks][+junior]] [--permute-masks]
-                                       [--members K] [--tta]
+                                       [--members K] [--tta] [--refit] [--loss mse|l1]
     python benchmarks/severity_real.py --compare RUN.json BASELINE.json
 
 ``--tasks`` adds second heads under the indicator-masked loss: ``+masks`` the human lung masks of every training
@@ -48,7 +49,10 @@ and every figure stay the senior's. ``--members K`` trains K models per fold, ea
 validation split, and averages their regional predictions. ``--pretrain blend`` trains two models per fold and
 averages their regional predictions: the ``--tasks`` model from scratch and a severity model started from the
 twin's backbone. ``--tta`` also scores every test film mirrored left/right, swaps its regions back (A–C with D–F)
-and averages the two.
+and averages the two. ``--refit`` uses each model's run only to choose its schedule: a second network, from the same
+start and seed, trains on all of the fold's training films (the validation fifth too) for the first run's best epoch
+count at its learning rate of each epoch, and is scored after its last epoch. ``--loss l1`` trains the severity head
+(and selects its epoch) on the absolute error instead of mdmt's squared error.
 
 ``--set`` overrides any other config key (``--set train.lr=3e-4``, ``--set model.weights=imagenet``), so a later
 lever is measured on the same folds and seeds. The image caches go to ``--cache`` (default ``.mdmt-cache``).
@@ -65,7 +69,7 @@ import os
 import tempfile
 import time
 import warnings
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -87,7 +91,7 @@ from mdmt.evaluate.metrics import severity_metrics
 from mdmt.models.multitask import build_model, check_input_size, load_backbone_state
 from mdmt.parallel import ordered_map
 from mdmt.protocols import split_groups
-from mdmt.runs import atomic_target, write_json
+from mdmt.runs import BEST_CHECKPOINT, LAST_CHECKPOINT, atomic_target, write_json
 from mdmt.sources import SourceTable
 from mdmt.sources.scored_films import JUNIOR_COLUMNS
 from mdmt.sources.tables import SYNTHETIC_MARKER
@@ -104,8 +108,9 @@ from mdmt.tasks import (
     get_task,
     global4_targets,
 )
+from mdmt.train.callbacks import Callback
 from mdmt.train.checkpoints import load_model_state, seed_everything
-from mdmt.train.engine import BEST_CHECKPOINT, fit, predict, resolve_device
+from mdmt.train.engine import fit, predict, resolve_device
 from mdmt.weighting import build_weighting
 
 REAL_FILMS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real-cxr-lungs"
@@ -117,6 +122,27 @@ JUNIOR_TASK = RegressionTask("junior_regions", JUNIOR_COLUMNS[:6], 6, 0,
                              REGIONS, "regions")
 """``--tasks severity+junior``: the junior radiologist's six regional scores as a second head (training films
 only; the label and every figure stay the senior's)."""
+
+
+@dataclass(frozen=True)
+class AbsoluteErrorTask(RegressionTask):
+    """The regional scores with the absolute error as their loss (``--loss l1``): the median's loss, the one the
+    yardstick scores, where mdmt's regression task trains the mean (squared error)."""
+
+    def loss(self, outputs: torch.Tensor, targets: torch.Tensor, variant: str = "clean") -> torch.Tensor:
+        """Absolute error, averaged over the six regions."""
+        return (outputs - targets).abs().mean(dim=1)
+
+
+def severity_task(loss: str) -> RegressionTask:
+    """The ``severity_regions`` task trained with ``loss`` (``LOSSES``)."""
+    task = get_task(TASK)
+    assert isinstance(task, RegressionTask)
+    return task if loss == "mse" else AbsoluteErrorTask(**{f.name: getattr(task, f.name) for f in fields(task)})
+
+
+LOSSES = ("mse", "l1")
+"""``--loss``: mdmt's squared error, or the absolute error (``AbsoluteErrorTask``)."""
 VAL_PARTS = 5
 """The inner validation split: one of this many patient-grouped, stratified parts of the training films."""
 YARDSTICK = [
@@ -150,6 +176,8 @@ class Films:
     """``--permute-masks``: the control, masks shuffled among each fold's training films."""
     junior: bool = False
     """``--tasks severity+junior``: the junior's scores train a second head."""
+    severity_loss: str = "mse"
+    """``--loss``: the severity head's loss (``LOSSES``), which also selects the epoch."""
 
 
 def mask_cache(root: Path, config: Config) -> ImageCache:
@@ -217,27 +245,39 @@ def grouped_parts(records: pd.DataFrame, k: int, seed: int) -> list[tuple[np.nda
         return list(splitter.split(np.zeros(len(records)), global4_targets(records), groups))
 
 
-def train_model(config: Config, train: Films, rows: np.ndarray, seed: int, start: dict[str, torch.Tensor] | None = None
-                ) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """The best epoch's model trained on ``train``'s ``rows`` (a patient-grouped fifth of them validates), from the
-    backbone of ``start`` when given (a twin-pretrained network), and the run's counts."""
-    records = train.cache.records.iloc[rows].reset_index(drop=True)
-    # a handful of films (a smoke run) has fewer patients, or films in its largest bin, than VAL_PARTS
-    parts = min(VAL_PARTS, records["patient_id"].nunique(), pd.Series(global4_targets(records)).value_counts().max())
-    fit_part, val_part = grouped_parts(records, parts, seed)[0]
-    tasks = [get_task(TASK), *([JUNIOR_TASK] if train.junior else [])]
-    source, fit_rows, val_rows = train.cache, rows[fit_part], rows[val_part]
-    if train.masks is not None:
-        tasks.append(TASKS.build(MASK_TASK, name=MASK_TASK))
-        source, fit_rows, val_rows = with_masks(train, rows, fit_part, val_part, seed)
+class ReplayLR(Callback):
+    """Sets the learning rate of each epoch to a first run's (``--refit``): the refit follows the schedule that the
+    first run's plateau scheduler drew from its validation curve, not one drawn from training films."""
+
+    def __init__(self, lrs: list[float]) -> None:
+        self.lrs = lrs
+        self.trainer: Any = None
+
+    def on_fit_start(self, trainer: Any) -> None:
+        """Keep the trainer, whose optimizer the next epochs' rates go to."""
+        self.trainer = trainer
+
+    def on_epoch_end(self, epoch: int, row: Any) -> None:
+        """Epoch ``epoch + 1`` trains at the first run's rate of that epoch."""
+        if epoch + 1 < len(self.lrs):
+            for group in self.trainer.optimizer.param_groups:
+                group["lr"] = self.lrs[epoch + 1]
+
+
+def train_network(config: Config, tasks: list[Any], source: Any, rows: np.ndarray, val_rows: np.ndarray, seed: int,
+                  start: dict[str, torch.Tensor] | None, checkpoint: str = BEST_CHECKPOINT,
+                  callbacks: tuple[Callback, ...] = ()) -> tuple[torch.nn.Module, Any]:
+    """A network with ``tasks`` trained on ``source``'s ``rows`` (``val_rows`` validate), from the backbone of
+    ``start`` when given (the head starts fresh, as a strategy's ``start_from`` does), with the weights of
+    ``checkpoint`` (the best epoch's, or ``LAST_CHECKPOINT``), and the engine's result."""
     device = resolve_device(config.runtime.device)
     torch.set_num_threads(config.runtime.threads)
     seed_everything(seed)
     model = build_model(config.model, tasks)
     check_input_size(model, config.model.input_size)
-    if start is not None:  # the backbone only, the head starts fresh: as a strategy's start_from does
+    if start is not None:
         load_backbone_state(model, start)
-    train_loader = make_loader(CachedImageDataset(source, fit_rows, tasks), config.train, shuffle=True,
+    train_loader = make_loader(CachedImageDataset(source, rows, tasks), config.train, shuffle=True,
                                seed=seed, runtime=config.runtime)
     val_loader = make_loader(CachedImageDataset(source, val_rows, tasks), config.train, runtime=config.runtime)
     augmenter = BatchAugmenter(config.augment, tasks) if config.augment.enabled else None
@@ -245,10 +285,40 @@ def train_model(config: Config, train: Films, rows: np.ndarray, seed: int, start
     with tempfile.TemporaryDirectory(prefix="severity-real-") as run_dir:
         result = fit(model, tasks, train_loader, val_loader, config.train, augmenter, weighting, run_dir, TASK,
                      progress=False, loss_variant=config.loss.variant, seed=seed, input_size=config.model.input_size,
-                     device=device)
-        model.load_state_dict(load_model_state(Path(run_dir), BEST_CHECKPOINT))
-    info = {"fit": len(fit_rows), "val": len(val_part), "best_epoch": result.best_epoch,
-            "epochs": result.epochs_run, "stopped_early": result.stopped_early}
+                     device=device, callbacks=callbacks)
+        model.load_state_dict(load_model_state(Path(run_dir), checkpoint))
+    return model, result
+
+
+def train_model(config: Config, train: Films, rows: np.ndarray, seed: int, start: dict[str, torch.Tensor] | None = None,
+                refit: bool = False) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The best epoch's model trained on ``train``'s ``rows`` (a patient-grouped fifth of them validates), from the
+    backbone of ``start`` when given (a twin-pretrained network), and the run's counts. With ``refit`` that model
+    only chooses the schedule: a second one, from the same start and seed, trains on every row (the validation fifth
+    too) for as many epochs, at the first run's learning rate of each epoch (``ReplayLR``), and is returned after
+    its last epoch."""
+    records = train.cache.records.iloc[rows].reset_index(drop=True)
+    # a handful of films (a smoke run) has fewer patients, or films in its largest bin, than VAL_PARTS
+    parts = min(VAL_PARTS, records["patient_id"].nunique(), pd.Series(global4_targets(records)).value_counts().max())
+    fit_part, val_part = grouped_parts(records, parts, seed)[0]
+    tasks = [severity_task(train.severity_loss), *([JUNIOR_TASK] if train.junior else [])]
+    if train.masks is not None:
+        tasks.append(TASKS.build(MASK_TASK, name=MASK_TASK))
+    source, train_rows, val_rows = (with_masks(train, rows, fit_part, val_part, seed) if train.masks is not None
+                                    else (train.cache, rows[fit_part], rows[val_part]))
+    model, result = train_network(config, tasks, source, train_rows, val_rows, seed, start)
+    info = {"fit": len(train_rows), "val": len(val_part), "best_epoch": result.best_epoch,
+            "epochs": result.epochs_run, "stopped_early": result.stopped_early, "refit": 0}
+    if refit:
+        epochs = result.best_epoch + 1
+        schedule = replace(config, train=replace(config.train, max_epochs=epochs, early_stopping=epochs + 1))
+        everything = np.arange(len(rows))
+        source, train_rows, _ = (with_masks(train, rows, everything, val_part, seed) if train.masks is not None
+                                 else (train.cache, rows, None))
+        lrs = result.history["lr"].tolist()
+        model, _ = train_network(schedule, tasks, source, train_rows, val_rows, seed, start, LAST_CHECKPOINT,
+                            (ReplayLR(lrs),))
+        info["refit"] = len(train_rows)
     return model, info
 
 
@@ -279,17 +349,17 @@ def regions_with_mirror(model: torch.nn.Module, config: Config, films: Films, ro
 
 
 def fit_and_predict(config: Config, train: Films, rows: np.ndarray, test: Films, test_rows: np.ndarray, seed: int,
-                    start: dict[str, torch.Tensor] | None = None, members: int = 1, tta: bool = False
-                    ) -> tuple[np.ndarray, dict[str, Any]]:
+                    start: dict[str, torch.Tensor] | None = None, members: int = 1, tta: bool = False,
+                    refit: bool = False) -> tuple[np.ndarray, dict[str, Any]]:
     """Train ``members`` models on ``train``'s ``rows`` (``train_model``) and predict ``test_rows``' regions, each
     clipped to 0–3, averaged over the members. Member k > 0 trains with seed ``seed + MEMBER_SEED_STRIDE * k``: its
     own inner validation split, initialisation and batches; member 0 is the single model of ``seed``. With ``tta``
     each model's regions are ``regions_with_mirror`` of the films and their mirror images; ``info["plain"]`` keeps
-    the members' mean without them."""
+    the members' mean without them. ``refit``: each model is ``train_model``'s refit on every row."""
     mirror = mirrored(test) if tta else None
     regions, plain, infos = [], [], []
     for k in range(members):
-        model, info = train_model(config, train, rows, seed + MEMBER_SEED_STRIDE * k, start)
+        model, info = train_model(config, train, rows, seed + MEMBER_SEED_STRIDE * k, start, refit)
         both, alone = regions_with_mirror(model, config, test, test_rows, mirror)
         regions.append(both)
         plain.append(alone)
@@ -401,12 +471,13 @@ class Arm:
     starts: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
 
 
-def run_fold(arms: list[Arm], members: int, tta: bool, fold: Fold) -> tuple[pd.DataFrame, str]:
+def run_fold(arms: list[Arm], members: int, tta: bool, refit: bool, fold: Fold) -> tuple[pd.DataFrame, str]:
     """Train and score one fold: every arm (``members`` models each, mirrored films averaged in with ``tta``), their
-    regional predictions averaged; a row per scored film, and the progress line."""
+    regional predictions averaged; a row per scored film, and the progress line. ``refit``: every model is trained again
+    on all of the fold's training films for its best epoch count (``train_model``)."""
     started, cpu = time.perf_counter(), time.process_time()
     results = [fit_and_predict(arm.config, arm.films, fold.rows, fold.scored, fold.test_rows, fold.seed,
-                               arm.starts.get(fold.seed), members, tta) for arm in arms]
+                               arm.starts.get(fold.seed), members, tta, refit) for arm in arms]
     regions = np.mean([r for r, _ in results], axis=0)
     info = results[0][1]
     const = float(arms[0].films.cache.records["brixia_global"].iloc[fold.rows].mean())
@@ -416,10 +487,12 @@ def run_fold(arms: list[Arm], members: int, tta: bool, fold: Fold) -> tuple[pd.D
     epochs = [e for _, i in results for e in i["best_epochs"]]
     member_epochs = f" (models' best epochs {', '.join(str(e + 1) for e in epochs)})" if len(epochs) > 1 else ""
     unmirrored = np.mean([i["plain"] for _, i in results], axis=0).sum(axis=1)
+    refit_words = f", then refit on {info['refit']} films" if refit else ""
     plain = f", without the mirrored films {np.abs(unmirrored - table['true_global']).mean():.2f}" if tta else ""
     line = (f"seed {fold.seed} fold {fold.index + 1}/{fold.count}: {info['fit']} train, {info['val']} val, "
             f"{len(fold.test_rows)} test; best epoch {info['best_epoch'] + 1} of {info['epochs']}"
-            f"{' (stopped early)' if info['stopped_early'] else ''}{member_epochs}; "
+            f"{' (stopped early)' if info['stopped_early'] else ''}{member_epochs}"
+            f"{refit_words}; "
             f"global MAE {figures['global_mae']:.2f}{plain} (constant {figures['const_mae']:.2f}); "
             f"{time.perf_counter() - started:.1f} s ({cpu:.1f} CPU-s)")
     return table, line
@@ -507,6 +580,10 @@ def main(argv: list[str] | None = None) -> None:
                         "inner validation split), their regional predictions averaged")
     parser.add_argument("--tta", action="store_true", help="also score every test film mirrored left/right (regions "
                         "A-C and D-F swapped back) and average the two")
+    parser.add_argument("--loss", choices=LOSSES, default="mse", help="the severity head's loss, which also "
+                        "selects the epoch: squared error (mdmt's) or absolute error (the yardstick's)")
+    parser.add_argument("--refit", action="store_true", help="train every model again on all of its training films "
+                        "(the inner validation fifth too) for the first run's best epoch count, at its learning rates")
     parser.add_argument("--json", type=Path, help="write the figures and every film's prediction here")
     parser.add_argument("--compare", type=Path, nargs=2, metavar=("RUN", "BASELINE"), help="train nothing: the "
                         "paired one-tailed Wilcoxon test of two --json files' (seed, fold) MAEs, RUN below BASELINE")
@@ -530,11 +607,13 @@ def main(argv: list[str] | None = None) -> None:
     test = read_films(args.test, config) if args.test is not None else None
     if "masks" in args.tasks:
         train = replace(train, masks=mask_cache(args.train or args.data, config), permute_masks=args.permute_masks)
-    train = replace(train, junior="junior" in args.tasks)
+    train = replace(train, junior="junior" in args.tasks, severity_loss=args.loss)
     mode = f"trained on {train.name}, scored on {test.name}" if test else f"{args.folds}-fold CV on {train.name}"
     mode += f", tasks {args.tasks}{' (permuted masks)' if args.permute_masks else ''}"
     mode += f", {args.members} models per fold (mean)" if args.members > 1 else ""
     mode += ", mirrored films averaged in" if args.tta else ""
+    mode += ", refit on every training film" if args.refit else ""
+    mode += f", severity loss {args.loss}" if args.loss != "mse" else ""
     arms = [Arm(train, config)]
     if args.pretrain != "none":
         twin_config = replace(config, train=replace(config.train, max_epochs=args.pretrain_epochs))
@@ -552,7 +631,7 @@ def main(argv: list[str] | None = None) -> None:
     pretrained_words = (f", {PRETRAINED[args.pretrain]} ({args.twin_preset}, {args.pretrain_epochs} epochs)"
                         if args.pretrain != "none" else "")
     tables = []
-    for table, line in ordered_map(partial(run_fold, arms, args.members, args.tta),
+    for table, line in ordered_map(partial(run_fold, arms, args.members, args.tta, args.refit),
                                    folds_of(train, test, args.folds, args.seeds), args.workers):
         console.print(line, markup=False, highlight=False, soft_wrap=True)
         tables.append(table)

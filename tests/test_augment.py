@@ -1,4 +1,4 @@
-"""Batched augmentation: determinism, identity at p = 0, label-consistent flips, geometry; network input."""
+"""Batched augmentation: determinism, identity at p = 0, label-consistent flips, geometry, intensity; network input."""
 
 from __future__ import annotations
 
@@ -114,6 +114,39 @@ def test_elastic_displacement_scales_with_alpha():
     weak, _ = BatchAugmenter(dataclasses.replace(base, elastic_alpha=(2.0, 2.0)), TASKS)(images, {}, generator(0))
     strong, _ = BatchAugmenter(dataclasses.replace(base, elastic_alpha=(40.0, 40.0)), TASKS)(images, {}, generator(0))
     assert 0 < (weak - images).abs().mean() < (strong - images).abs().mean()
+
+
+NO_GEOMETRY = dataclasses.replace(ONLY_FLIP, flip=False)
+
+
+def test_gamma_raises_each_image_to_one_power_in_range_and_keeps_the_targets():
+    """``gamma``: every image (p = 1) is ``x ** g`` for one g per image in [1 / (1 + gamma), 1 + gamma], the g differ,
+    and no target moves."""
+    images, targets = batch(n=64)
+    out, out_targets = BatchAugmenter(dataclasses.replace(NO_GEOMETRY, gamma=0.5), TASKS)(images, targets,
+                                                                                          generator(1))
+    powers = (out.clamp_min(1e-6).log() / images.clamp_min(1e-6).log()).flatten(1)
+    inside = (images.flatten(1) > 0.05) & (images.flatten(1) < 0.95)
+    per_image = torch.stack([row[keep].median() for row, keep in zip(powers, inside)])
+    torch.testing.assert_close(powers.where(inside, per_image[:, None]), per_image[:, None].expand_as(powers),
+                               atol=1e-3, rtol=1e-3)
+    assert per_image.min() >= 1 / 1.5 - 1e-3 and per_image.max() <= 1.5 + 1e-3
+    assert per_image.max() - per_image.min() > 0.5  # spread over the range, not one fixed curve
+    assert all(torch.equal(out_targets[k], targets[k]) for k in targets)
+
+
+def test_contrast_scales_each_image_about_its_mean():
+    """``contrast``: an image without clipping keeps its mean and has its spread about it scaled by one factor in
+    [1 - contrast, 1 + contrast]; the factors differ between images."""
+    images, targets = batch(n=64)
+    images = 0.4 + 0.2 * images  # in [0.4, 0.6]: a factor of at most 1.3 never clips
+    out, _ = BatchAugmenter(dataclasses.replace(NO_GEOMETRY, contrast=0.3), TASKS)(images, targets, generator(2))
+    torch.testing.assert_close(out.mean(dim=(1, 2, 3)), images.mean(dim=(1, 2, 3)))
+    factor = out.std(dim=(1, 2, 3)) / images.std(dim=(1, 2, 3))
+    centred = images - images.mean(dim=(1, 2, 3), keepdim=True)
+    torch.testing.assert_close(out - out.mean(dim=(1, 2, 3), keepdim=True), factor[:, None, None, None] * centred,
+                               atol=1e-5, rtol=1e-4)
+    assert factor.min() >= 0.7 - 1e-4 and factor.max() <= 1.3 + 1e-4 and factor.max() - factor.min() > 0.3
 
 
 def test_blur_matches_scipy():

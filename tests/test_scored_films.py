@@ -199,13 +199,33 @@ def test_benchmark_smoke_on_ten_real_films(real_films: Path, tmp_path: Path, cap
     assert "trained on train, scored on test" in out and "seed 0 fold 1/1" in out
 
 
-def ten_films(real_films: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Any, Any, Any]:
-    """``benchmarks/severity_real.py`` loaded as a module, its config at 32 px and 2 epochs, and the first ten scored
-    films read through it."""
+def benchmark_module(monkeypatch: pytest.MonkeyPatch) -> Any:
+    """``benchmarks/severity_real.py`` loaded as a module."""
     spec = importlib.util.spec_from_file_location("severity_real", SCRIPT)
     benchmark = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, "severity_real", benchmark)  # its dataclasses look their module up
     spec.loader.exec_module(benchmark)
+    return benchmark
+
+
+def test_the_absolute_error_loss_is_the_regression_task_with_another_loss(monkeypatch: pytest.MonkeyPatch):
+    """``--loss l1``: the same ``severity_regions`` task (name, columns, mirror map, decoding) whose loss, per film,
+    is the mean absolute error over the six regions where mdmt's is the mean squared error."""
+    benchmark = benchmark_module(monkeypatch)
+    squared, absolute = benchmark.severity_task("mse"), benchmark.severity_task("l1")
+    assert squared is benchmark.get_task(benchmark.TASK)
+    assert (absolute.name, absolute.columns, absolute.flip_perm) == (squared.name, squared.columns, squared.flip_perm)
+    outputs = torch.tensor([[0.0, 1.0, 2.0, 3.0, 0.5, 0.0], [1.0, 1.0, 1.0, 1.0, 1.0, 1.0]])
+    targets = torch.tensor([[1.0, 1.0, 0.0, 3.0, 0.0, 3.0], [1.0, 1.0, 1.0, 1.0, 1.0, 3.0]])
+    torch.testing.assert_close(absolute.loss(outputs, targets), torch.tensor([6.5 / 6, 2 / 6]))
+    torch.testing.assert_close(squared.loss(outputs, targets), torch.tensor([14.25 / 6, 4 / 6]))
+    np.testing.assert_array_equal(absolute.decode(outputs)["y_pred_A"], squared.decode(outputs)["y_pred_A"])
+
+
+def ten_films(real_films: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Any, Any, Any]:
+    """``benchmarks/severity_real.py`` loaded as a module, its config at 32 px and 2 epochs, and the first ten scored
+    films read through it."""
+    benchmark = benchmark_module(monkeypatch)
     ids = pd.read_csv(real_films / "brixia-scores.csv", dtype=str)["id"].head(10)
     args = benchmark.argparse.Namespace(backbone="tiny_cnn", size=32, crop="none", epochs=2,
                                         cache=str(tmp_path / "cache"), set=[])
@@ -262,7 +282,7 @@ def test_a_blend_averages_its_arms_regions(real_films: Path, tmp_path: Path, mon
         model, _ = benchmark.train_model(config, films, np.arange(4), seed=5)
         start = {key: value.detach().clone() for key, value in model.state_dict().items()}
         scratch, pretrained = benchmark.Arm(films, config), benchmark.Arm(films, config, {0: start})
-        tables = [benchmark.run_fold(arms, 1, False, fold)[0] for arms in ([scratch], [pretrained],
+        tables = [benchmark.run_fold(arms, 1, False, False, fold)[0] for arms in ([scratch], [pretrained],
                                                                             [scratch, pretrained])]
     finally:
         torch.set_num_threads(threads)
@@ -270,6 +290,63 @@ def test_a_blend_averages_its_arms_regions(real_films: Path, tmp_path: Path, mon
     one, other, both = (t[columns].to_numpy() for t in tables)
     assert np.abs(one - other).max() > 1e-3
     np.testing.assert_allclose(both, (one + other) / 2, atol=1e-6)
+
+
+def test_refit_trains_on_every_row_for_the_first_runs_epochs_at_its_rates(real_films: Path, tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch):
+    """``--refit``: a second network trains on all of the fold's training films (the validation fifth too) for the
+    first run's best epoch count, each epoch at the first run's learning rate (``ReplayLR`` sets any sequence of
+    rates, one its plateau scheduler would never draw); the model returned is the second's."""
+    benchmark, config, films = ten_films(real_films, tmp_path, monkeypatch)
+    config = benchmark.replace(config, train=benchmark.replace(
+        config.train, max_epochs=8, warmup_epochs=6, early_stopping=100, scheduler_patience=0, scheduler_factor=0.5))
+    runs = []
+
+    def recorded(*args, **kwargs):
+        result = fit(*args, **kwargs)
+        runs.append((args[4], len(args[2].dataset), result))
+        return result
+
+    fit = benchmark.fit
+    monkeypatch.setattr(benchmark, "fit", recorded)
+    rows = np.arange(8)
+    threads = torch.get_num_threads()
+    try:
+        plain, _ = benchmark.train_model(config, films, rows, seed=0)
+        model, info = benchmark.train_model(config, films, rows, seed=0, refit=True)
+    finally:
+        torch.set_num_threads(threads)
+    (_, fitted, first), (_, _, same), (schedule, everything, second) = runs
+    assert same.best_epoch == first.best_epoch and fitted == info["fit"] < everything == info["refit"] == len(rows)
+    assert schedule.max_epochs == first.best_epoch + 1 == second.epochs_run
+    assert second.history["lr"].tolist() == first.history["lr"].tolist()[:schedule.max_epochs]
+    rates = [1e-3, 2e-4, 3e-3, 5e-4]  # a rise: no plateau scheduler draws it
+    tasks = [benchmark.get_task(benchmark.TASK)]
+    short = benchmark.replace(config, train=benchmark.replace(config.train, max_epochs=len(rates)))
+    _, replayed = benchmark.train_network(short, tasks, films.cache, rows, rows[:2], 0, None,
+                                          benchmark.LAST_CHECKPOINT, (benchmark.ReplayLR(rates),))
+    assert replayed.history["lr"].tolist() == rates
+    test_rows = np.arange(8, 10)
+    assert np.abs(benchmark.predict_regions(model, config, films.cache, test_rows)
+                  - benchmark.predict_regions(plain, config, films.cache, test_rows)).max() > 1e-4
+
+
+def test_the_loss_option_reaches_the_engine(real_films: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A fold trained with ``--loss l1`` hands the engine the absolute-error task (which is also the selection's
+    validation loss); the default hands it mdmt's own."""
+    benchmark, config, films = ten_films(real_films, tmp_path, monkeypatch)
+    handed = []
+
+    def engine(model, tasks, *args, **kwargs):
+        handed.append(tasks[0])
+        raise InterruptedError  # what was handed is all this test needs
+
+    monkeypatch.setattr(benchmark, "fit", engine)
+    for loss in benchmark.LOSSES:
+        with pytest.raises(InterruptedError):
+            benchmark.train_model(config, benchmark.replace(films, severity_loss=loss), np.arange(8), seed=0)
+    assert [type(task) for task in handed] == [benchmark.RegressionTask, benchmark.AbsoluteErrorTask]
+    assert handed[0] is benchmark.get_task(benchmark.TASK)
 
 
 def test_the_default_blend_trains_on_a_folder_without_lung_masks(real_films: Path, tmp_path: Path,

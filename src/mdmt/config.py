@@ -98,7 +98,8 @@ class DataConfig:
 
 @dataclass
 class AugmentConfig:
-    """Training-time augmentation (shift, zoom, rotation, flip, elastic); each fires with probability ``p``."""
+    """Training-time augmentation (shift, zoom, rotation, flip, elastic; gamma and contrast, off by default); each fires
+    with probability ``p``."""
 
     enabled: bool = True
     p: float = setting(50 / 101, check=FRACTION)
@@ -109,6 +110,11 @@ class AugmentConfig:
     elastic: bool = True
     elastic_alpha: tuple[float, float] = setting((20.0, 40.0), check=ordered_pair(Interval(0), strict=False))
     elastic_sigma: float = setting(7.0, check=POSITIVE)
+    gamma: float = setting(0.0, check=NON_NEGATIVE)
+    """Intensity: ``x ** g`` with ``log g ~ U(-log(1 + gamma), log(1 + gamma))``; 0: off (the paper has none)."""
+    contrast: float = setting(0.0, check=within(Interval(0, 1, high_open=True)))
+    """Intensity: ``m + c (x - m)`` about the image's mean ``m``, ``c ~ U(1 - contrast, 1 + contrast)``, clipped to
+    [0, 1]; 0: off."""
 
 
 @dataclass

@@ -7,13 +7,15 @@ grid per sample, so a sample is interpolated once (bilinear, zero fill). A flip 
 each task's ``flip_perm`` to its targets (regional scores A–C ↔ D–F). A segmentation task's mask targets
 (``(B, M²)``, row-major ``M`` × ``M``) take every geometric operation of their image — the flip and the same
 sampling grid, taken at ``M`` (bilinear); the elastic field is resized to ``M`` — so image and mask stay aligned.
+Two intensity operations, off by default (the paper has none), change the image before its geometry and leave the
+targets alone: a gamma curve and a contrast change about the image's mean (``AugmentConfig.gamma``, ``contrast``).
 All randomness comes from the generator passed in, so a batch augments identically for the same generator state.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -111,7 +113,7 @@ class BatchAugmenter:
         zoom = torch.where(zoom_on, draws.uniform(1.0 - cfg.zoom, 1.0 + cfg.zoom, batch), 1.0)
         angle = torch.where(rotate_on, torch.deg2rad(draws.uniform(-cfg.rotation, cfg.rotation, batch)), 0.0)
 
-        images = images.clone()
+        images = self._intensity(images.clone(), fires, draws)
         masks = {name: targets[name].reshape(batch, 1, size, size).clone() for name, size in self.mask_sizes.items()
                  if name in targets}
         if flip_on.any():
@@ -139,6 +141,23 @@ class BatchAugmenter:
             mask[moved] = F.grid_sample(mask[moved], _grid(theta, field, mask.shape[-1]), mode="bilinear",
                                         padding_mode="zeros", align_corners=False)
         return images, targets | {name: mask.flatten(1) for name, mask in masks.items()}
+
+    def _intensity(self, images: torch.Tensor, fires: Callable[[bool], torch.Tensor], draws: _Draws) -> torch.Tensor:
+        """``images`` (modified in place) with a gamma curve and a contrast change about each image's mean, each
+        where it fires; with both off nothing is drawn, so the other operations draw what they did without them."""
+        cfg = self.cfg
+        batch = images.shape[0]
+        if cfg.gamma > 0:
+            on = fires(True)
+            spread = math.log1p(cfg.gamma)
+            gamma = torch.where(on, torch.exp(draws.uniform(-spread, spread, batch)), 1.0)
+            images[on] = images[on].clamp(0.0, 1.0).pow(gamma[on, None, None, None])
+        if cfg.contrast > 0:
+            on = fires(True)
+            factor = draws.uniform(1.0 - cfg.contrast, 1.0 + cfg.contrast, batch)[on, None, None, None]
+            mean = images[on].mean(dim=(1, 2, 3), keepdim=True)
+            images[on] = (mean + factor * (images[on] - mean)).clamp(0.0, 1.0)
+        return images
 
     def _elastic(self, on: torch.Tensor, size: int, draws: _Draws) -> torch.Tensor:
         """Displacements ``(n, S, S, 2)`` in normalised coordinates (zero where ``on`` is False).
