@@ -199,6 +199,17 @@ Rows = dict[str, tuple[list[tuple[float, ...]], int]]
 """Per map: the rows of its films and the number of its all-zero maps (``real_rows``, ``twin_rows``)."""
 
 
+def tally(out: Rows, maps: dict[str, list[np.ndarray]], i: int, regions: tuple[np.ndarray, ...], even: float
+          ) -> None:
+    """Film ``i`` of a batch into ``out``: for each map that is not all zero, a row of its ``shares`` of each of
+    ``regions`` and ``even`` (an even map's share); for each all-zero map, one more of them."""
+    for method, cams in maps.items():
+        rows, zero = out[method]
+        if cams[i].sum() > 0:
+            rows.append((*(value for region in regions for value in shares(cams[i], region)), even))
+        out[method] = rows, zero + int(cams[i].sum() == 0)
+
+
 def real_rows(trained: TrainedModel, films: pd.DataFrame, methods: list[str]) -> Rows:
     """Per method: (CAM in lungs, lung share, an even map's share in the lungs) of every real film with lungs in its
     mask and a non-zero map, and the number of films with lungs whose map is all zero."""
@@ -210,11 +221,7 @@ def real_rows(trained: TrainedModel, films: pd.DataFrame, methods: list[str]) ->
             if not lungs.any():
                 continue
             even = shares(even_map(film, trained.config.data.crop_margin), lungs)[0]
-            for method, cams in maps.items():
-                rows, zero = out[method]
-                if cams[i].sum() > 0:
-                    rows.append((*shares(cams[i], lungs), even))
-                out[method] = rows, zero + int(cams[i].sum() == 0)
+            tally(out, maps, i, (lungs,), even)
     return out
 
 
@@ -235,11 +242,7 @@ def twin_rows(trained: TrainedModel, twin: Path, methods: list[str]) -> Rows:
                 continue
             zones = fitted(read_mask(twin / "_synthetic_truth" / "masks" / "brixia" / f"{image_id}.png"), film) // 40
             even = shares(even_map(film, trained.config.data.crop_margin), zones > 0)[0]
-            for method, cams in maps.items():
-                rows, zero = out[method]
-                if cams[i].sum() > 0:
-                    rows.append((*shares(cams[i], zones > 0), *shares(cams[i], np.isin(zones, opacified)), even))
-                out[method] = rows, zero + int(cams[i].sum() == 0)
+            tally(out, maps, i, (zones > 0, np.isin(zones, opacified)), even)
     return out
 
 

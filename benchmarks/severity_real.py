@@ -304,20 +304,22 @@ def train_model(config: Config, train: Films, rows: np.ndarray, seed: int, start
     tasks = [severity_task(train.severity_loss), *([JUNIOR_TASK] if train.junior else [])]
     if train.masks is not None:
         tasks.append(TASKS.build(MASK_TASK, name=MASK_TASK))
-    source, train_rows, val_rows = (with_masks(train, rows, fit_part, val_part, seed) if train.masks is not None
-                                    else (train.cache, rows[fit_part], rows[val_part]))
+
+    def part(fit: np.ndarray) -> tuple[Any, np.ndarray, np.ndarray]:
+        """(source, training rows, validation rows) of training on the ``fit`` positions of ``rows``."""
+        return (with_masks(train, rows, fit, val_part, seed) if train.masks is not None
+                else (train.cache, rows[fit], rows[val_part]))
+
+    source, train_rows, val_rows = part(fit_part)
     model, result = train_network(config, tasks, source, train_rows, val_rows, seed, start)
     info = {"fit": len(train_rows), "val": len(val_part), "best_epoch": result.best_epoch,
             "epochs": result.epochs_run, "stopped_early": result.stopped_early, "refit": 0}
     if refit:
         epochs = result.best_epoch + 1
         schedule = replace(config, train=replace(config.train, max_epochs=epochs, early_stopping=epochs + 1))
-        everything = np.arange(len(rows))
-        source, train_rows, _ = (with_masks(train, rows, everything, val_part, seed) if train.masks is not None
-                                 else (train.cache, rows, None))
-        lrs = result.history["lr"].tolist()
+        source, train_rows, _ = part(np.arange(len(rows)))
         model, _ = train_network(schedule, tasks, source, train_rows, val_rows, seed, start, LAST_CHECKPOINT,
-                            (ReplayLR(lrs),))
+                                 (ReplayLR(result.history["lr"].tolist()),))
         info["refit"] = len(train_rows)
     return model, info
 
