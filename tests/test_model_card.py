@@ -204,6 +204,8 @@ def test_calibration_is_measured_on_the_test_fold(run_dir, tmp_path, card):
     narrow = plant(4.0, 0.0, 0.0)  # a flattening map, no class in any set, zero-width intervals
     assert narrow["prognosis"]["ece"] != pytest.approx(narrow["prognosis"]["ece_uncalibrated"], abs=1e-6)
     assert (narrow["prognosis"]["sets_coverage"], narrow["prognosis"]["sets_empty"]) == (0.0, 1.0)
+    # the flattening map puts every film in the bins around 0.5: a perfectly calibrated model would show less error
+    assert 0 < narrow["prognosis"]["ece_floor"] < wide["prognosis"]["ece_floor"]
     assert narrow["severity_regions"]["global_mean_width"] == 0.0
     text = write_model_card(copy)[1].read_text()
     assert "- prognosis: fitted on the validation fold (binary.temperature 4, " in text

@@ -15,7 +15,11 @@ from scipy.special import expit
 from sklearn.metrics import balanced_accuracy_score
 from test_report import write_severity_run
 
-from mdmt.evaluate.calibration import BinaryCalibration, expected_calibration_error
+from mdmt.evaluate.calibration import (
+    BinaryCalibration,
+    ece_floor,
+    expected_calibration_error,
+)
 from mdmt.evaluate.report import build_report, collect
 from mdmt.evaluate.scoring import write_metrics
 from mdmt.runs import CALIBRATION_FILE, RunSpec
@@ -99,6 +103,7 @@ def test_ece_and_balanced_accuracy_are_those_of_the_pooled_calibrated_rows(study
             assert row["ece_raw"] == pytest.approx(expected_calibration_error(rows["y_true"], rows["score"]))
             assert row["ece_calibrated"] == pytest.approx(expected_calibration_error(rows["y_true"],
                                                                                      rows["calibrated"]))
+            assert row["ece_floor"] == pytest.approx(ece_floor(rows["calibrated"]))
             assert row["balanced_accuracy_at_0.5"] == pytest.approx(
                 balanced_accuracy_score(rows["y_true"], rows["score"] >= 0.5))
             assert row["balanced_accuracy_at_threshold"] == pytest.approx(
@@ -108,6 +113,8 @@ def test_ece_and_balanced_accuracy_are_those_of_the_pooled_calibrated_rows(study
     # the scores are overconfident by a factor 2.5: each run's temperature, fitted on 30 validation rows, undoes
     # most of it on the 200 pooled CV test rows
     assert (table["ece_calibrated"] < table["ece_raw"]).all()
+    # and the raw scores' error is more than labels drawn at random from the calibrated probabilities would show
+    assert (table["ece_raw"] > table["ece_floor"]).all()
 
 
 def test_conformal_sets_coverage_and_size_are_those_of_the_pooled_rows(study):

@@ -267,9 +267,11 @@ class CalibrationConfig:
 
     method: Literal["temperature", "platt"] = "temperature"
     """How P(class 1) of a two-class head is calibrated: one temperature, or Platt's temperature and bias."""
-    threshold: Literal["youden", "sensitivity"] = "youden"
-    """The decision threshold on the calibrated probability: Youden's J, or the highest reaching
-    ``target_sensitivity``."""
+    threshold: Literal["prevalence", "youden", "sensitivity"] = "prevalence"
+    """The decision threshold on the calibrated probability: ``prevalence`` (where a logistic fit on the validation
+    rows puts P(class 1) at their share of class 1: Youden's J's maximiser for a calibrated model, estimated from
+    every row), ``youden`` (the empirical ROC's best J), or ``sensitivity`` (the highest reaching
+    ``target_sensitivity``)."""
     target_sensitivity: float = setting(0.9, check=within(Interval(0, 1, low_open=True)))
     alpha: float = setting(0.1, check=OPEN_FRACTION)
     """Split-conformal miscoverage: prediction sets and intervals cover the truth with probability >= 1 - alpha."""

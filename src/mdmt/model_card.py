@@ -324,8 +324,9 @@ def _home_test_rows(run_dir: Path, task: str, entry: Mapping[str, Any]) -> pd.Da
 
 
 def _on_test_fold(fitted: Mapping[str, Any], entry: Mapping[str, Any], rows: pd.DataFrame) -> dict[str, float]:
-    """What the maps fitted on the calib or validation part give on the test rows: ECE before and after calibration and
-    the conformal sets' coverage and size (binary head), or the conformal intervals' coverage and width of the
+    """What the maps fitted on the calib or validation part give on the test rows: ECE before and after calibration,
+    the ECE a perfectly calibrated model would show on them (``ece_floor``), and the conformal sets' coverage and
+    size (binary head), or the conformal intervals' coverage and width of the
     global and regional Brixia scores."""
     truth = rows[[prediction_column("y_true", g) for g in entry["groups"]]].to_numpy(np.float64)
     if "binary" in fitted:
@@ -334,6 +335,7 @@ def _on_test_fold(fitted: Mapping[str, Any], entry: Mapping[str, Any], rows: pd.
         sets = calib.BinaryConformal.from_dict(fitted["sets"]).predict_set(probability)
         return {"ece_uncalibrated": calib.expected_calibration_error(truth[:, 0], score),
                 "ece": calib.expected_calibration_error(truth[:, 0], probability),
+                "ece_floor": calib.ece_floor(probability),
                 **{f"sets_{k}": v for k, v in calib.coverage_and_size(truth[:, 0], sets).items()}}
     predicted = rows[[prediction_column("y_pred", g) for g in entry["groups"]]].to_numpy(np.float64)
     out = {}

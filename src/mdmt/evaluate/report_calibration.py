@@ -3,7 +3,7 @@ by ``mdmt.evaluate.scoring.fit_calibration``) applied to its own test rows, then
 over backbones, folds and seeds. Nothing is fitted again and nothing is written into the run folders.
 
 - ``calibration_table`` (a binary task, ``calibration.csv``): ECE (15 bins) of the raw P(class 1) and of the
-  calibrated one; sensitivity, specificity and balanced accuracy at 0.5 (the raw score: the model's own decision)
+  calibrated one, and the ECE a perfectly calibrated model would show on the same rows (its noise floor); sensitivity, specificity and balanced accuracy at 0.5 (the raw score: the model's own decision)
   and at each run's threshold (on its calibrated probability); the mean of the runs' thresholds.
 - ``conformal_table`` (``conformal.csv``): at each run's ``alpha``, the empirical coverage of the conformal sets with
   their mean size and the fractions empty and with both classes (a binary task), or the coverage and mean width of
@@ -104,7 +104,7 @@ def _rates(truth: np.ndarray, predicted: np.ndarray, at: str) -> dict[str, float
 
 
 def calibration_table(rows: pd.DataFrame) -> pd.DataFrame:
-    """Per strategy × protocol of a binary task's calibrated rows: runs, n, ECE raw and calibrated, the mean
+    """Per strategy × protocol of a binary task's calibrated rows: runs, n, ECE raw and calibrated, its floor, the mean
     threshold, and sensitivity, specificity and balanced accuracy at 0.5 and at the runs' thresholds."""
     records = []
     for (strategy, protocol), group in rows.groupby(GROUP):
@@ -114,6 +114,7 @@ def calibration_table(rows: pd.DataFrame) -> pd.DataFrame:
             "strategy": strategy, "protocol": protocol, "runs": group["key"].nunique(), "n": len(group),
             "ece_raw": calib.expected_calibration_error(truth, score),
             "ece_calibrated": calib.expected_calibration_error(truth, group["calibrated"].to_numpy(np.float64)),
+            "ece_floor": calib.ece_floor(group["calibrated"].to_numpy(np.float64)),
             "threshold_mean": float(group.groupby("key")["threshold"].first().mean()),
             **_rates(truth, (score >= 0.5).astype(np.int64), "0.5"),
             **_rates(truth, group["at_threshold"].to_numpy(np.int64), "threshold")})
