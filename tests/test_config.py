@@ -121,7 +121,9 @@ def test_report_takes_config_set_and_maps_its_options_to_keys(tmp_path):
     assert (c.results_dir, c.report.task, c.report.rescore, c.report.out) == (str(tmp_path / "results"),
                                                                              "severity_regions", True, None)
     c = resolve_config(parse(["report", "elsewhere", "--config", str(path), "--task", "prognosis", "--out", "r"]))
-    assert (c.results_dir, c.report.task, c.report.out) == ("elsewhere", "prognosis", "r")
+    assert (c.results_dir, c.report.task, c.report.out, c.report.recalibrate) == ("elsewhere", "prognosis", "r", False)
+    c = resolve_config(parse(["report", "--recalibrate", "--set", "calibration.threshold=youden"]))
+    assert (c.report.recalibrate, c.calibration.threshold) == (True, "youden")
 
 
 def test_a_bad_set_is_never_hidden_by_an_option():

@@ -18,9 +18,10 @@ from sklearn.metrics import roc_auc_score
 
 import mdmt
 from mdmt.cli import main
+from mdmt.config import CalibrationConfig
 from mdmt.data.datasets import select
 from mdmt.evaluate import calibration as calib
-from mdmt.evaluate.scoring import read_predictions, run_entries
+from mdmt.evaluate.scoring import read_predictions, rescore, run_entries
 from mdmt.model_card import (
     CARD_JSON,
     CARD_MD,
@@ -31,6 +32,7 @@ from mdmt.model_card import (
     bootstrap_intervals,
     card_metadata,
     headline_statistics,
+    recalibrate,
     source_commit,
     synthetic_warning,
     write_model_card,
@@ -235,3 +237,28 @@ def test_predict_prints_one_warning_line_for_a_synthetic_model(run_dir, tiny_dat
     assert main(["predict", "--run", str(run_dir), str(film), "--out", str(tmp_path / "p")]) == 0
     err = capsys.readouterr().err
     assert [line for line in err.splitlines() if "synthetic" in line] == [synthetic_warning(run_dir)]
+
+
+def test_recalibrating_refits_every_run_with_the_settings_given_and_records_them(run_dir, tmp_path):
+    """``mdmt report --recalibrate`` (``recalibrate``): calibration.json is fitted again with the
+    settings given, the run's config.yaml and model card say so, its metrics and everything else in its config
+    stay; ``--rescore`` alone then keeps the run's (new) settings."""
+    copy = _copy_with_config(run_dir, tmp_path)
+    config_before = yaml.safe_load((copy / CONFIG_FILE).read_text())
+    metrics_before = json.loads((copy / "metrics.json").read_text())
+    settings = CalibrationConfig(method="platt", threshold="youden", alpha=0.5)
+    assert recalibrate(tmp_path, settings) == 1
+    fitted = json.loads((copy / CALIBRATION_FILE).read_text())["prognosis"]
+    assert (fitted["binary"]["method"], fitted["binary"]["threshold_rule"], fitted["sets"]["alpha"]) == (
+        "platt", "youden", 0.5)
+    config_after = yaml.safe_load((copy / CONFIG_FILE).read_text())
+    assert config_after["calibration"] == {"method": "platt", "threshold": "youden", "target_sensitivity": 0.9,
+                                           "alpha": 0.5}
+    assert {k: v for k, v in config_after.items() if k != "calibration"} == {
+        k: v for k, v in config_before.items() if k != "calibration"}
+    assert json.loads((copy / "metrics.json").read_text()) == metrics_before
+    card = json.loads((copy / CARD_JSON).read_text())
+    assert card["calibration"]["tasks"]["prognosis"]["fitted"]["binary"]["threshold_rule"] == "youden"
+    assert "binary.threshold_rule youden" in (copy / CARD_MD).read_text()
+    assert rescore(tmp_path) == 1  # the run's own settings are now the ones recorded
+    assert json.loads((copy / CALIBRATION_FILE).read_text())["prognosis"] == fitted

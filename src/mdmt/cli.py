@@ -254,7 +254,13 @@ def cmd_report(args: argparse.Namespace) -> int:
     for path, what in ((results, "results folder"), (out, "report folder (--out)")):
         if path is not None and path.exists() and not path.is_dir():
             raise ConfigError(f"{path}: is a file, not a {what}")
-    if config.report.rescore:
+    if config.report.recalibrate:
+        from mdmt.model_card import recalibrate
+
+        settings = config.calibration
+        console.print(f"rescored {recalibrate(results, settings)} run(s) from their prediction files, calibrated "
+                      f"again ({settings.method}, threshold {settings.threshold}, alpha {settings.alpha})")
+    elif config.report.rescore:
         from mdmt.evaluate.scoring import rescore
 
         console.print(f"rescored {rescore(results)} run(s) from their prediction files")

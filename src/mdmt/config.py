@@ -263,7 +263,8 @@ class SynthConfig:
 @dataclass
 class CalibrationConfig:
     """What each run fits on its validation rows after training (``mdmt.evaluate.calibration``); changing it
-    needs no retraining (``mdmt report --rescore`` fits it again from the prediction files)."""
+    needs no retraining: ``mdmt report --recalibrate`` fits every finished run again from its prediction files with
+    the section given (``--rescore`` alone keeps each run's own)."""
 
     method: Literal["temperature", "platt"] = "temperature"
     """How P(class 1) of a two-class head is calibrated: one temperature, or Platt's temperature and bias."""
@@ -332,6 +333,10 @@ class ReportConfig:
     out: str | None = setting(None, flag="--out", help="report folder (unset: <results_dir>/report)")
     rescore: bool = setting(False, flag="--rescore",
                             help="recompute every run's metrics from its prediction files first")
+    recalibrate: bool = setting(False, flag="--recalibrate",
+                                help="rescore (--rescore) with every finished run's calibration fitted again with "
+                                "this config's calibration section (no retraining), and record that section in the "
+                                "run's config.yaml and model card (--rescore alone keeps each run's own)")
 
 
 def _stage(summary: str, datasets: list[str], tasks: list[str], **more: Any) -> PluginRef:

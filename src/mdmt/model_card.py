@@ -33,11 +33,11 @@ import pandas as pd
 from scipy import stats as scipy_stats
 
 from mdmt import __version__
-from mdmt.config import Config, PluginRef, load_run_config
+from mdmt.config import CalibrationConfig, Config, PluginRef, load_run_config
 from mdmt.errors import DataError
 from mdmt.evaluate import calibration as calib
 from mdmt.evaluate.metrics import region_classes
-from mdmt.evaluate.scoring import read_predictions, run_entries
+from mdmt.evaluate.scoring import finished_runs, read_predictions, rescore, run_entries
 from mdmt.runs import (
     CALIBRATION_FILE,
     CONFIG_FILE,
@@ -504,6 +504,32 @@ def render_markdown(card: Mapping[str, Any]) -> str:
         lines.append(f"- {task}: fitted on the {part} ({fitted}); on the test fold: {test}")
     lines += ["", "## Known limits", "", *[f"- {limit}" for limit in card["known_limits"]], ""]
     return "\n".join(lines)
+
+
+def refresh_card_calibration(run_dir: str | Path) -> list[Path]:
+    """Rewrite the calibration section of a run's model card (and the known limits that follow from it) from its
+    ``calibration.json`` as it is now, after calibration was fitted again with other settings; the rest of the card
+    stays as training wrote it. A run without a card stays without one; returns the paths rewritten."""
+    run_dir = Path(run_dir)
+    paths = [run_dir / CARD_JSON, run_dir / CARD_MD]
+    if not paths[0].is_file():
+        return []
+    card = json.loads(paths[0].read_text())
+    card["calibration"] = calibration(run_dir)
+    card["known_limits"] = known_limits(card)
+    write_json(card, paths[0])
+    atomic_write_text(render_markdown(card), paths[1])
+    return paths
+
+
+def recalibrate(results_dir: str | Path, settings: CalibrationConfig) -> int:
+    """``mdmt report --recalibrate``: rescore every finished run with its calibration fitted again with
+    ``settings`` (``mdmt.evaluate.scoring.rescore``, which records them in each run's config.yaml), then refresh the
+    calibration section of each run's model card; returns the number of runs."""
+    count = rescore(results_dir, settings)
+    for run_dir in finished_runs(results_dir):
+        refresh_card_calibration(run_dir)
+    return count
 
 
 def write_model_card(run_dir: str | Path, out_dir: str | Path | None = None, network: Mapping[str, Any] | None = None,

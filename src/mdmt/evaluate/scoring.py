@@ -7,14 +7,16 @@ a task labelled by several datasets also gets ``<task>@<dataset>`` metrics per d
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
+import yaml
 
-from mdmt.config import CalibrationConfig, load_run_config
+from mdmt.config import CalibrationConfig, load_run_config, read_yaml
 from mdmt.data.splits import CALIB
 from mdmt.errors import ConfigError, DataError
 from mdmt.evaluate import calibration
@@ -27,6 +29,7 @@ from mdmt.runs import (
     PREDICTIONS_PREFIX,
     RUNS_DIR,
     TASKS_FILE,
+    atomic_write_text,
     predictions_file,
     task_of_predictions,
     write_json,
@@ -178,31 +181,46 @@ def fit_calibration(run_dir: str | Path, settings: CalibrationConfig) -> dict[st
     return out
 
 
-def write_metrics(run_dir: str | Path) -> dict[str, dict[str, float]]:
+def write_metrics(run_dir: str | Path, calibration_settings: CalibrationConfig | None = None
+                  ) -> dict[str, dict[str, float]]:
     """Score a run (``score_run``) and write ``metrics.json`` (strict JSON: NaN as null), and ``calibration.json``
-    (``fit_calibration`` with the run's ``calibration`` settings) when it has validation predictions (a run with a
-    calibration part has them too); returns the metrics."""
+    when it has validation predictions (a run with a calibration part has them too); returns the metrics.
+
+    Calibration is fitted with the run's own ``calibration`` settings, or with ``calibration_settings`` when given:
+    those are then recorded in the run's ``config.yaml`` (its ``calibration`` section, nothing else), so the run
+    says what it was calibrated with (``mdmt.model_card.recalibrate`` refreshes its model card too)."""
     run_dir = Path(run_dir)
     metrics = score_run(run_dir)
     write_json(metrics, run_dir / METRICS_FILE)
     if any(run_dir.glob(f"{predictions_file('*', 'val')}")):
         config = run_dir / CONFIG_FILE
-        settings = load_run_config(config).calibration if config.is_file() else CalibrationConfig()
+        settings = calibration_settings or (load_run_config(config).calibration if config.is_file()
+                                            else CalibrationConfig())
         write_json(fit_calibration(run_dir, settings), run_dir / CALIBRATION_FILE)
+        if calibration_settings is not None and config.is_file():
+            values = read_yaml(config)
+            values["calibration"] = dataclasses.asdict(calibration_settings)
+            atomic_write_text(yaml.safe_dump(values, sort_keys=False), config)
     return metrics
 
 
-def rescore(results_dir: str | Path) -> int:
-    """Recompute ``metrics.json`` of every finished run under ``results_dir`` from its prediction files; returns
-    the number of runs rescored. Runs that cannot be scored are named together in one DataError at the end."""
+def finished_runs(results_dir: str | Path) -> list[Path]:
+    """The run folders under ``results_dir`` that hold ``DONE``, sorted; DataError when the folder is missing."""
     results_dir = Path(results_dir)
     if not results_dir.is_dir():
         raise DataError(f"results folder {results_dir} does not exist")
-    runs = sorted(p.parent for p in (results_dir / RUNS_DIR).glob(f"*/*/*/fold*/seed*/{DONE_FILE}"))
+    return sorted(p.parent for p in (results_dir / RUNS_DIR).glob(f"*/*/*/fold*/seed*/{DONE_FILE}"))
+
+
+def rescore(results_dir: str | Path, calibration_settings: CalibrationConfig | None = None) -> int:
+    """Recompute ``metrics.json`` of every finished run under ``results_dir`` from its prediction files, with
+    calibration fitted again by ``write_metrics`` (the runs' own settings, or ``calibration_settings``); returns
+    the number of runs rescored. Runs that cannot be scored are named together in one DataError at the end."""
+    runs = finished_runs(results_dir)
     failures = []
     for run_dir in runs:
         try:
-            write_metrics(run_dir)
+            write_metrics(run_dir, calibration_settings)
         except (DataError, OSError) as error:
             failures.append(f"{run_dir}: {error}")
     if failures:
