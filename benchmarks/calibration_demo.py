@@ -126,22 +126,31 @@ def _nonconformity(rows: pd.DataFrame) -> float:
     return float(np.mean(np.where(rows["y_true"] == 1, 1 - rows["calibrated"], rows["calibrated"])))
 
 
+def refitted_cv_rows(results: Path, settings: CalibrationConfig) -> pd.DataFrame:
+    """Every finished CV run's prognosis rows of its home dataset with its calibration fitted again with
+    ``settings`` (in memory) applied: its test rows (``part`` test) and the rows it was fitted on (``part`` val:
+    the calib part when the run has one, else val)."""
+    parts = []
+    runs = sorted(p.parent for p in (results / RUNS_DIR).glob(f"*/*/cv5/fold*/seed*/{DONE_FILE}")
+                  if (p.parent / "val_predictions_prognosis.csv").is_file())
+    for run_dir in runs:
+        fitted = fit_calibration(run_dir, settings).get("prognosis", {})
+        if "binary" not in fitted:
+            continue
+        fitted_on = calibration_rows(run_dir, "prognosis", HOME)
+        for part, rows in (("test", _home_rows(run_dir / "predictions_prognosis.csv")), ("val", fitted_on[2])):
+            parts.append(rows.assign(strategy=run_dir.parents[3].name, protocol="cv5", key=str(run_dir),
+                                     part=part, **binary_columns(fitted, rows)))
+    return pd.concat(parts, ignore_index=True)
+
+
 def methods_on_cv(results: Path) -> pd.DataFrame:
     """Per strategy, on the pooled CV test rows: ECE raw, and per method (fitted again on each run's validation
     rows, in memory) the ECE, its noise floor, the coverage of the prognosis sets and the mean nonconformity score
     on the rows calibration is fitted on (the calib part when the runs have one, else val) against the test rows."""
     records = {}
     for method in ("temperature", "platt"):
-        parts = []
-        for run_dir in _cv_runs(results):
-            fitted = fit_calibration(run_dir, CalibrationConfig(method=method, alpha=ALPHA)).get("prognosis", {})
-            if "binary" not in fitted:
-                continue
-            fitted_on = calibration_rows(run_dir, "prognosis", HOME)
-            for part, rows in (("test", _home_rows(run_dir / "predictions_prognosis.csv")), ("val", fitted_on[2])):
-                parts.append(rows.assign(strategy=run_dir.parents[3].name, protocol="cv5", key=str(run_dir),
-                                         part=part, **binary_columns(fitted, rows)))
-        both = pd.concat(parts, ignore_index=True)
+        both = refitted_cv_rows(results, CalibrationConfig(method=method, alpha=ALPHA))
         pooled = both[both["part"] == "test"]
         table = calibration_table(pooled).set_index("strategy")
         coverage = conformal_table(pooled, {"scorer": "binary"}).set_index("strategy")["coverage"]
@@ -157,25 +166,14 @@ def methods_on_cv(results: Path) -> pd.DataFrame:
     return pd.DataFrame.from_dict(records, orient="index").loc[[s for s in STRATEGIES if s in records]]
 
 
-def _cv_runs(results: Path) -> list[Path]:
-    return sorted(p.parent for p in (results / RUNS_DIR).glob(f"*/*/cv5/fold*/seed*/{DONE_FILE}")
-                  if (p.parent / "val_predictions_prognosis.csv").is_file())
-
-
 def rules_on_cv(results: Path) -> pd.DataFrame:
     """Per strategy, on the pooled CV test rows: the balanced accuracy at 0.5 and, per threshold rule (fitted again
     on each run's calibration rows, in memory; the cut on the score does not depend on the calibration method),
     the balanced accuracy at the runs' thresholds and their mean."""
     records: dict[str, dict[str, float]] = {}
     for rule in RULES:
-        pooled = []
-        for run_dir in _cv_runs(results):
-            fitted = fit_calibration(run_dir, CalibrationConfig(threshold=rule, alpha=ALPHA)).get("prognosis", {})
-            if "binary" in fitted:
-                rows = _home_rows(run_dir / "predictions_prognosis.csv")
-                pooled.append(rows.assign(strategy=run_dir.parents[3].name, protocol="cv5", key=str(run_dir),
-                                          **binary_columns(fitted, rows)))
-        table = calibration_table(pd.concat(pooled, ignore_index=True)).set_index("strategy")
+        both = refitted_cv_rows(results, CalibrationConfig(threshold=rule, alpha=ALPHA))
+        table = calibration_table(both[both["part"] == "test"]).set_index("strategy")
         for strategy, row in table.iterrows():
             records.setdefault(strategy, {"balanced_accuracy_at_0.5": row["balanced_accuracy_at_0.5"]})
             records[strategy] |= {f"bacc_{rule}": row["balanced_accuracy_at_threshold"],

@@ -510,16 +510,13 @@ def refresh_card_calibration(run_dir: str | Path) -> list[Path]:
     """Rewrite the calibration section of a run's model card (and the known limits that follow from it) from its
     ``calibration.json`` as it is now, after calibration was fitted again with other settings; the rest of the card
     stays as training wrote it. A run without a card stays without one; returns the paths rewritten."""
-    run_dir = Path(run_dir)
-    paths = [run_dir / CARD_JSON, run_dir / CARD_MD]
-    if not paths[0].is_file():
+    path = Path(run_dir) / CARD_JSON
+    if not path.is_file():
         return []
-    card = json.loads(paths[0].read_text())
+    card = json.loads(path.read_text())
     card["calibration"] = calibration(run_dir)
     card["known_limits"] = known_limits(card)
-    write_json(card, paths[0])
-    atomic_write_text(render_markdown(card), paths[1])
-    return paths
+    return _write_card(card, run_dir)
 
 
 def recalibrate(results_dir: str | Path, settings: CalibrationConfig) -> int:
@@ -536,9 +533,13 @@ def write_model_card(run_dir: str | Path, out_dir: str | Path | None = None, net
                      parts: Parts | None = None) -> list[Path]:
     """Write ``metadata.json`` and ``model_card.md`` of the finished run (``card_metadata``) into ``out_dir``
     (default: the run folder), atomically; returns both paths."""
-    card = card_metadata(run_dir, network, parts)
     out = Path(out_dir) if out_dir is not None else Path(run_dir)
     out.mkdir(parents=True, exist_ok=True)
+    return _write_card(card_metadata(run_dir, network, parts), out)
+
+
+def _write_card(card: Mapping[str, Any], out: Path) -> list[Path]:
+    """``metadata.json`` and ``model_card.md`` of ``card`` in ``out``, atomically; returns both paths."""
     paths = [out / CARD_JSON, out / CARD_MD]
     write_json(card, paths[0])
     atomic_write_text(render_markdown(card), paths[1])

@@ -140,8 +140,7 @@ def _choose_threshold(labels: np.ndarray, prob: np.ndarray, rule: ThresholdRule,
     """
     if rule == "prevalence":
         share = float(labels.mean())
-        logits = special.logit(np.clip(prob, PROBABILITY_CLIP, 1.0 - PROBABILITY_CLIP))
-        temperature, bias = _fit_scaling(labels.astype(np.float64), logits, with_bias=True)
+        temperature, bias = _fit_scaling(labels.astype(np.float64), _logits(prob, "probability"), with_bias=True)
         return float(special.expit(temperature * (special.logit(share) - bias)))
     fpr, tpr, thresholds = roc_curve(labels, prob, drop_intermediate=False)
     finite = np.isfinite(thresholds)  # the first point (+inf) predicts nobody SEVERE

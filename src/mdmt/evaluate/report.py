@@ -149,9 +149,9 @@ def _units_text(view: tables.TaskView) -> str:
 
 
 CALIBRATION_TEXT = (
-    "Each run's calibration (temperature or Platt scaling of P(class 1)) and decision threshold (the prevalence rule, "
-    "Youden's J, or a fixed sensitivity), fitted on its own validation fold (calibration.json), applied to its own test rows; rows "
-    "pooled over backbones, folds and seeds. ECE: 15 equal-width bins, of the raw score and of the calibrated "
+    "Each run's calibration (temperature or Platt scaling of P(class 1)) and decision threshold (the prevalence "
+    "rule, Youden's J, or a fixed sensitivity), fitted on its own validation fold (calibration.json), applied to its "
+    "own test rows; rows pooled over backbones, folds and seeds. ECE: 15 equal-width bins, of the raw score and of the calibrated "
     "probability; ece_floor: the median ECE of labels drawn from the calibrated probability itself (a perfectly "
     "calibrated model on the same rows shows about this much: an ECE near it is as calibrated as the rows can "
     "tell). At 0.5: the raw score (the model's own decision); at threshold: each run's threshold on its "

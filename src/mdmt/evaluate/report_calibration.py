@@ -3,8 +3,9 @@ by ``mdmt.evaluate.scoring.fit_calibration``) applied to its own test rows, then
 over backbones, folds and seeds. Nothing is fitted again and nothing is written into the run folders.
 
 - ``calibration_table`` (a binary task, ``calibration.csv``): ECE (15 bins) of the raw P(class 1) and of the
-  calibrated one, and the ECE a perfectly calibrated model would show on the same rows (its noise floor); sensitivity, specificity and balanced accuracy at 0.5 (the raw score: the model's own decision)
-  and at each run's threshold (on its calibrated probability); the mean of the runs' thresholds.
+  calibrated one, and the ECE a perfectly calibrated model would show on the same rows (its noise floor);
+  sensitivity, specificity and balanced accuracy at 0.5 (the raw score: the model's own decision) and at each run's
+  threshold (on its calibrated probability); the mean of the runs' thresholds.
 - ``conformal_table`` (``conformal.csv``): at each run's ``alpha``, the empirical coverage of the conformal sets with
   their mean size and the fractions empty and with both classes (a binary task), or the coverage and mean width of
   the intervals of the global Brixia score and of the regions (a regional Brixia task).
@@ -104,8 +105,8 @@ def _rates(truth: np.ndarray, predicted: np.ndarray, at: str) -> dict[str, float
 
 
 def calibration_table(rows: pd.DataFrame) -> pd.DataFrame:
-    """Per strategy × protocol of a binary task's calibrated rows: runs, n, ECE raw and calibrated, its floor, the mean
-    threshold, and sensitivity, specificity and balanced accuracy at 0.5 and at the runs' thresholds."""
+    """Per strategy × protocol of a binary task's calibrated rows: runs, n, ECE raw and calibrated, its floor, the
+    mean threshold, and sensitivity, specificity and balanced accuracy at 0.5 and at the runs' thresholds."""
     records = []
     for (strategy, protocol), group in rows.groupby(GROUP):
         truth = group["y_true"].to_numpy(np.int64)
