@@ -258,12 +258,13 @@ def cmd_report(args: argparse.Namespace) -> int:
         from mdmt.model_card import recalibrate
 
         settings = config.calibration
-        console.print(f"rescored {recalibrate(results, settings)} run(s) from their prediction files, calibrated "
-                      f"again ({settings.method}, threshold {settings.threshold}, alpha {settings.alpha})")
+        count = recalibrate(results, settings, progress=True)
+        console.print(f"rescored {count} run(s) from their prediction files, calibrated again ({settings.method}, "
+                      f"threshold {settings.threshold}, alpha {settings.alpha})")
     elif config.report.rescore:
         from mdmt.evaluate.scoring import rescore
 
-        console.print(f"rescored {rescore(results)} run(s) from their prediction files")
+        console.print(f"rescored {rescore(results, progress=True)} run(s) from their prediction files")
     data = collect(results, task)
     path = build_report(results, out, task=task, data=data)
     _say(headline_table_text(results, task, data))

@@ -519,11 +519,11 @@ def refresh_card_calibration(run_dir: str | Path) -> list[Path]:
     return _write_card(card, run_dir)
 
 
-def recalibrate(results_dir: str | Path, settings: CalibrationConfig) -> int:
+def recalibrate(results_dir: str | Path, settings: CalibrationConfig, progress: bool = False) -> int:
     """``mdmt report --recalibrate``: rescore every finished run with its calibration fitted again with
-    ``settings`` (``mdmt.evaluate.scoring.rescore``, which records them in each run's config.yaml), then refresh the
-    calibration section of each run's model card; returns the number of runs."""
-    count = rescore(results_dir, settings)
+    ``settings`` (``mdmt.evaluate.scoring.rescore``, which records them in each run's config.yaml; a progress bar
+    when ``progress``), then refresh the calibration section of each run's model card; returns the number of runs."""
+    count = rescore(results_dir, settings, progress)
     for run_dir in finished_runs(results_dir):
         refresh_card_calibration(run_dir)
     return count

@@ -21,6 +21,7 @@ from mdmt.data.splits import CALIB
 from mdmt.errors import ConfigError, DataError
 from mdmt.evaluate import calibration
 from mdmt.evaluate import metrics as metrics_lib
+from mdmt.progress import progress_bar
 from mdmt.runs import (
     CALIBRATION_FILE,
     CONFIG_FILE,
@@ -212,13 +213,15 @@ def finished_runs(results_dir: str | Path) -> list[Path]:
     return sorted(p.parent for p in (results_dir / RUNS_DIR).glob(f"*/*/*/fold*/seed*/{DONE_FILE}"))
 
 
-def rescore(results_dir: str | Path, calibration_settings: CalibrationConfig | None = None) -> int:
+def rescore(results_dir: str | Path, calibration_settings: CalibrationConfig | None = None,
+            progress: bool = False) -> int:
     """Recompute ``metrics.json`` of every finished run under ``results_dir`` from its prediction files, with
-    calibration fitted again by ``write_metrics`` (the runs' own settings, or ``calibration_settings``); returns
-    the number of runs rescored. Runs that cannot be scored are named together in one DataError at the end."""
+    calibration fitted again by ``write_metrics`` (the runs' own settings, or ``calibration_settings``), with a
+    progress bar when ``progress``; returns the number of runs rescored. Runs that cannot be scored are named
+    together in one DataError at the end."""
     runs = finished_runs(results_dir)
     failures = []
-    for run_dir in runs:
+    for run_dir in progress_bar(runs, "rescoring runs", enabled=progress):
         try:
             write_metrics(run_dir, calibration_settings)
         except (DataError, OSError) as error:
